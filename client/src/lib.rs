@@ -1,0 +1,1 @@
+//! The Stoa STOMP client library (issue #4).

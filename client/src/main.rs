@@ -1,0 +1,2 @@
+//! The `stoa-cli` binary (issue #4).
+fn main() {}

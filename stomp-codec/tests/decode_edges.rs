@@ -507,13 +507,25 @@ fn body_limit_holds_when_the_nul_arrives_in_the_read_that_crosses_it() {
     assert_eq!(decoder.decode(&mut buf).unwrap(), None);
     buf.extend_from_slice(&[1; 417]);
     buf.extend_from_slice(b"\0");
-    assert_eq!(decoder.decode(&mut buf).unwrap_err(), DecodeError::BodyTooLarge { size: 513, limit: 512 });
+    assert_eq!(
+        decoder.decode(&mut buf).unwrap_err(),
+        DecodeError::BodyTooLarge {
+            size: 513,
+            limit: 512
+        }
+    );
     // In one read too.
     let mut wire = b"SEND\n\n".to_vec();
     wire.extend_from_slice(&[b'x'; 513]);
     wire.push(0);
     let err = decode_with(Version::V1_2, SMALL, &wire).unwrap_err();
-    assert_eq!(err, DecodeError::BodyTooLarge { size: 513, limit: 512 });
+    assert_eq!(
+        err,
+        DecodeError::BodyTooLarge {
+            size: 513,
+            limit: 512
+        }
+    );
 }
 
 #[test]

@@ -1,1 +1,20 @@
-//! The Stoa broker. Its server is built in issue #3; this crate holds its place in the workspace.
+//! The Stoa broker: STOMP 1.0-1.2 over WebSocket and TCP, with topic routing.
+//!
+//! The data path (DESIGN.md): socket -> [`transport`] -> codec -> [`session`] ->
+//! [`router`] -> [`outbox`] (per connection) -> writer ([`connection`]) -> socket.
+//! [`server::run`] starts it all.
+
+pub mod config;
+pub mod connection;
+pub mod destination;
+pub mod http;
+pub mod metrics;
+pub mod outbox;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod state;
+pub mod transport;
+
+pub use config::Config;
+pub use server::run;

@@ -227,11 +227,17 @@ impl SharedMessage {
     /// Appends only `MESSAGE` and the `own` headers; the caller writes [`SharedMessage::tail`]
     /// after them (for vectored writes that skip the copy).
     pub fn encode_head_for(&self, own: &[(&str, &str)], dst: &mut BytesMut) {
-        let escaping = Escaping::of(self.version, Command::Message);
-        dst.put_slice(b"MESSAGE\n");
-        for (name, value) in own {
-            put_header(dst, name, value, escaping);
-        }
+        encode_message_head(self.version, own, dst);
+    }
+}
+
+/// Appends `MESSAGE` and `own` headers escaped for `version`: the per-subscriber head that
+/// goes before a [`SharedMessage::tail`]. A broker can encode it once per subscription.
+pub fn encode_message_head(version: Version, own: &[(&str, &str)], dst: &mut BytesMut) {
+    let escaping = Escaping::of(version, Command::Message);
+    dst.put_slice(b"MESSAGE\n");
+    for (name, value) in own {
+        put_header(dst, name, value, escaping);
     }
 }
 

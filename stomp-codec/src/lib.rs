@@ -45,7 +45,7 @@ pub mod fuzz;
 
 pub use command::Command;
 pub use decode::{Decoder, Limits};
-pub use encode::{SharedMessage, encode, encode_to_bytes};
+pub use encode::{SharedMessage, encode, encode_message_head, encode_to_bytes};
 pub use error::DecodeError;
 pub use frame::Frame;
 pub use header::{Headers, HeartBeat, INLINE_HEADERS, InvalidHeartBeat, Iter as HeaderIter};

@@ -1,0 +1,333 @@
+//! Broker configuration: every option is a flag, a `STOA_*` environment variable and a key in
+//! an optional TOML file (`--config`), in that order of precedence.
+//!
+//! In: command-line arguments, the environment, the TOML file. Out: a validated [`Config`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, parser::ValueSource};
+use stomp_codec::{HeartBeat, Limits};
+
+/// Every setting of the broker. `stoa --help` lists them with their defaults.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "stoa",
+    version,
+    about = "Stoa: a STOMP 1.0-1.2 broker with chat rooms, over WebSocket and TCP"
+)]
+pub struct Config {
+    /// A TOML file with any of these options as keys (kebab-case, e.g. `http-listen`).
+    #[arg(long, env = "STOA_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Address for HTTP: the chat page at `/`, STOMP over WebSocket at `/ws`, `/healthz`,
+    /// `/metrics`. Port 0 picks a free port.
+    #[arg(long, env = "STOA_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+
+    /// Address for STOMP over TCP. Port 0 picks a free port.
+    #[arg(long, env = "STOA_STOMP_LISTEN", default_value = "127.0.0.1:61613")]
+    pub stomp_listen: SocketAddr,
+
+    /// Directory for the broker's data, created on start.
+    #[arg(long, env = "STOA_DATA_DIR", default_value = "./stoa-data")]
+    pub data_dir: PathBuf,
+
+    /// Largest STOMP frame (command, headers, body), in bytes.
+    #[arg(long, env = "STOA_MAX_FRAME_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Largest frame body, in bytes.
+    #[arg(long, env = "STOA_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Most header lines in one frame.
+    #[arg(long, env = "STOA_MAX_HEADERS", default_value_t = 64)]
+    pub max_headers: usize,
+
+    /// Longest command or header line, in bytes.
+    #[arg(long, env = "STOA_MAX_HEADER_LINE_BYTES", default_value_t = 8 * 1024)]
+    pub max_header_line_bytes: usize,
+
+    /// Most subscriptions on one connection.
+    #[arg(long, env = "STOA_MAX_SUBSCRIPTIONS", default_value_t = 1024)]
+    pub max_subscriptions: usize,
+
+    /// Bytes queued for one connection before it is a slow consumer: it gets ERROR
+    /// "slow consumer" and is closed.
+    #[arg(long, env = "STOA_OUTBOX_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub outbox_bytes: usize,
+
+    /// Frames (SEND, ACK, NACK) one transaction may hold until COMMIT.
+    #[arg(long, env = "STOA_MAX_TRANSACTION_FRAMES", default_value_t = 1024)]
+    pub max_transaction_frames: usize,
+
+    /// Open transactions on one connection.
+    #[arg(long, env = "STOA_MAX_TRANSACTIONS", default_value_t = 64)]
+    pub max_transactions: usize,
+
+    /// Unacknowledged messages remembered per client-ack subscription on a topic; past it the
+    /// oldest is forgotten (topics deliver at most once).
+    #[arg(long, env = "STOA_MAX_UNACKED", default_value_t = 10_000)]
+    pub max_unacked: usize,
+
+    /// The server's heart-beat offer `sx,sy` in ms: it can send every sx, wants every sy.
+    #[arg(long, env = "STOA_HEART_BEAT", default_value = "10000,10000", value_parser = parse_heart_beat)]
+    pub heart_beat: HeartBeat,
+
+    /// A connection silent for this many times its negotiated heart-beat interval is closed
+    /// (browsers throttle timers in background tabs, so 1x would drop live users).
+    #[arg(long, env = "STOA_HEART_BEAT_TOLERANCE", default_value_t = 3)]
+    pub heart_beat_tolerance: u32,
+
+    /// Milliseconds a new connection has to send CONNECT.
+    #[arg(long, env = "STOA_CONNECT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub connect_timeout_ms: u64,
+
+    /// Milliseconds one batch of writes to a client may take before the client is dropped.
+    #[arg(long, env = "STOA_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub write_timeout_ms: u64,
+
+    /// Milliseconds graceful shutdown waits for connections to flush and close.
+    #[arg(long, env = "STOA_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
+    pub shutdown_grace_ms: u64,
+
+    /// Initial read buffer per connection, in bytes (it grows for large frames, then shrinks).
+    #[arg(long, env = "STOA_READ_BUFFER_BYTES", default_value_t = 4 * 1024)]
+    pub read_buffer_bytes: usize,
+}
+
+fn parse_heart_beat(value: &str) -> Result<HeartBeat, String> {
+    HeartBeat::parse(value).map_err(|e| e.to_string())
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The `--config` file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file named by `--config`.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The `--config` file is not valid TOML for these options.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file named by `--config`.
+        path: PathBuf,
+        /// What was wrong.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range.
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads flags and environment, then takes from the `--config` file every option they
+    /// left at its default.
+    ///
+    /// # Errors
+    /// Bad arguments, an unreadable or invalid file, or out-of-range values.
+    pub fn load() -> Result<Config, ConfigError> {
+        Config::try_parse_args(std::env::args_os())
+    }
+
+    /// [`Config::load`] over given arguments (the first is the program name).
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn try_parse_args<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let matches = parse(&args)?;
+        let config =
+            Config::from_arg_matches(&matches).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let Some(path) = config.config.clone() else {
+            config.validate()?;
+            return Ok(config);
+        };
+        // Each file key whose option is still at its default becomes `--key=value`, so clap
+        // checks file values exactly as it checks flags, and flags and variables still win.
+        args.extend(file_args(&path, &matches)?.into_iter().map(Into::into));
+        let config = Config::from_arg_matches(&parse(&args)?)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("max-frame-bytes", self.max_frame_bytes),
+            ("max-body-bytes", self.max_body_bytes),
+            ("max-headers", self.max_headers),
+            ("max-header-line-bytes", self.max_header_line_bytes),
+            ("max-subscriptions", self.max_subscriptions),
+            ("outbox-bytes", self.outbox_bytes),
+            ("read-buffer-bytes", self.read_buffer_bytes),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if self.heart_beat_tolerance == 0 {
+            return Err(ConfigError::Invalid(
+                "heart-beat-tolerance must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The codec limits these settings describe.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_frame_bytes: self.max_frame_bytes,
+            max_headers: self.max_headers,
+            max_header_line_bytes: self.max_header_line_bytes,
+            max_body_bytes: self.max_body_bytes,
+        }
+    }
+
+    /// Time a client has to send CONNECT.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// Time one batch of writes may take.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+
+    /// Time shutdown waits for connections.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+fn parse(args: &[std::ffi::OsString]) -> Result<ArgMatches, ConfigError> {
+    match Config::command().try_get_matches_from(args) {
+        Ok(matches) => Ok(matches),
+        // --help and --version are not failures: print and exit as clap does.
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            e.exit()
+        }
+        Err(e) => Err(ConfigError::Invalid(e.to_string())),
+    }
+}
+
+fn file_args(path: &PathBuf, matches: &ArgMatches) -> Result<Vec<String>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.clone(),
+        source: Box::new(source),
+    })?;
+    let command = Config::command();
+    let mut args = Vec::new();
+    for (key, value) in table {
+        let id = key.replace('-', "_");
+        if id == "config" || !command.get_arguments().any(|a| a.get_id() == id.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "unknown key {key:?} in {}",
+                path.display()
+            )));
+        }
+        if matches!(
+            matches.value_source(&id),
+            Some(ValueSource::DefaultValue) | None
+        ) {
+            let value = match value {
+                toml::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            args.push(format!("--{key}={value}"));
+        }
+    }
+    Ok(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = Config::try_parse_args(["stoa"]).unwrap();
+        assert_eq!(c.http_listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.stomp_listen.to_string(), "127.0.0.1:61613");
+        assert_eq!(c.max_frame_bytes, 4 * 1024 * 1024);
+        assert_eq!(c.max_headers, 64);
+        assert_eq!(c.max_header_line_bytes, 8192);
+        assert_eq!(c.max_subscriptions, 1024);
+        assert_eq!(c.outbox_bytes, 4 * 1024 * 1024);
+        assert_eq!(
+            c.heart_beat,
+            HeartBeat {
+                send_ms: 10_000,
+                receive_ms: 10_000
+            }
+        );
+    }
+
+    #[test]
+    fn the_file_fills_what_flags_left_at_default() {
+        let dir = std::env::temp_dir().join(format!("stoa-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("stoa.toml");
+        std::fs::write(
+            &path,
+            "max-headers = 10\nheart-beat = \"5000,0\"\nhttp-listen = \"127.0.0.1:9999\"\n",
+        )
+        .unwrap();
+        let c = Config::try_parse_args([
+            "stoa",
+            "--config",
+            path.to_str().unwrap(),
+            "--max-headers",
+            "20",
+        ])
+        .unwrap();
+        assert_eq!(c.max_headers, 20, "a flag beats the file");
+        assert_eq!(
+            c.heart_beat,
+            HeartBeat {
+                send_ms: 5000,
+                receive_ms: 0
+            }
+        );
+        assert_eq!(c.http_listen.to_string(), "127.0.0.1:9999");
+        std::fs::write(&path, "no-such-option = 1\n").unwrap();
+        let err = Config::try_parse_args(["stoa", "--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown key \"no-such-option\""),
+            "{err}"
+        );
+        std::fs::write(&path, "max-headers = \"many\"\n").unwrap();
+        assert!(Config::try_parse_args(["stoa", "--config", path.to_str().unwrap()]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn zero_limits_are_refused() {
+        let err = Config::try_parse_args(["stoa", "--max-headers", "0"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid setting: max-headers must be at least 1"
+        );
+    }
+}

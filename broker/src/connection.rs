@@ -1,0 +1,361 @@
+//! One connection's task: bytes in through the codec to the [`Session`], the [`Outbox`] out
+//! through the transport, heart-beats both ways, and an orderly close.
+//!
+//! In: a [`Transport`] (TCP or WebSocket) and the shared [`Broker`]. Out: nothing; it runs
+//! until the client leaves, breaks the protocol, falls silent or the broker shuts down.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use stomp_codec::{Decoder, encode_to_bytes};
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until};
+use tracing::{Instrument, debug, info};
+
+use crate::metrics::Metrics;
+use crate::outbox::{Outbox, Outgoing};
+use crate::session::{Outcome, Rejected, Session, SessionError, write_ack_id};
+use crate::state::Broker;
+
+/// Why a read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The socket broke: close without an ERROR.
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The peer broke a transport rule (e.g. an oversized WebSocket message): answer with
+    /// an ERROR frame, then close.
+    #[error("{0}")]
+    Protocol(SessionError),
+}
+
+/// How the connection ends, which decides what is still written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseKind {
+    /// After DISCONNECT or at the peer's request.
+    Normal,
+    /// After an ERROR frame.
+    Error,
+    /// The broker is stopping.
+    Shutdown,
+}
+
+/// A byte transport under the STOMP codec.
+pub trait Transport: Send {
+    /// Appends newly received bytes to `buf`; `Ok(false)` when the peer closed cleanly.
+    ///
+    /// Must be cancel safe: it runs inside `select!`.
+    fn read(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> impl Future<Output = Result<bool, TransportError>> + Send;
+
+    /// Writes every frame of `batch`, then flushes once.
+    fn write(&mut self, batch: &[Outgoing]) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Writes one heart-beat EOL.
+    fn heart_beat(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Closes politely, giving the peer a moment to read what was written last.
+    fn close(&mut self, kind: CloseKind) -> impl Future<Output = ()> + Send;
+}
+
+/// Writes one outgoing frame into `dst`: for a MESSAGE, the subscription's head, its `ack`
+/// header if it needs one, then the shared part.
+pub fn compose(item: &Outgoing, dst: &mut BytesMut) {
+    match item {
+        Outgoing::Frame(bytes) => dst.put_slice(bytes),
+        Outgoing::Message {
+            head, ack, tail, ..
+        } => {
+            dst.reserve(head.len() + tail.len() + 40);
+            dst.put_slice(head);
+            if let Some(tag) = ack {
+                dst.put_slice(b"ack:");
+                write_ack_id(*tag, dst);
+                dst.put_u8(b'\n');
+            }
+            dst.put_slice(tail);
+        }
+    }
+}
+
+/// A read buffer grown past this for a large frame is given back once empty.
+const READ_BUFFER_KEEP_BYTES: usize = 64 * 1024;
+/// How long a closing connection waits for the peer to read its last frames.
+pub const LINGER: Duration = Duration::from_secs(1);
+
+enum Stop {
+    /// DISCONNECT: flush, then close.
+    Disconnect,
+    /// The peer went away or the socket broke: nothing more to write.
+    Gone,
+    /// A protocol error: flush earlier replies, ERROR, close.
+    Reject(Rejected),
+    /// Shutdown: flush, ERROR "server shutting down", close.
+    Shutdown,
+}
+
+/// Serves one connection until it ends. Spawn one per accepted socket.
+pub async fn serve<T: Transport>(
+    transport: T,
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+    peer: String,
+    kind: &'static str,
+) {
+    let id = broker.next_session_id();
+    let span = tracing::info_span!("session", id = id.0, %peer, transport = kind);
+    async move {
+        Metrics::add(&broker.metrics.connections_total, 1);
+        Metrics::add(&broker.metrics.connections_open, 1);
+        info!("connected");
+        let mut conn = Connection::new(transport, broker.clone(), id);
+        let stop = conn.run(shutdown).await;
+        conn.finish(stop).await;
+        broker
+            .metrics
+            .connections_open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        info!("closed");
+    }
+    .instrument(span)
+    .await;
+}
+
+struct Connection<T> {
+    transport: T,
+    broker: Arc<Broker>,
+    outbox: Arc<Outbox>,
+    session: Session,
+    decoder: Decoder,
+    read_buf: BytesMut,
+    batch: Vec<Outgoing>,
+    last_read: Instant,
+    last_write: Instant,
+    started: Instant,
+    send_every: Option<Duration>,
+    expect_every: Option<Duration>,
+}
+
+impl<T: Transport> Connection<T> {
+    fn new(transport: T, broker: Arc<Broker>, id: crate::session::SessionId) -> Connection<T> {
+        let config = &broker.config;
+        let outbox = Arc::new(Outbox::new(config.outbox_bytes));
+        let session = Session::new(id, broker.clone(), outbox.clone());
+        let now = Instant::now();
+        Connection {
+            transport,
+            decoder: Decoder::new(config.limits()),
+            read_buf: BytesMut::with_capacity(config.read_buffer_bytes),
+            batch: Vec::new(),
+            outbox,
+            session,
+            last_read: now,
+            last_write: now,
+            started: now,
+            send_every: None,
+            expect_every: None,
+            broker,
+        }
+    }
+
+    /// The next moment the timer must look at the connection.
+    fn next_check(&self) -> Instant {
+        let config = &self.broker.config;
+        if !self.session.is_connected() {
+            return self.started + config.connect_timeout();
+        }
+        let far = self.last_read + Duration::from_secs(3600);
+        let send = self.send_every.map_or(far, |every| self.last_write + every);
+        let expect = self.expect_every.map_or(far, |every| {
+            self.last_read + every * config.heart_beat_tolerance
+        });
+        send.min(expect)
+    }
+
+    async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Stop {
+        let timer = sleep_until(self.next_check());
+        tokio::pin!(timer);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Stop::Shutdown,
+                () = self.outbox.notified() => {
+                    if self.outbox.is_slow() {
+                        Metrics::add(&self.broker.metrics.slow_consumers, 1);
+                        let error = SessionError::SlowConsumer(self.broker.config.outbox_bytes);
+                        return Stop::Reject(error.into());
+                    }
+                    if let Err(e) = self.flush_outbox().await {
+                        debug!("write failed: {e}");
+                        return Stop::Gone;
+                    }
+                }
+                read = self.transport.read(&mut self.read_buf) => match read {
+                    Ok(true) => {
+                        self.last_read = Instant::now();
+                        let connected = self.session.is_connected();
+                        if let Some(stop) = self.process_frames() {
+                            return stop;
+                        }
+                        if connected != self.session.is_connected() {
+                            timer.as_mut().reset(self.next_check());
+                        }
+                        self.reclaim_read_buffer();
+                    }
+                    Ok(false) => return Stop::Gone,
+                    Err(TransportError::Io(e)) => {
+                        debug!("read failed: {e}");
+                        return Stop::Gone;
+                    }
+                    Err(TransportError::Protocol(error)) => return Stop::Reject(error.into()),
+                },
+                () = &mut timer => {
+                    if let Some(stop) = self.on_timer().await {
+                        return stop;
+                    }
+                    timer.as_mut().reset(self.next_check());
+                }
+            }
+        }
+    }
+
+    /// Decodes and handles every whole frame in the read buffer.
+    fn process_frames(&mut self) -> Option<Stop> {
+        loop {
+            let frame = match self.decoder.decode(&mut self.read_buf) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return None,
+                Err(e) => return Some(Stop::Reject(SessionError::Decode(e).into())),
+            };
+            debug!(command = %frame.command, "frame");
+            match self.session.handle(frame) {
+                Ok(Outcome::Continue) => {}
+                Ok(Outcome::Connected {
+                    version,
+                    send_interval_ms,
+                    receive_interval_ms,
+                }) => {
+                    self.decoder.set_version(version);
+                    self.send_every =
+                        (send_interval_ms > 0).then(|| Duration::from_millis(send_interval_ms));
+                    self.expect_every = (receive_interval_ms > 0)
+                        .then(|| Duration::from_millis(receive_interval_ms));
+                    info!(user = self.session.user(), %version, "stomp session open");
+                }
+                Ok(Outcome::Disconnect) => return Some(Stop::Disconnect),
+                Err(rejected) => return Some(Stop::Reject(rejected)),
+            }
+        }
+    }
+
+    fn reclaim_read_buffer(&mut self) {
+        let keep = self.broker.config.read_buffer_bytes;
+        if self.read_buf.is_empty() && self.read_buf.capacity() > READ_BUFFER_KEEP_BYTES.max(keep) {
+            self.read_buf = BytesMut::with_capacity(keep);
+        }
+    }
+
+    async fn on_timer(&mut self) -> Option<Stop> {
+        let now = Instant::now();
+        let config = &self.broker.config;
+        if !self.session.is_connected() {
+            if now >= self.started + config.connect_timeout() {
+                return Some(Stop::Reject(
+                    SessionError::ConnectTimeout(config.connect_timeout_ms).into(),
+                ));
+            }
+            return None;
+        }
+        if let Some(every) = self.expect_every {
+            let window = every * config.heart_beat_tolerance;
+            if now.duration_since(self.last_read) >= window {
+                Metrics::add(&self.broker.metrics.heart_beat_timeouts, 1);
+                let silent = u64::try_from(now.duration_since(self.last_read).as_millis())
+                    .unwrap_or(u64::MAX);
+                return Some(Stop::Reject(SessionError::HeartBeatTimeout(silent).into()));
+            }
+        }
+        if let Some(every) = self.send_every
+            && now.duration_since(self.last_write) >= every
+        {
+            let write =
+                tokio::time::timeout(config.write_timeout(), self.transport.heart_beat()).await;
+            if !matches!(write, Ok(Ok(()))) {
+                return Some(Stop::Gone);
+            }
+            self.last_write = Instant::now();
+        }
+        None
+    }
+
+    /// Writes everything queued as one batch, recording deliveries that await an ACK.
+    async fn flush_outbox(&mut self) -> io::Result<()> {
+        self.batch.clear();
+        if self.outbox.take_all(&mut self.batch) == 0 {
+            return Ok(());
+        }
+        for item in &self.batch {
+            if let Outgoing::Message { ack: Some(tag), .. } = item {
+                self.session.record_delivery(*tag);
+            }
+        }
+        let timeout = self.broker.config.write_timeout();
+        match tokio::time::timeout(timeout, self.transport.write(&self.batch)).await {
+            Ok(result) => result?,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
+        }
+        self.last_write = Instant::now();
+        if self.batch.capacity() > 4096 {
+            self.batch = Vec::new();
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self, stop: Stop) {
+        let (error, kind) = match stop {
+            // The peer left or the socket broke: there is no one to write to.
+            Stop::Gone => {
+                self.outbox.close();
+                self.session.close();
+                return;
+            }
+            Stop::Disconnect => (None, CloseKind::Normal),
+            Stop::Shutdown => (
+                Some(Rejected::from(SessionError::ShuttingDown)),
+                CloseKind::Shutdown,
+            ),
+            Stop::Reject(rejected) => (Some(rejected), CloseKind::Error),
+        };
+        let slow = error
+            .as_ref()
+            .is_some_and(|r| matches!(r.error, SessionError::SlowConsumer(_)));
+        // A slow consumer's backlog is what it cannot take: skip it and send only the ERROR.
+        // Otherwise replies to earlier frames (a DISCONNECT's RECEIPT) go out first.
+        let flushed = if slow {
+            Ok(())
+        } else {
+            self.flush_outbox().await
+        };
+        if let (Ok(()), Some(rejected)) = (flushed, &error) {
+            info!(error = %rejected.error, "sending ERROR");
+            let frame = rejected.error.to_error_frame(rejected.receipt.as_deref());
+            let bytes = encode_to_bytes(&frame, self.session.version());
+            let error_frame = [Outgoing::Frame(bytes)];
+            let write = self.transport.write(&error_frame);
+            if matches!(
+                tokio::time::timeout(self.broker.config.write_timeout(), write).await,
+                Ok(Ok(()))
+            ) {
+                Metrics::add(&self.broker.metrics.errors_sent, 1);
+            }
+        }
+        self.transport.close(kind).await;
+        self.outbox.close();
+        self.session.close();
+    }
+}

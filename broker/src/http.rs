@@ -1,0 +1,100 @@
+//! The HTTP side: the chat page at `/`, STOMP over WebSocket at `/ws`, `/healthz` and
+//! `/metrics`.
+//!
+//! In: HTTP requests. Out: responses, and upgraded WebSocket connections handed to
+//! [`connection::serve`](crate::connection::serve) in their own task.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::connection;
+use crate::state::Broker;
+use crate::transport::ws::{WsTransport, choose_subprotocol};
+
+/// The chat page, embedded in the binary.
+const INDEX_HTML: &str = include_str!("../../web/index.html");
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The broker.
+    pub broker: Arc<Broker>,
+    /// Fires once at shutdown.
+    pub shutdown: watch::Receiver<bool>,
+    /// Tracks WebSocket sessions so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+/// The HTTP routes.
+pub fn routes(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/ws", get(websocket))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn index() -> Html<&'static str> {
+    Html(INDEX_HTML)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.broker.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn websocket(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut ws: WebSocketUpgrade,
+) -> Response {
+    let chosen = {
+        let offered = ws.requested_protocols().filter_map(|p| p.to_str().ok());
+        choose_subprotocol(offered)
+    };
+    // Echo the chosen subprotocol: a browser that offered some and gets none back fails the
+    // handshake. A client that offered none (Spring's default) is accepted without one.
+    if let Some(version) = chosen {
+        ws.set_selected_protocol(HeaderValue::from_static(version.subprotocol()));
+    }
+    let config = &state.broker.config;
+    // One STOMP frame may arrive in several messages, or several frames in one: the
+    // decoder enforces the frame limit; a message may hold at most one frame's worth more.
+    let max_message = config.max_frame_bytes.saturating_add(64 * 1024);
+    let ws = ws
+        .read_buffer_size(config.read_buffer_bytes)
+        .write_buffer_size(64 * 1024)
+        .max_message_size(max_message)
+        .max_frame_size(max_message);
+    let AppState {
+        broker,
+        shutdown,
+        tracker,
+    } = state;
+    ws.on_upgrade(move |socket| {
+        tracker.track_future(connection::serve(
+            WsTransport::new(socket, max_message),
+            broker,
+            shutdown,
+            peer.to_string(),
+            "ws",
+        ))
+    })
+}

@@ -1,0 +1,165 @@
+//! Accept loops, spawning and shutdown: `run(config, shutdown)`.
+//!
+//! In: a [`Config`] and a future that resolves when the broker should stop. Out: listeners
+//! on the configured addresses, a task per connection, and a return once every connection
+//! has closed or the grace period has passed.
+
+use std::future::Future;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::connection;
+use crate::http::{AppState, routes};
+use crate::state::Broker;
+use crate::transport::tcp::TcpTransport;
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The configured directory.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// The addresses actually bound (port 0 resolved).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// HTTP and WebSocket.
+    pub http: SocketAddr,
+    /// STOMP over TCP.
+    pub stomp: SocketAddr,
+}
+
+/// Runs the broker until `shutdown` resolves, then closes every connection gracefully.
+/// Prints `listening http=ADDR stomp=ADDR` on stdout once both listeners are bound.
+///
+/// # Errors
+/// A listener or the data directory could not be set up.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let http = bind(config.http_listen).await?;
+    let stomp = bind(config.stomp_listen).await?;
+    let bound = Bound {
+        http: http.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.http_listen,
+            source,
+        })?,
+        stomp: stomp.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.stomp_listen,
+            source,
+        })?,
+    };
+    let grace = config.shutdown_grace();
+    let broker = Arc::new(Broker::new(config));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let tracker = TaskTracker::new();
+
+    let app = routes(AppState {
+        broker: broker.clone(),
+        shutdown: stop_rx.clone(),
+        tracker: tracker.clone(),
+    });
+    let mut http_stop = stop_rx.clone();
+    let http_task = tokio::spawn(async move {
+        let service = app.into_make_service_with_connect_info::<SocketAddr>();
+        let serve = axum::serve(http, service).with_graceful_shutdown(async move {
+            let _ = http_stop.changed().await;
+        });
+        if let Err(e) = serve.await {
+            warn!("http server stopped: {e}");
+        }
+    });
+    let tcp_task = tokio::spawn(accept_tcp(
+        stomp,
+        broker.clone(),
+        stop_rx.clone(),
+        tracker.clone(),
+    ));
+
+    println!("listening http={} stomp={}", bound.http, bound.stomp);
+    let _ = std::io::stdout().flush();
+    info!(http = %bound.http, stomp = %bound.stomp, "listening");
+
+    shutdown.await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = tcp_task.await;
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!("shutdown grace period passed with connections still open");
+    }
+    // Upgraded WebSockets are done: the HTTP server has only idle keep-alives left.
+    let _ = tokio::time::timeout(grace, http_task).await;
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+async fn accept_tcp(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    mut stop: watch::Receiver<bool>,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => spawn_tcp(stream, peer, &broker, &stop, &tracker),
+            // Out of file descriptors and the like: keep serving the connections we have.
+            Err(e) => {
+                debug!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+fn spawn_tcp(
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: &Arc<Broker>,
+    stop: &watch::Receiver<bool>,
+    tracker: &TaskTracker,
+) {
+    let transport = TcpTransport::new(stream, broker.config.read_buffer_bytes);
+    tracker.spawn(connection::serve(
+        transport,
+        broker.clone(),
+        stop.clone(),
+        peer.to_string(),
+        "tcp",
+    ));
+}

@@ -1,0 +1,733 @@
+//! Per-connection STOMP state machine.
+//!
+//! In: decoded [`Frame`]s from one client. Out: frames for that client, queued on its
+//! [`Outbox`]; subscriptions and publishes handed to the [`Router`](crate::router::Router);
+//! and an [`Outcome`] that tells the connection task what changed. No I/O, no waiting.
+//! This is the one place where a protocol error becomes an ERROR frame.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use stomp_codec::{
+    Command, DecodeError, Frame, Headers, HeartBeat, InvalidHeartBeat, Version, encode,
+    encode_message_head,
+};
+
+use crate::destination::{Destination, TopicError, check_publish_key, check_subscribe_key};
+use crate::metrics::Metrics;
+use crate::outbox::{AckTag, Outbox, Outgoing};
+use crate::router::{Publish, Subscriber};
+use crate::state::{Broker, now_millis};
+
+/// A connection's id, unique for the broker's lifetime; sent as CONNECTED's `session`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId(pub u64);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A SUBSCRIBE's `ack` mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// Delivered is consumed.
+    Auto,
+    /// ACK and NACK are cumulative.
+    Client,
+    /// ACK and NACK cover one message.
+    ClientIndividual,
+}
+
+/// Headers only the broker may set on a MESSAGE; a SEND's copies are dropped.
+const BROKER_OWNED: [&str; 13] = [
+    "destination",
+    "message-id",
+    "subscription",
+    "ack",
+    "receipt",
+    "transaction",
+    "content-length",
+    "redelivered",
+    "x-sender",
+    "x-timestamp",
+    "x-seq",
+    "x-event",
+    "x-replay",
+];
+
+/// Longest user name, in characters.
+pub const MAX_USER_NAME_CHARS: usize = 32;
+
+/// Why a frame was refused. Each ends the connection with an ERROR frame.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The bytes were not a valid frame.
+    #[error("malformed frame: {0}")]
+    Decode(#[from] DecodeError),
+    /// A frame other than CONNECT before CONNECT.
+    #[error("not connected: send CONNECT before {0}")]
+    NotConnected(Command),
+    /// A second CONNECT.
+    #[error("already connected")]
+    AlreadyConnected,
+    /// No version in common.
+    #[error(
+        "unsupported STOMP version: the client accepts {0:?}, this server speaks 1.0, 1.1 and 1.2"
+    )]
+    UnsupportedVersion(String),
+    /// A bad `heart-beat` header.
+    #[error("{0}")]
+    HeartBeat(#[from] InvalidHeartBeat),
+    /// A `login` that cannot be a user name.
+    #[error("invalid login {login:?}: {reason}")]
+    InvalidLogin {
+        /// The login as sent (cut to 64 characters).
+        login: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A client sent a server frame.
+    #[error("{0} frames are sent by servers, not clients")]
+    ServerCommand(Command),
+    /// A required header is missing.
+    #[error("{command} frame has no {header} header")]
+    MissingHeader {
+        /// The frame's command.
+        command: Command,
+        /// The missing header.
+        header: &'static str,
+    },
+    /// A destination kind this broker does not serve (yet).
+    #[error("destination {0:?} is not supported: use /topic/<name>")]
+    UnsupportedDestination(String),
+    /// A topic name that cannot be used.
+    #[error("{0}")]
+    Topic(#[from] TopicError),
+    /// A SUBSCRIBE `ack` value other than the three modes.
+    #[error("unknown ack mode {0:?}: use auto, client or client-individual")]
+    InvalidAckMode(String),
+    /// A SUBSCRIBE id already in use on this connection.
+    #[error("subscription id {0:?} is already in use on this connection")]
+    DuplicateSubscription(String),
+    /// Too many subscriptions on one connection.
+    #[error("more than {0} subscriptions on one connection")]
+    TooManySubscriptions(usize),
+    /// UNSUBSCRIBE (or ACK) naming no subscription.
+    #[error("no subscription with id {0:?}")]
+    UnknownSubscription(String),
+    /// ACK or NACK naming no unacknowledged message.
+    #[error("no unacknowledged message with ack id {0:?}")]
+    UnknownAck(String),
+    /// BEGIN of an open transaction.
+    #[error("transaction {0:?} is already open")]
+    DuplicateTransaction(String),
+    /// COMMIT, ABORT or a transactional frame naming no open transaction.
+    #[error("transaction {0:?} is not open")]
+    UnknownTransaction(String),
+    /// Too many open transactions.
+    #[error("more than {0} open transactions on one connection")]
+    TooManyTransactions(usize),
+    /// A transaction holding too many frames.
+    #[error("transaction {transaction:?} holds more than {limit} frames")]
+    TransactionTooLarge {
+        /// The transaction.
+        transaction: String,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The client did not read fast enough.
+    #[error("slow consumer: more than {0} bytes waiting to be sent")]
+    SlowConsumer(usize),
+    /// No bytes for longer than the heart-beat tolerance.
+    #[error("heart-beat timeout: nothing received for {0} ms")]
+    HeartBeatTimeout(u64),
+    /// No CONNECT in time.
+    #[error("no CONNECT within {0} ms")]
+    ConnectTimeout(u64),
+    /// A WebSocket message over the limit.
+    #[error("websocket message exceeds the limit of {0} bytes")]
+    WebSocketMessageTooLarge(usize),
+    /// The broker is stopping.
+    #[error("server shutting down")]
+    ShuttingDown,
+}
+
+impl SessionError {
+    /// The ERROR frame sent just before the connection closes.
+    pub fn to_error_frame(&self, receipt: Option<&str>) -> Frame {
+        let message = self.to_string();
+        let mut frame = Frame::new(Command::Error).with_header("message", &message);
+        if let Some(id) = receipt {
+            frame.headers.push("receipt-id", id);
+        }
+        if let SessionError::UnsupportedVersion(_) = self {
+            // 1.2 "Protocol Negotiation": name the versions the server speaks.
+            frame.headers.push("version", "1.0,1.1,1.2");
+            frame.body = Bytes::from_static(b"Supported protocol versions are 1.0 1.1 1.2");
+        } else {
+            frame.body = Bytes::from(message);
+        }
+        frame
+            .headers
+            .push("content-type", "text/plain;charset=utf-8");
+        frame
+    }
+}
+
+/// A refused frame: the error and the `receipt` the frame asked for, if any.
+#[derive(Debug)]
+pub struct Rejected {
+    /// What was wrong.
+    pub error: SessionError,
+    /// The refused frame's `receipt` header, echoed as `receipt-id`.
+    pub receipt: Option<String>,
+}
+
+impl From<SessionError> for Rejected {
+    fn from(error: SessionError) -> Rejected {
+        Rejected {
+            error,
+            receipt: None,
+        }
+    }
+}
+
+/// What a handled frame changed, for the connection task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing the connection task needs to act on.
+    Continue,
+    /// CONNECT succeeded: switch the decoder to `version`, start heart-beats.
+    Connected {
+        /// The negotiated version.
+        version: Version,
+        /// Send something at least this often, in ms; 0 for never.
+        send_interval_ms: u64,
+        /// Expect something at least this often, in ms; 0 for never.
+        receive_interval_ms: u64,
+    },
+    /// DISCONNECT: flush what is queued (its RECEIPT included), then close.
+    Disconnect,
+}
+
+#[derive(Debug)]
+struct Subscription {
+    id: String,
+    topic_key: String,
+    ack: AckMode,
+    /// Delivered, not yet acknowledged message ids, oldest first.
+    unacked: VecDeque<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitingConnect,
+    Connected,
+    Disconnected,
+}
+
+/// One connection's protocol state.
+#[derive(Debug)]
+pub struct Session {
+    id: SessionId,
+    broker: Arc<Broker>,
+    outbox: Arc<Outbox>,
+    state: State,
+    version: Version,
+    user: String,
+    subscriptions: HashMap<u32, Subscription>,
+    subscription_ids: HashMap<String, u32>,
+    next_key: u32,
+    transactions: HashMap<String, Vec<Frame>>,
+}
+
+impl Session {
+    /// A session waiting for CONNECT, whose frames go to `outbox`.
+    pub fn new(id: SessionId, broker: Arc<Broker>, outbox: Arc<Outbox>) -> Session {
+        Session {
+            id,
+            broker,
+            outbox,
+            state: State::AwaitingConnect,
+            version: Version::V1_2,
+            user: String::new(),
+            subscriptions: HashMap::new(),
+            subscription_ids: HashMap::new(),
+            next_key: 0,
+            transactions: HashMap::new(),
+        }
+    }
+
+    /// This session's id.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// The negotiated version (1.2 until CONNECT).
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The connected user's name; empty before CONNECT.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// Whether CONNECT has succeeded and DISCONNECT has not come.
+    pub fn is_connected(&self) -> bool {
+        self.state == State::Connected
+    }
+
+    /// Handles one frame from the client.
+    ///
+    /// # Errors
+    /// [`Rejected`] when the frame breaks the protocol: send
+    /// [`SessionError::to_error_frame`] and close.
+    pub fn handle(&mut self, frame: Frame) -> Result<Outcome, Rejected> {
+        Metrics::add(&self.broker.metrics.frames_received, 1);
+        // CONNECT may not ask for a receipt (1.2 "Header receipt"); any other frame may.
+        let receipt = match frame.command {
+            Command::Connect | Command::Stomp => None,
+            _ => frame.header("receipt").map(str::to_owned),
+        };
+        match self.dispatch(frame) {
+            Ok(outcome) => {
+                if let Some(id) = receipt {
+                    self.reply(&Frame::new(Command::Receipt).with_header("receipt-id", &id));
+                }
+                Ok(outcome)
+            }
+            Err(error) => Err(Rejected { error, receipt }),
+        }
+    }
+
+    fn dispatch(&mut self, frame: Frame) -> Result<Outcome, SessionError> {
+        match (self.state, frame.command) {
+            (
+                _,
+                c @ (Command::Connected | Command::Message | Command::Receipt | Command::Error),
+            ) => Err(SessionError::ServerCommand(c)),
+            (State::AwaitingConnect, Command::Connect | Command::Stomp) => self.on_connect(&frame),
+            (State::AwaitingConnect, command) => Err(SessionError::NotConnected(command)),
+            (_, Command::Connect | Command::Stomp) => Err(SessionError::AlreadyConnected),
+            (State::Disconnected, command) => Err(SessionError::NotConnected(command)),
+            (State::Connected, Command::Send) => self.on_send(frame).map(|()| Outcome::Continue),
+            (State::Connected, Command::Subscribe) => {
+                self.on_subscribe(&frame).map(|()| Outcome::Continue)
+            }
+            (State::Connected, Command::Unsubscribe) => {
+                self.on_unsubscribe(&frame).map(|()| Outcome::Continue)
+            }
+            (State::Connected, Command::Ack | Command::Nack) => {
+                self.on_ack(frame).map(|()| Outcome::Continue)
+            }
+            (State::Connected, Command::Begin) => self.on_begin(&frame).map(|()| Outcome::Continue),
+            (State::Connected, Command::Commit) => {
+                self.on_commit(&frame).map(|()| Outcome::Continue)
+            }
+            (State::Connected, Command::Abort) => self.on_abort(&frame).map(|()| Outcome::Continue),
+            (State::Connected, Command::Disconnect) => Ok(self.on_disconnect()),
+        }
+    }
+
+    fn reply(&self, frame: &Frame) {
+        let mut buf = BytesMut::new();
+        encode(frame, self.version, &mut buf);
+        // A refusal marks the outbox slow; the connection task closes the connection.
+        self.outbox.offer(Outgoing::Frame(buf.freeze()));
+    }
+
+    fn on_connect(&mut self, frame: &Frame) -> Result<Outcome, SessionError> {
+        let accept = frame.header("accept-version");
+        let version = Version::negotiate(accept, &Version::ALL).ok_or_else(|| {
+            SessionError::UnsupportedVersion(accept.unwrap_or_default().to_owned())
+        })?;
+        // Version first: the ERROR for anything else below is written in it.
+        self.version = version;
+        let client_beat = frame
+            .header("heart-beat")
+            .map(HeartBeat::parse)
+            .transpose()?
+            .unwrap_or_default();
+        self.user = match frame.header("login") {
+            Some(login) => check_user_name(login)?,
+            None => format!("guest-{}", self.id),
+        };
+        let config = &self.broker.config;
+        let server_beat = config.heart_beat;
+        self.state = State::Connected;
+        let limits = config.limits();
+        let mut connected = Frame::new(Command::Connected)
+            .with_header("version", version.as_str())
+            .with_header("server", concat!("stoa/", env!("CARGO_PKG_VERSION")))
+            .with_header("heart-beat", &server_beat.to_string())
+            .with_header("session", &self.id.to_string())
+            .with_header("user-name", &self.user);
+        for (name, value) in [
+            ("x-max-frame-bytes", limits.max_frame_bytes),
+            ("x-max-body-bytes", limits.max_body_bytes),
+            ("x-max-headers", limits.max_headers),
+            ("x-max-header-line-bytes", limits.max_header_line_bytes),
+            ("x-max-subscriptions", config.max_subscriptions),
+        ] {
+            connected.headers.push(name, &value.to_string());
+        }
+        self.reply(&connected);
+        Ok(Outcome::Connected {
+            version,
+            send_interval_ms: server_beat.send_interval_ms(client_beat),
+            receive_interval_ms: server_beat.receive_interval_ms(client_beat),
+        })
+    }
+
+    fn on_send(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let destination = required(&frame, "destination")?;
+        // Check the destination now, also inside a transaction, so COMMIT cannot fail on it.
+        topic_key_for_send(destination)?;
+        if let Some(tx) = frame.header("transaction") {
+            return self.hold(tx.to_owned(), frame);
+        }
+        self.publish(&frame)
+    }
+
+    fn publish(&self, frame: &Frame) -> Result<(), SessionError> {
+        let destination = required(frame, "destination")?;
+        let key = topic_key_for_send(destination)?;
+        let message_id = self.broker.next_message_id();
+        let mut digits = itoa::Buffer::new();
+        let mut headers = Headers::new();
+        headers.push("destination", destination);
+        headers.push("message-id", digits.format(message_id));
+        for (name, value) in &frame.headers {
+            if !BROKER_OWNED.contains(&name) {
+                headers.push(name, value);
+            }
+        }
+        headers.push("x-sender", &self.user);
+        headers.push("x-timestamp", digits.format(now_millis()));
+        let publish = Publish::new(message_id, headers, frame.body.clone());
+        let fanout = self.broker.router.publish(key, &publish);
+        let metrics = &self.broker.metrics;
+        Metrics::add(&metrics.messages_published, 1);
+        Metrics::add(&metrics.messages_delivered, fanout.delivered as u64);
+        Ok(())
+    }
+
+    fn on_subscribe(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let destination = required(frame, "destination")?;
+        // 1.0 has no required `id`: the destination names the subscription.
+        let id = match (frame.header("id"), self.version) {
+            (Some(id), _) => id,
+            (None, Version::V1_0) => destination,
+            (None, _) => {
+                return Err(SessionError::MissingHeader {
+                    command: Command::Subscribe,
+                    header: "id",
+                });
+            }
+        };
+        let ack = match frame.header("ack").unwrap_or("auto") {
+            "auto" => AckMode::Auto,
+            "client" => AckMode::Client,
+            "client-individual" => AckMode::ClientIndividual,
+            other => return Err(SessionError::InvalidAckMode(other.to_owned())),
+        };
+        let limit = self.broker.config.max_subscriptions;
+        if self.subscriptions.len() >= limit {
+            return Err(SessionError::TooManySubscriptions(limit));
+        }
+        if self.subscription_ids.contains_key(id) {
+            return Err(SessionError::DuplicateSubscription(id.to_owned()));
+        }
+        let Destination::Topic(topic_key) = Destination::parse(destination) else {
+            return Err(SessionError::UnsupportedDestination(destination.to_owned()));
+        };
+        check_subscribe_key(topic_key)?;
+
+        let key = self.next_key;
+        self.next_key = self.next_key.wrapping_add(1);
+        let mut head = BytesMut::new();
+        encode_message_head(self.version, &[("subscription", id)], &mut head);
+        self.broker.router.subscribe(
+            topic_key,
+            Subscriber {
+                session: self.id,
+                key,
+                outbox: self.outbox.clone(),
+                head: head.freeze(),
+                version: self.version,
+                needs_ack: ack != AckMode::Auto,
+            },
+        );
+        self.subscription_ids.insert(id.to_owned(), key);
+        self.subscriptions.insert(
+            key,
+            Subscription {
+                id: id.to_owned(),
+                topic_key: topic_key.to_owned(),
+                ack,
+                unacked: VecDeque::new(),
+            },
+        );
+        Ok(())
+    }
+
+    fn on_unsubscribe(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let id = match (
+            frame.header("id"),
+            frame.header("destination"),
+            self.version,
+        ) {
+            (Some(id), _, _) => id,
+            (None, Some(destination), Version::V1_0) => destination,
+            _ => {
+                return Err(SessionError::MissingHeader {
+                    command: Command::Unsubscribe,
+                    header: "id",
+                });
+            }
+        };
+        let key = self
+            .subscription_ids
+            .remove(id)
+            .ok_or_else(|| SessionError::UnknownSubscription(id.to_owned()))?;
+        if let Some(sub) = self.subscriptions.remove(&key) {
+            self.broker.router.unsubscribe(&sub.topic_key, self.id, key);
+        }
+        Ok(())
+    }
+
+    /// Finds the subscription and message an ACK or NACK names, per version:
+    /// 1.2 `id` (the MESSAGE's `ack` header), 1.1 `message-id` and `subscription`,
+    /// 1.0 `message-id` (and `subscription` if given).
+    fn ack_target(&self, frame: &Frame) -> Result<(u32, u64), SessionError> {
+        let command = frame.command;
+        let missing = |header| SessionError::MissingHeader { command, header };
+        if self.version == Version::V1_2 {
+            let id = frame.header("id").ok_or_else(|| missing("id"))?;
+            return parse_ack_id(id)
+                .filter(|(key, message)| self.is_unacked(*key, *message))
+                .ok_or_else(|| SessionError::UnknownAck(id.to_owned()));
+        }
+        let message_id = frame
+            .header("message-id")
+            .ok_or_else(|| missing("message-id"))?;
+        let unknown = || SessionError::UnknownAck(message_id.to_owned());
+        let message: u64 = message_id.parse().map_err(|_| unknown())?;
+        let key = match frame.header("subscription") {
+            Some(id) => *self
+                .subscription_ids
+                .get(id)
+                .ok_or_else(|| SessionError::UnknownSubscription(id.to_owned()))?,
+            None if self.version == Version::V1_0 => self
+                .subscriptions
+                .iter()
+                .find(|(_, s)| s.unacked.contains(&message))
+                .map(|(key, _)| *key)
+                .ok_or_else(unknown)?,
+            None => return Err(missing("subscription")),
+        };
+        if self.is_unacked(key, message) {
+            Ok((key, message))
+        } else {
+            Err(unknown())
+        }
+    }
+
+    fn is_unacked(&self, key: u32, message: u64) -> bool {
+        self.subscriptions
+            .get(&key)
+            .is_some_and(|s| s.unacked.contains(&message))
+    }
+
+    fn on_ack(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let target = self.ack_target(&frame)?;
+        if let Some(tx) = frame.header("transaction") {
+            return self.hold(tx.to_owned(), frame);
+        }
+        self.settle(target);
+        Ok(())
+    }
+
+    /// Applies an ACK or NACK. Topics deliver at most once, so both just end the message's
+    /// wait; `client` mode settles everything delivered before it too (1.2 "SUBSCRIBE ack").
+    fn settle(&mut self, (key, message): (u32, u64)) {
+        let Some(sub) = self.subscriptions.get_mut(&key) else {
+            return;
+        };
+        let Some(pos) = sub.unacked.iter().position(|m| *m == message) else {
+            return;
+        };
+        match sub.ack {
+            AckMode::Client => {
+                sub.unacked.drain(..=pos);
+            }
+            AckMode::ClientIndividual | AckMode::Auto => {
+                sub.unacked.remove(pos);
+            }
+        }
+    }
+
+    /// Records that a MESSAGE needing acknowledgement was written to the client.
+    pub fn record_delivery(&mut self, tag: AckTag) {
+        let limit = self.broker.config.max_unacked;
+        if let Some(sub) = self.subscriptions.get_mut(&tag.subscription) {
+            if sub.unacked.len() >= limit {
+                sub.unacked.pop_front();
+            }
+            sub.unacked.push_back(tag.message_id);
+        }
+    }
+
+    fn hold(&mut self, tx: String, frame: Frame) -> Result<(), SessionError> {
+        let limit = self.broker.config.max_transaction_frames;
+        let held = self
+            .transactions
+            .get_mut(&tx)
+            .ok_or_else(|| SessionError::UnknownTransaction(tx.clone()))?;
+        if held.len() >= limit {
+            return Err(SessionError::TransactionTooLarge {
+                transaction: tx,
+                limit,
+            });
+        }
+        held.push(frame);
+        Ok(())
+    }
+
+    fn on_begin(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let tx = transaction_of(frame)?;
+        let limit = self.broker.config.max_transactions;
+        if self.transactions.contains_key(tx) {
+            return Err(SessionError::DuplicateTransaction(tx.to_owned()));
+        }
+        if self.transactions.len() >= limit {
+            return Err(SessionError::TooManyTransactions(limit));
+        }
+        self.transactions.insert(tx.to_owned(), Vec::new());
+        Ok(())
+    }
+
+    fn on_commit(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let tx = transaction_of(frame)?;
+        let held = self
+            .transactions
+            .remove(tx)
+            .ok_or_else(|| SessionError::UnknownTransaction(tx.to_owned()))?;
+        for frame in held {
+            match frame.command {
+                Command::Send => self.publish(&frame)?,
+                // Checked when held; a message acknowledged since is simply settled already.
+                _ => {
+                    if let Ok(target) = self.ack_target(&frame) {
+                        self.settle(target);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_abort(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let tx = transaction_of(frame)?;
+        self.transactions
+            .remove(tx)
+            .map(drop)
+            .ok_or_else(|| SessionError::UnknownTransaction(tx.to_owned()))
+    }
+
+    fn on_disconnect(&mut self) -> Outcome {
+        // 1.2 "BEGIN": open transactions are aborted on DISCONNECT.
+        self.transactions.clear();
+        self.state = State::Disconnected;
+        Outcome::Disconnect
+    }
+
+    /// Ends the session: subscriptions leave the router, open transactions are aborted.
+    pub fn close(&mut self) {
+        for (key, sub) in self.subscriptions.drain() {
+            self.broker.router.unsubscribe(&sub.topic_key, self.id, key);
+        }
+        self.subscription_ids.clear();
+        self.transactions.clear();
+        self.state = State::Disconnected;
+    }
+
+    /// The client-visible id of a subscription, by its connection-local number.
+    pub fn subscription_id(&self, key: u32) -> Option<&str> {
+        self.subscriptions.get(&key).map(|s| s.id.as_str())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn required<'f>(frame: &'f Frame, header: &'static str) -> Result<&'f str, SessionError> {
+    frame.header(header).ok_or(SessionError::MissingHeader {
+        command: frame.command,
+        header,
+    })
+}
+
+fn transaction_of(frame: &Frame) -> Result<&str, SessionError> {
+    required(frame, "transaction")
+}
+
+fn topic_key_for_send(destination: &str) -> Result<&str, SessionError> {
+    match Destination::parse(destination) {
+        Destination::Topic(key) => {
+            check_publish_key(key)?;
+            Ok(key)
+        }
+        _ => Err(SessionError::UnsupportedDestination(destination.to_owned())),
+    }
+}
+
+/// The `ack` header value the writer puts on a MESSAGE: `<subscription number>-<message id>`.
+pub fn write_ack_id(tag: AckTag, dst: &mut BytesMut) {
+    let mut digits = itoa::Buffer::new();
+    dst.extend_from_slice(digits.format(tag.subscription).as_bytes());
+    dst.extend_from_slice(b"-");
+    dst.extend_from_slice(digits.format(tag.message_id).as_bytes());
+}
+
+fn parse_ack_id(id: &str) -> Option<(u32, u64)> {
+    let (key, message) = id.split_once('-')?;
+    Some((key.parse().ok()?, message.parse().ok()?))
+}
+
+/// A CONNECT `login` as a display name: 1 to 32 characters, none of them control
+/// characters, and no `/` (names appear in `/user/<name>/...` destinations).
+///
+/// # Errors
+/// [`SessionError::InvalidLogin`] saying which rule was broken.
+pub fn check_user_name(login: &str) -> Result<String, SessionError> {
+    let invalid = |reason| SessionError::InvalidLogin {
+        login: login.chars().take(64).collect(),
+        reason,
+    };
+    let chars = login.chars().count();
+    if chars == 0 {
+        return Err(invalid("a name needs at least one character"));
+    }
+    if chars > MAX_USER_NAME_CHARS {
+        return Err(invalid("a name has at most 32 characters"));
+    }
+    if login.chars().any(char::is_control) {
+        return Err(invalid("a name cannot contain control characters"));
+    }
+    if login.contains('/') {
+        return Err(invalid("a name cannot contain '/'"));
+    }
+    if login.trim().is_empty() {
+        return Err(invalid("a name cannot be only spaces"));
+    }
+    Ok(login.to_owned())
+}

@@ -1,1 +1,452 @@
-//! Helpers for black-box tests of the `stoa` binary.
+//! Helpers for black-box tests of the `stoa` binary: start it on free ports, and talk raw
+//! STOMP to it over TCP or WebSocket with small send/expect helpers.
+//!
+//! In: the built `stoa` binary (`cargo build -p broker`, or `STOA_BIN`). Out: running
+//! brokers that are killed when dropped, and connections that speak frames.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use stomp_codec::{DecodeError, Decoder, Frame, Limits, Version, encode_to_bytes};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expectation waits before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The `stoa` binary: `$STOA_BIN`, or `target/<profile>/stoa` next to this test binary.
+pub fn stoa_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("STOA_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> -> target/<profile>/stoa
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>");
+    let bin = dir.join("stoa");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p broker` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `stoa`, killed on drop.
+pub struct Broker {
+    child: Child,
+    /// HTTP and WebSocket address.
+    pub http: SocketAddr,
+    /// STOMP over TCP address.
+    pub stomp: SocketAddr,
+    /// Its data directory, removed on drop.
+    pub data_dir: PathBuf,
+}
+
+static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
+
+impl Broker {
+    /// Starts `stoa` on free loopback ports with `args` added, and waits for its
+    /// `listening` line.
+    pub fn start(args: &[&str]) -> Broker {
+        let data_dir = std::env::temp_dir().join(format!(
+            "stoa-it-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        Broker::start_in(&data_dir, args)
+    }
+
+    /// Like [`Broker::start`], with a given data directory (kept across restarts).
+    pub fn start_in(data_dir: &std::path::Path, args: &[&str]) -> Broker {
+        let mut child = Command::new(stoa_bin())
+            .args([
+                "--http-listen",
+                "127.0.0.1:0",
+                "--stomp-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start stoa");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let addr = |key: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+                .parse()
+                .expect("an address")
+        };
+        Broker {
+            http: addr("http="),
+            stomp: addr("stomp="),
+            child,
+            data_dir: data_dir.to_owned(),
+        }
+    }
+
+    /// The WebSocket URL.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.http)
+    }
+
+    /// The process id (for /proc reads).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit, up to [`WAIT`].
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for stoa") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stoa did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS in /proc status")
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// What came back from the broker.
+// Events live for one match in a test; boxing the frame would only add noise.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Event {
+    /// A frame.
+    Frame(Frame),
+    /// The broker closed the connection.
+    Closed,
+}
+
+enum Link {
+    Tcp(TcpStream),
+    Ws(Box<WebSocketStream<MaybeTlsStream<TcpStream>>>),
+}
+
+/// A raw STOMP connection over TCP or WebSocket.
+pub struct Conn {
+    link: Link,
+    buf: BytesMut,
+    decoder: Decoder,
+    /// WebSocket message kinds received, in order: `true` for text (tests of the framing).
+    pub ws_text_flags: Vec<bool>,
+    /// The subprotocol the server chose, for WebSocket connections.
+    pub subprotocol: Option<String>,
+    version: Version,
+}
+
+/// The transports a test can run over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// STOMP over TCP.
+    Tcp,
+    /// STOMP over WebSocket, offering all three subprotocols.
+    Ws,
+}
+
+impl Conn {
+    /// Opens a connection of `kind` to `broker` (no CONNECT sent yet).
+    pub async fn open(broker: &Broker, kind: Transport) -> Conn {
+        match kind {
+            Transport::Tcp => Conn::tcp(broker.stomp).await,
+            Transport::Ws => {
+                Conn::ws(&broker.ws_url(), Some("v12.stomp, v11.stomp, v10.stomp")).await
+            }
+        }
+    }
+
+    /// Opens a TCP connection.
+    pub async fn tcp(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).await.expect("tcp connect");
+        Conn::new(Link::Tcp(stream), None)
+    }
+
+    /// Opens a WebSocket connection offering `subprotocols` (a header value), or none.
+    pub async fn ws(url: &str, subprotocols: Option<&str>) -> Conn {
+        let mut request = url.into_client_request().expect("ws request");
+        if let Some(p) = subprotocols {
+            request.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                HeaderValue::from_str(p).expect("header"),
+            );
+        }
+        let (socket, response) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("ws connect");
+        let chosen = response
+            .headers()
+            .get("Sec-WebSocket-Protocol")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Conn::new(Link::Ws(Box::new(socket)), chosen)
+    }
+
+    fn new(link: Link, subprotocol: Option<String>) -> Conn {
+        let limits = Limits {
+            max_frame_bytes: 64 << 20,
+            max_body_bytes: 64 << 20,
+            ..Limits::default()
+        };
+        Conn {
+            link,
+            buf: BytesMut::new(),
+            decoder: Decoder::new(limits),
+            ws_text_flags: Vec::new(),
+            subprotocol,
+            version: Version::V1_2,
+        }
+    }
+
+    /// Sends raw bytes (over WebSocket as one text message if UTF-8, else binary).
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        match &mut self.link {
+            Link::Tcp(stream) => stream.write_all(bytes).await.expect("tcp write"),
+            Link::Ws(socket) => {
+                let message = match std::str::from_utf8(bytes) {
+                    Ok(text) => Message::text(text),
+                    Err(_) => Message::binary(bytes.to_vec()),
+                };
+                socket.send(message).await.expect("ws send");
+            }
+        }
+    }
+
+    /// Sends one WebSocket message of the given kind (WebSocket only).
+    pub async fn send_ws(&mut self, message: Message) {
+        match &mut self.link {
+            Link::Ws(socket) => socket.send(message).await.expect("ws send"),
+            Link::Tcp(_) => panic!("send_ws on a TCP connection"),
+        }
+    }
+
+    /// Sends a frame encoded for the negotiated version.
+    pub async fn send(&mut self, frame: &Frame) {
+        let bytes = encode_to_bytes(frame, self.version);
+        self.send_raw(&bytes).await;
+    }
+
+    /// Sends CONNECT with `headers` and returns the CONNECTED frame.
+    pub async fn connect(&mut self, headers: &[(&str, &str)]) -> Frame {
+        self.send(&frame("CONNECT", headers)).await;
+        let connected = self.expect_frame().await;
+        assert_eq!(connected.command.as_str(), "CONNECTED", "got {connected:?}");
+        if let Some(v) = connected.header("version").and_then(|v| v.parse().ok()) {
+            self.version = v;
+            self.decoder.set_version(v);
+        }
+        connected
+    }
+
+    /// CONNECT as 1.2 with `login` and no heart-beats.
+    pub async fn login(&mut self, login: &str) -> Frame {
+        self.connect(&[
+            ("accept-version", "1.2"),
+            ("host", "localhost"),
+            ("login", login),
+            ("heart-beat", "0,0"),
+        ])
+        .await
+    }
+
+    /// The next frame or close, skipping heart-beats; panics after [`WAIT`].
+    pub async fn next_event(&mut self) -> Event {
+        self.next_event_within(WAIT)
+            .await
+            .expect("nothing from the broker in time")
+    }
+
+    /// The next frame or close within `wait`, or `None` if nothing came.
+    pub async fn next_event_within(&mut self, wait: Duration) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match self.decoder.decode(&mut self.buf) {
+                Ok(Some(frame)) => return Some(Event::Frame(frame)),
+                Ok(None) => {}
+                Err(e) => panic!("broker sent a malformed frame: {e}"),
+            }
+            let more = tokio::time::timeout_at(deadline, self.read_more()).await;
+            match more {
+                Err(_) => return None,
+                Ok(false) => return Some(Event::Closed),
+                Ok(true) => {}
+            }
+        }
+    }
+
+    /// Reads once; `false` on close.
+    async fn read_more(&mut self) -> bool {
+        match &mut self.link {
+            Link::Tcp(stream) => {
+                self.buf.reserve(64 * 1024);
+                matches!(stream.read_buf(&mut self.buf).await, Ok(n) if n > 0)
+            }
+            Link::Ws(socket) => loop {
+                match socket.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        self.ws_text_flags.push(true);
+                        self.buf.extend_from_slice(t.as_bytes());
+                        return true;
+                    }
+                    Some(Ok(Message::Binary(b))) => {
+                        self.ws_text_flags.push(false);
+                        self.buf.extend_from_slice(&b);
+                        return true;
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return false,
+                    Some(Ok(_)) => {}
+                }
+            },
+        }
+    }
+
+    /// The next frame; panics on close or timeout.
+    pub async fn expect_frame(&mut self) -> Frame {
+        match self.next_event().await {
+            Event::Frame(f) => f,
+            Event::Closed => panic!("connection closed while a frame was expected"),
+        }
+    }
+
+    /// Expects an ERROR whose message contains `needle`, then the connection closing.
+    pub async fn expect_error_then_close(&mut self, needle: &str) -> Frame {
+        let error = self.expect_frame().await;
+        assert_eq!(
+            error.command.as_str(),
+            "ERROR",
+            "expected an ERROR about {needle:?}, got {error:?}"
+        );
+        let message = error.header("message").unwrap_or_default();
+        assert!(
+            message.contains(needle),
+            "ERROR message {message:?} does not mention {needle:?}"
+        );
+        self.expect_closed().await;
+        error
+    }
+
+    /// Expects the connection to close (frames before the close are an error).
+    pub async fn expect_closed(&mut self) {
+        match self.next_event().await {
+            Event::Closed => {}
+            Event::Frame(f) => panic!("expected the connection to close, got {f:?}"),
+        }
+    }
+
+    /// Whether nothing arrives within `wait`.
+    pub async fn is_quiet_for(&mut self, wait: Duration) -> bool {
+        self.next_event_within(wait).await.is_none()
+    }
+
+    /// Sends a frame with a receipt and waits for that RECEIPT (frames before it are
+    /// returned).
+    pub async fn send_with_receipt(&mut self, frame: &Frame, receipt: &str) -> Vec<Frame> {
+        let mut with = frame.clone();
+        with.headers.push("receipt", receipt);
+        self.send(&with).await;
+        let mut before = Vec::new();
+        loop {
+            let f = self.expect_frame().await;
+            if f.command.as_str() == "RECEIPT" && f.header("receipt-id") == Some(receipt) {
+                return before;
+            }
+            assert_ne!(
+                f.command.as_str(),
+                "ERROR",
+                "ERROR instead of RECEIPT {receipt}: {f:?}"
+            );
+            before.push(f);
+        }
+    }
+
+    /// SUBSCRIBE and wait for its receipt.
+    pub async fn subscribe(&mut self, id: &str, destination: &str) {
+        let sub = frame("SUBSCRIBE", &[("id", id), ("destination", destination)]);
+        let early = self.send_with_receipt(&sub, &format!("sub-{id}")).await;
+        assert!(
+            early.is_empty(),
+            "frames before the SUBSCRIBE receipt: {early:?}"
+        );
+    }
+
+    /// Closes the client side.
+    pub async fn close(mut self) {
+        match &mut self.link {
+            Link::Tcp(stream) => {
+                let _ = stream.shutdown().await;
+            }
+            Link::Ws(socket) => {
+                let _ = socket.send(Message::Close(None)).await;
+            }
+        }
+    }
+}
+
+/// A frame from a command name and headers.
+pub fn frame(command: &str, headers: &[(&str, &str)]) -> Frame {
+    let command = stomp_codec::Command::from_bytes(command.as_bytes()).expect("a STOMP command");
+    let mut f = Frame::new(command);
+    for (n, v) in headers {
+        f.headers.push(n, v);
+    }
+    f
+}
+
+/// Decodes one whole frame from `bytes` (for tests that inspect raw output).
+///
+/// # Errors
+/// The decoder's error.
+pub fn decode_one(bytes: &[u8]) -> Result<Option<Frame>, DecodeError> {
+    Decoder::new(Limits::default()).decode(&mut BytesMut::from(bytes))
+}
+
+/// Re-exported for tests that build WebSocket messages.
+pub use tungstenite::Message as WsMessage;

@@ -83,6 +83,17 @@ pub fn compose(item: &Outgoing, dst: &mut BytesMut) {
     }
 }
 
+/// Batches written per wake-up before the connection looks at its reads again.
+const MAX_BATCHES_PER_WAKE: usize = 4;
+
+/// Why writing the outbox stopped.
+enum Flush {
+    /// The socket broke or the write timed out.
+    Io(io::Error),
+    /// A producer was refused: the client does not read fast enough.
+    Slow,
+}
+
 /// A read buffer grown past this for a large frame is given back once empty.
 const READ_BUFFER_KEEP_BYTES: usize = 64 * 1024;
 /// How long a closing connection waits for the peer to read its last frames.
@@ -185,14 +196,13 @@ impl<T: Transport> Connection<T> {
                 biased;
                 _ = shutdown.changed() => return Stop::Shutdown,
                 () = self.outbox.notified() => {
-                    if self.outbox.is_slow() {
-                        Metrics::add(&self.broker.metrics.slow_consumers, 1);
-                        let error = SessionError::SlowConsumer(self.broker.config.outbox_bytes);
-                        return Stop::Reject(error.into());
-                    }
-                    if let Err(e) = self.flush_outbox().await {
-                        debug!("write failed: {e}");
-                        return Stop::Gone;
+                    match self.flush_outbox().await {
+                        Ok(()) => {}
+                        Err(Flush::Slow) => return self.slow_consumer(),
+                        Err(Flush::Io(e)) => {
+                            debug!("write failed: {e}");
+                            return Stop::Gone;
+                        }
                     }
                 }
                 read = self.transport.read(&mut self.read_buf) => match read {
@@ -293,25 +303,61 @@ impl<T: Transport> Connection<T> {
         None
     }
 
-    /// Writes everything queued as one batch, recording deliveries that await an ACK.
-    async fn flush_outbox(&mut self) -> io::Result<()> {
-        self.batch.clear();
-        if self.outbox.take_all(&mut self.batch) == 0 {
-            return Ok(());
-        }
-        for item in &self.batch {
-            if let Outgoing::Message { ack: Some(tag), .. } = item {
-                self.session.record_delivery(*tag);
+    fn slow_consumer(&self) -> Stop {
+        Metrics::add(&self.broker.metrics.slow_consumers, 1);
+        Stop::Reject(SessionError::SlowConsumer(self.broker.config.outbox_bytes).into())
+    }
+
+    /// Writes what is queued, batch by batch, recording deliveries that await an ACK. A write
+    /// races the outbox: if a producer is refused while the socket is full, this stops at
+    /// once rather than when the write times out.
+    async fn flush_outbox(&mut self) -> Result<(), Flush> {
+        // A few batches at most, so that reads are served too under a constant flood.
+        for _ in 0..MAX_BATCHES_PER_WAKE {
+            if self.outbox.is_slow() {
+                return Err(Flush::Slow);
+            }
+            self.batch.clear();
+            if self.outbox.take_all(&mut self.batch) == 0 {
+                return Ok(());
+            }
+            for item in &self.batch {
+                if let Outgoing::Message { ack: Some(tag), .. } = item {
+                    self.session.record_delivery(*tag);
+                }
+            }
+            // The pinned write borrows the batch: keep it to this block.
+            {
+                let timeout = self.broker.config.write_timeout();
+                let outbox = &self.outbox;
+                let write = tokio::time::timeout(timeout, self.transport.write(&self.batch));
+                tokio::pin!(write);
+                loop {
+                    tokio::select! {
+                        biased;
+                        done = &mut write => match done {
+                            Ok(result) => {
+                                result.map_err(Flush::Io)?;
+                                break;
+                            }
+                            Err(_) => return Err(Flush::Io(io::Error::new(io::ErrorKind::TimedOut, "write timed out"))),
+                        },
+                        // More was queued meanwhile (the next round takes it), or a refusal.
+                        () = outbox.notified() => {
+                            if outbox.is_slow() {
+                                return Err(Flush::Slow);
+                            }
+                        }
+                    }
+                }
+            }
+            self.last_write = Instant::now();
+            if self.batch.capacity() > 4096 {
+                self.batch = Vec::new();
             }
         }
-        let timeout = self.broker.config.write_timeout();
-        match tokio::time::timeout(timeout, self.transport.write(&self.batch)).await {
-            Ok(result) => result?,
-            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
-        }
-        self.last_write = Instant::now();
-        if self.batch.capacity() > 4096 {
-            self.batch = Vec::new();
+        if self.outbox.has_queued() {
+            self.outbox.wake();
         }
         Ok(())
     }
@@ -334,14 +380,11 @@ impl<T: Transport> Connection<T> {
         let slow = error
             .as_ref()
             .is_some_and(|r| matches!(r.error, SessionError::SlowConsumer(_)));
-        // A slow consumer's backlog is what it cannot take: skip it and send only the ERROR.
-        // Otherwise replies to earlier frames (a DISCONNECT's RECEIPT) go out first.
-        let flushed = if slow {
-            Ok(())
-        } else {
-            self.flush_outbox().await
-        };
-        if let (Ok(()), Some(rejected)) = (flushed, &error) {
+        // A slow consumer's backlog is what it cannot take: skip it and send only the ERROR
+        // (after any frame already half written, which stays whole). Otherwise replies to
+        // earlier frames (a DISCONNECT's RECEIPT) go out first.
+        let flushed = slow || self.flush_outbox().await.is_ok();
+        if let (true, Some(rejected)) = (flushed, &error) {
             info!(error = %rejected.error, "sending ERROR");
             let frame = rejected.error.to_error_frame(rejected.receipt.as_deref());
             let bytes = encode_to_bytes(&frame, self.session.version());

@@ -134,6 +134,16 @@ impl Outbox {
         self.notify.notified().await;
     }
 
+    /// Whether frames are waiting.
+    pub fn has_queued(&self) -> bool {
+        !self.lock().queue.is_empty()
+    }
+
+    /// Wakes the writer again (after it stopped with frames still queued).
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
     /// Whether a producer was refused because the limit was reached.
     pub fn is_slow(&self) -> bool {
         self.lock().slow

@@ -348,6 +348,16 @@ impl Conn {
         }
     }
 
+    /// Waits up to `wait` for raw bytes and returns them undecoded (heart-beat EOLs
+    /// included); empty if nothing came or the connection closed.
+    pub async fn read_raw_within(&mut self, wait: Duration) -> Vec<u8> {
+        let before = self.buf.len();
+        match tokio::time::timeout(wait, self.read_more()).await {
+            Ok(true) => self.buf.split_off(before).to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The next frame; panics on close or timeout.
     pub async fn expect_frame(&mut self) -> Frame {
         match self.next_event().await {

@@ -19,7 +19,9 @@ const WRITE_BUFFER_KEEP_BYTES: usize = 256 * 1024;
 #[derive(Debug)]
 pub struct TcpTransport {
     stream: TcpStream,
-    out: BytesMut,
+    /// Bytes composed but not yet written. A write cancelled half way leaves the rest here
+    /// for the next one, so the stream never holds half a frame followed by another.
+    pending: BytesMut,
     read_chunk: usize,
 }
 
@@ -30,9 +32,22 @@ impl TcpTransport {
         let _ = stream.set_nodelay(true);
         TcpTransport {
             stream,
-            out: BytesMut::new(),
+            pending: BytesMut::new(),
             read_chunk,
         }
+    }
+}
+
+impl TcpTransport {
+    /// Writes out `pending`. Cancel safe: `write_buf` advances past exactly what was written.
+    async fn drain(&mut self) -> io::Result<()> {
+        while !self.pending.is_empty() {
+            self.stream.write_buf(&mut self.pending).await?;
+        }
+        if self.pending.capacity() > WRITE_BUFFER_KEEP_BYTES {
+            self.pending = BytesMut::new();
+        }
+        Ok(())
     }
 }
 
@@ -47,19 +62,15 @@ impl Transport for TcpTransport {
     }
 
     async fn write(&mut self, batch: &[Outgoing]) -> io::Result<()> {
-        self.out.clear();
         for item in batch {
-            compose(item, &mut self.out);
+            compose(item, &mut self.pending);
         }
-        self.stream.write_all(&self.out).await?;
-        if self.out.capacity() > WRITE_BUFFER_KEEP_BYTES {
-            self.out = BytesMut::new();
-        }
-        Ok(())
+        self.drain().await
     }
 
     async fn heart_beat(&mut self) -> io::Result<()> {
-        self.stream.write_all(b"\n").await
+        self.pending.extend_from_slice(b"\n");
+        self.drain().await
     }
 
     async fn close(&mut self, _kind: CloseKind) {

@@ -16,5 +16,16 @@ cargo fmt --all -- --check
 step "lint"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 
-step "tests (unit, property, spec examples, doc tests)"
+step "build (the stoa binary the black-box tests start)"
+cargo build --workspace --all-features
+
+step "tests (unit, property, spec examples, doc tests, black-box through the real binary)"
 cargo test --workspace --all-features
+
+step "stomp.py against stoa"
+venv=target/test-venv
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check -r integration-tests/python/requirements.txt
+STOA_BIN="$PWD/target/debug/stoa" "$venv/bin/python" -m pytest -q integration-tests/python

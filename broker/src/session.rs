@@ -151,6 +151,9 @@ pub enum SessionError {
     /// A WebSocket message over the limit.
     #[error("websocket message exceeds the limit of {0} bytes")]
     WebSocketMessageTooLarge(usize),
+    /// A WebSocket text message that is not UTF-8 (RFC 6455 forbids it).
+    #[error("websocket text message is not valid UTF-8: send binary data in binary messages")]
+    WebSocketTextNotUtf8,
     /// The broker is stopping.
     #[error("server shutting down")]
     ShuttingDown,

@@ -6,6 +6,8 @@
 
 use integration_tests::{Broker, Conn, Event, Transport, WsMessage, frame};
 use stomp_codec::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 
 /// Small limits so the limit cases stay small.
 const ARGS: &[&str] = &[
@@ -412,6 +414,22 @@ async fn an_oversized_websocket_message_gets_an_error_not_a_silent_close() {
         .await;
     bystander
         .still_served("an oversized websocket message")
+        .await;
+}
+
+#[tokio::test]
+async fn a_websocket_text_message_that_is_not_utf8_gets_an_error() {
+    let broker = Broker::start(ARGS);
+    let mut bystander = Bystander::new(&broker).await;
+    let mut conn = Conn::open(&broker, Transport::Ws).await;
+    conn.login("latin1").await;
+    // A raw frame with the text opcode and a Latin-1 payload, as a careless client sends.
+    let payload = b"SEND\ndestination:/topic/a\n\ncaf\xe9\0".to_vec();
+    let frame = WsFrame::message(payload, OpCode::Data(Data::Text), true);
+    conn.send_ws(WsMessage::Frame(frame)).await;
+    conn.expect_error_then_close("not valid UTF-8").await;
+    bystander
+        .still_served("a text message that is not UTF-8")
         .await;
 }
 

@@ -64,10 +64,14 @@ fn as_message(payload: Bytes, text: bool) -> Message {
 }
 
 fn classify(error: axum::Error, max_message_bytes: usize) -> TransportError {
+    tracing::debug!("websocket read error: {error:?}");
     match error.into_inner().downcast::<tungstenite::Error>() {
         Ok(e) => match *e {
             tungstenite::Error::Capacity(_) => {
                 TransportError::Protocol(SessionError::WebSocketMessageTooLarge(max_message_bytes))
+            }
+            tungstenite::Error::Utf8(_) => {
+                TransportError::Protocol(SessionError::WebSocketTextNotUtf8)
             }
             tungstenite::Error::Io(io) => TransportError::Io(io),
             other => TransportError::Io(io::Error::other(other)),

@@ -29,3 +29,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r integration-tests/python/requirements.txt
 STOA_BIN="$PWD/target/debug/stoa" "$venv/bin/python" -m pytest -q integration-tests/python
+
+step "@stomp/stompjs against stoa (Node)"
+npm --prefix integration-tests/node ci --no-audit --no-fund --loglevel=error
+STOA_BIN="$PWD/target/debug/stoa" npm --prefix integration-tests/node test

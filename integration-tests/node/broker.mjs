@@ -1,0 +1,135 @@
+// Starts the real stoa binary on free loopback ports, and stomp.js clients against it.
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { createInterface } from 'node:readline';
+import { Client } from '@stomp/stompjs';
+import WebSocket from 'ws';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const WAIT_MS = 10_000;
+
+export function stoaBin() {
+  const bin = process.env.STOA_BIN ?? join(root, 'target', 'debug', 'stoa');
+  if (!existsSync(bin)) throw new Error(`${bin} is missing: run cargo build -p broker first`);
+  return bin;
+}
+
+/** Starts stoa; resolves once it prints its listening line. */
+export async function startBroker(args = [], { dataDir, http = '127.0.0.1:0', stomp = '127.0.0.1:0' } = {}) {
+  const dir = dataDir ?? mkdtempSync(join(tmpdir(), 'stoa-node-'));
+  const proc = spawn(stoaBin(), ['--http-listen', http, '--stomp-listen', stomp, '--data-dir', dir, ...args], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const line = await new Promise((resolve, reject) => {
+    const rl = createInterface({ input: proc.stdout });
+    rl.once('line', resolve);
+    proc.once('exit', (code) => reject(new Error(`stoa exited with ${code} before listening`)));
+  });
+  const fields = Object.fromEntries(line.split(' ').slice(1).map((w) => w.split('=')));
+  const exited = new Promise((resolve) => proc.once('exit', resolve));
+  return {
+    http: fields.http,
+    stomp: fields.stomp,
+    url: `ws://${fields.http}/ws`,
+    dataDir: dir,
+    async stop({ keepData = false } = {}) {
+      proc.kill('SIGKILL');
+      await exited;
+      if (!keepData) rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** A stomp.js client over `ws`, offering the STOMP subprotocols as browsers do. */
+export function makeClient(url, options = {}) {
+  return new Client({
+    webSocketFactory: () => new WebSocket(url, ['v12.stomp', 'v11.stomp', 'v10.stomp']),
+    reconnectDelay: 0,
+    heartbeatIncoming: 0,
+    heartbeatOutgoing: 0,
+    ...options,
+  });
+}
+
+/** Activates `client` and resolves with its first CONNECTED frame. */
+export function connected(client) {
+  return withTimeout(
+    new Promise((resolve, reject) => {
+      const previous = client.onConnect;
+      client.onConnect = (frame) => {
+        client.onConnect = previous;
+        previous?.(frame);
+        resolve(frame);
+      };
+      client.onStompError = (frame) => reject(new Error(`ERROR: ${frame.headers.message}`));
+      client.activate();
+    }),
+    'CONNECTED',
+  );
+}
+
+/** Resolves with the next `count` messages on `destination`. */
+export function collect(client, destination, count, headers = {}) {
+  const got = [];
+  let subscription;
+  const done = new Promise((resolve) => {
+    subscription = client.subscribe(destination, (message) => {
+      got.push(message);
+      if (got.length === count) resolve(got);
+    }, headers);
+  });
+  return { subscription, done: withTimeout(done, `${count} messages on ${destination}`) };
+}
+
+/** Publishes with a receipt and resolves when the broker confirms it. */
+export function publishConfirmed(client, params) {
+  const receipt = `r-${Math.random().toString(36).slice(2)}`;
+  const confirmed = new Promise((resolve) => client.watchForReceipt(receipt, resolve));
+  client.publish({ ...params, headers: { ...(params.headers ?? {}), receipt } });
+  return withTimeout(confirmed, `receipt ${receipt}`);
+}
+
+/** Subscribes with a receipt, so the subscription is live when this resolves. */
+export async function subscribeConfirmed(client, destination, callback, headers = {}) {
+  const receipt = `s-${Math.random().toString(36).slice(2)}`;
+  const confirmed = new Promise((resolve) => client.watchForReceipt(receipt, resolve));
+  const sub = client.subscribe(destination, callback, { ...headers, receipt });
+  await withTimeout(confirmed, `subscription receipt ${receipt}`);
+  return sub;
+}
+
+export function withTimeout(promise, what, ms = WAIT_MS) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/** Collects what callbacks deliver and resolves waits the moment a condition holds. */
+export class Inbox {
+  constructor() {
+    this.items = [];
+    this.waiters = [];
+  }
+
+  push(item) {
+    this.items.push(item);
+    this.waiters = this.waiters.filter((check) => !check());
+  }
+
+  /** Resolves with the items once `predicate(items)` is true. */
+  until(predicate, what) {
+    return withTimeout(new Promise((resolve) => {
+      const check = () => {
+        if (!predicate(this.items)) return false;
+        resolve(this.items);
+        return true;
+      };
+      if (!check()) this.waiters.push(check);
+    }), what);
+  }
+}

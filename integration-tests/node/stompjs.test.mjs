@@ -1,0 +1,133 @@
+// @stomp/stompjs 7 (over the `ws` package) against the real stoa binary.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  startBroker, makeClient, connected, collect, publishConfirmed, subscribeConfirmed, withTimeout, Inbox,
+} from './broker.mjs';
+
+test('heart-beats 10000/10000 are negotiated, and fast beats keep an idle connection up', async () => {
+  const broker = await startBroker();
+  const client = makeClient(broker.url, { heartbeatIncoming: 10000, heartbeatOutgoing: 10000 });
+  const frame = await connected(client);
+  assert.equal(frame.headers.version, '1.2');
+  assert.equal(frame.headers['heart-beat'], '10000,10000');
+  await client.deactivate();
+  await broker.stop();
+
+  // 200 ms both ways: stomp.js drops a server silent for 2x, stoa a client silent for 3x.
+  const fast = await startBroker(['--heart-beat', '200,200']);
+  let closes = 0;
+  const idle = makeClient(fast.url, {
+    heartbeatIncoming: 200, heartbeatOutgoing: 200, onWebSocketClose: () => { closes += 1; },
+  });
+  await connected(idle);
+  // Idle for ten intervals: only heart-beats flow, and neither side gives up.
+  await new Promise((resolve) => setTimeout(resolve, 2000));
+  assert.equal(closes, 0, 'the idle connection was dropped');
+  const { done } = collect(idle, '/topic/room.alive', 1, { receipt: 'alive' });
+  await withTimeout(new Promise((resolve) => idle.watchForReceipt('alive', resolve)), 'the subscription');
+  const publisher = makeClient(fast.url);
+  await connected(publisher);
+  await publishConfirmed(publisher, { destination: '/topic/room.alive', body: 'still here' });
+  assert.equal((await done)[0].body, 'still here');
+  await idle.deactivate();
+  await publisher.deactivate();
+  await fast.stop();
+});
+
+test('a 1 MB message sent with splitLargeFrames arrives whole', async () => {
+  const broker = await startBroker();
+  const reader = makeClient(broker.url);
+  await connected(reader);
+  const inbox = new Inbox();
+  await subscribeConfirmed(reader, '/topic/room.large', (m) => inbox.push(m));
+  const writer = makeClient(broker.url, { splitLargeFrames: true, maxWebSocketChunkSize: 8 * 1024 });
+  await connected(writer);
+  const body = Array.from({ length: 1024 * 1024 }, (_, i) => String.fromCharCode(97 + (i % 26))).join('');
+  await publishConfirmed(writer, { destination: '/topic/room.large', body });
+  const got = await inbox.until((items) => items.length >= 1, 'the large message');
+  assert.equal(got[0].body.length, body.length);
+  assert.equal(got[0].body, body);
+  await reader.deactivate();
+  await writer.deactivate();
+  await broker.stop();
+});
+
+test('a binary body arrives as bytes in a binary WebSocket message', async () => {
+  const broker = await startBroker();
+  const reader = makeClient(broker.url);
+  await connected(reader);
+  const { done } = collect(reader, '/topic/room.bytes', 1, { receipt: 'r' });
+  await new Promise((resolve) => reader.watchForReceipt('r', resolve));
+  const writer = makeClient(broker.url);
+  await connected(writer);
+  const bytes = new Uint8Array([0, 255, 1, 128, 0, 200, 10, 13]);
+  await publishConfirmed(writer, {
+    destination: '/topic/room.bytes', binaryBody: bytes, headers: { 'content-type': 'application/octet-stream' },
+  });
+  const [message] = await done;
+  assert.equal(message.isBinaryBody, true);
+  assert.deepEqual(Array.from(message.binaryBody), Array.from(bytes));
+  assert.equal(message.headers['content-type'], 'application/octet-stream');
+  await reader.deactivate();
+  await writer.deactivate();
+  await broker.stop();
+});
+
+test('50 clients in one room each receive every message in order', async () => {
+  const broker = await startBroker();
+  const total = 200;
+  const clients = [];
+  const inboxes = [];
+  for (let i = 0; i < 50; i += 1) {
+    const client = makeClient(broker.url, { connectHeaders: { login: `user${i}` } });
+    await connected(client);
+    const inbox = new Inbox();
+    inboxes.push(inbox);
+    await subscribeConfirmed(client, '/topic/room.fifty', (m) => inbox.push(m.body));
+    clients.push(client);
+  }
+  const publisher = makeClient(broker.url, { connectHeaders: { login: 'host' } });
+  await connected(publisher);
+  for (let n = 0; n < total; n += 1) {
+    publisher.publish({ destination: '/topic/room.fifty', body: `message ${n}` });
+  }
+  await publishConfirmed(publisher, { destination: '/topic/room.fifty', body: 'end' });
+  const expected = [...Array.from({ length: total }, (_, n) => `message ${n}`), 'end'];
+  for (const inbox of inboxes) {
+    const bodies = await inbox.until((items) => items.length >= expected.length, 'every message');
+    assert.deepEqual(bodies, expected);
+  }
+  await Promise.all([...clients, publisher].map((c) => c.deactivate()));
+  await broker.stop();
+});
+
+test('a client reconnects after the socket drops and its onConnect subscribes again', async () => {
+  let broker = await startBroker();
+  const address = broker.http;
+  let connects = 0;
+  let resubscribed;
+  const inbox = new Inbox();
+  const client = makeClient(broker.url, { reconnectDelay: 100 });
+  client.onConnect = async () => {
+    connects += 1;
+    // stomp.js does not resubscribe by itself: apps subscribe in onConnect.
+    await subscribeConfirmed(client, '/topic/room.again', (m) => inbox.push(m.body));
+    resubscribed?.();
+  };
+  await new Promise((resolve) => { resubscribed = resolve; client.activate(); });
+  const back = new Promise((resolve) => { resubscribed = resolve; });
+  // The broker dies; a new one comes up on the same address.
+  await broker.stop({ keepData: true });
+  broker = await startBroker([], { http: address, dataDir: broker.dataDir });
+  await withTimeout(back, 'the reconnect');
+  assert.equal(connects, 2);
+  const publisher = makeClient(broker.url);
+  await connected(publisher);
+  await publishConfirmed(publisher, { destination: '/topic/room.again', body: 'after the restart' });
+  const bodies = await inbox.until((items) => items.length >= 1, 'the message after reconnecting');
+  assert.deepEqual(bodies, ['after the restart']);
+  await client.deactivate();
+  await publisher.deactivate();
+  await broker.stop();
+});

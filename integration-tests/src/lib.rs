@@ -71,7 +71,22 @@ impl Broker {
 
     /// Like [`Broker::start`], with a given data directory (kept across restarts).
     pub fn start_in(data_dir: &std::path::Path, args: &[&str]) -> Broker {
+        Broker::start_with(data_dir, args, &[])
+    }
+
+    /// Like [`Broker::start`], with environment variables set for the broker.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Broker {
+        let data_dir = std::env::temp_dir().join(format!(
+            "stoa-it-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        Broker::start_with(&data_dir, args, env)
+    }
+
+    fn start_with(data_dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Broker {
         let mut child = Command::new(stoa_bin())
+            .envs(env.iter().copied())
             .args([
                 "--http-listen",
                 "127.0.0.1:0",
@@ -103,6 +118,31 @@ impl Broker {
             child,
             data_dir: data_dir.to_owned(),
         }
+    }
+
+    /// GETs `path` over HTTP/1.1 and returns the status code and body.
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(self.http).await.expect("http connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: stoa\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("http write");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .await
+            .expect("http read");
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("an HTTP status line");
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
     }
 
     /// The WebSocket URL.

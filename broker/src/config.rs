@@ -94,6 +94,14 @@ pub struct Config {
     #[arg(long, env = "STOA_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
     pub shutdown_grace_ms: u64,
 
+    /// Messages kept per chat room for history and recovery (`x-history`, `x-since`).
+    #[arg(long, env = "STOA_ROOM_HISTORY", default_value_t = 10_000)]
+    pub room_history: usize,
+
+    /// Messages that may wait for one offline user's queue (`/user/<user>/queue/<name>`).
+    #[arg(long, env = "STOA_USER_QUEUE_LIMIT", default_value_t = 10_000)]
+    pub user_queue_limit: usize,
+
     /// Initial read buffer per connection, in bytes (it grows for large frames, then shrinks).
     #[arg(long, env = "STOA_READ_BUFFER_BYTES", default_value_t = 4 * 1024)]
     pub read_buffer_bytes: usize,
@@ -172,6 +180,8 @@ impl Config {
             ("max-subscriptions", self.max_subscriptions),
             ("outbox-bytes", self.outbox_bytes),
             ("read-buffer-bytes", self.read_buffer_bytes),
+            ("room-history", self.room_history),
+            ("user-queue-limit", self.user_queue_limit),
         ];
         for (name, value) in positive {
             if value == 0 {

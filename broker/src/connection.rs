@@ -16,7 +16,7 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, debug, info};
 
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, Outgoing};
+use crate::outbox::{Outbox, Outgoing, REPLAY_HEADER};
 use crate::session::{Outcome, Rejected, Session, SessionError, write_ack_id};
 use crate::state::Broker;
 
@@ -69,10 +69,17 @@ pub fn compose(item: &Outgoing, dst: &mut BytesMut) {
     match item {
         Outgoing::Frame(bytes) => dst.put_slice(bytes),
         Outgoing::Message {
-            head, ack, tail, ..
+            head,
+            ack,
+            tail,
+            replay,
+            ..
         } => {
             dst.reserve(head.len() + tail.len() + 40);
             dst.put_slice(head);
+            if *replay {
+                dst.put_slice(REPLAY_HEADER);
+            }
             if let Some(tag) = ack {
                 dst.put_slice(b"ack:");
                 write_ack_id(*tag, dst);

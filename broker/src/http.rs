@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, State, WebSocketUpgrade};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::connection;
+use crate::services::check_room_name;
 use crate::state::Broker;
 use crate::transport::ws::{WsTransport, choose_subprotocol};
 
@@ -40,6 +41,8 @@ pub fn routes(state: AppState) -> Router {
         .route("/ws", get(websocket))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/api/rooms", get(api_rooms))
+        .route("/api/rooms/{room}", get(api_room))
         .with_state(state)
 }
 
@@ -58,6 +61,28 @@ async fn metrics(State(state): State<AppState>) -> Response {
         state.broker.metrics.render(),
     )
         .into_response()
+}
+
+async fn api_rooms(State(state): State<AppState>) -> Response {
+    json_response(StatusCode::OK, state.broker.router.app.rooms_json())
+}
+
+async fn api_room(State(state): State<AppState>, Path(room): Path<String>) -> Response {
+    if let Err(e) = check_room_name(&room) {
+        let body = serde_json::json!({ "error": e.to_string() }).to_string();
+        return json_response(StatusCode::BAD_REQUEST, body);
+    }
+    match state.broker.router.rooms.detail(&room) {
+        Some(_) => json_response(StatusCode::OK, state.broker.router.app.members_json(&room)),
+        None => {
+            let body = serde_json::json!({ "error": format!("no room {room:?}") }).to_string();
+            json_response(StatusCode::NOT_FOUND, body)
+        }
+    }
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn websocket(

@@ -12,8 +12,10 @@ pub mod metrics;
 pub mod outbox;
 pub mod router;
 pub mod server;
+pub mod services;
 pub mod session;
 pub mod state;
+pub mod store;
 pub mod transport;
 
 pub use config::Config;

@@ -38,6 +38,8 @@ pub enum Outgoing {
         tail: Bytes,
         /// Whether the whole frame is UTF-8 (goes out as a WebSocket text message).
         text: bool,
+        /// History replayed to a joining subscriber: written with `x-replay:true`.
+        replay: bool,
     },
 }
 
@@ -47,8 +49,15 @@ impl Outgoing {
         match self {
             Outgoing::Frame(bytes) => bytes.len(),
             Outgoing::Message {
-                head, ack, tail, ..
-            } => head.len() + tail.len() + if ack.is_some() { 32 } else { 0 },
+                head,
+                ack,
+                tail,
+                replay,
+                ..
+            } => {
+                let replay = if *replay { REPLAY_HEADER.len() } else { 0 };
+                head.len() + tail.len() + replay + if ack.is_some() { 32 } else { 0 }
+            }
         }
     }
 
@@ -57,6 +66,9 @@ impl Outgoing {
         self.len() == 0
     }
 }
+
+/// The header line that marks replayed history.
+pub const REPLAY_HEADER: &[u8] = b"x-replay:true\n";
 
 #[derive(Debug, Default)]
 struct Inner {

@@ -1,28 +1,34 @@
-//! Topic routing: destination keys to subscribers, and fan-out of each publish.
+//! Destinations to services: the one place that knows which service serves a destination,
+//! and the types every service shares.
 //!
-//! In: subscribe and unsubscribe calls from sessions, and [`Publish`]es. Out: one
-//! [`Outgoing::Message`] offered to each matching subscriber's [`Outbox`]. It knows no
-//! transport and never waits: a full outbox refuses the message and its connection closes as
-//! a slow consumer, while everyone else is served.
+//! In: SUBSCRIBE, UNSUBSCRIBE and SEND requests from sessions. Out: the request handed to
+//! the [`Service`] for its destination (topics, rooms, user destinations, `/app` replies),
+//! which offers [`Outgoing`] frames to subscribers' outboxes. It knows no transport and
+//! never waits.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use dashmap::DashMap;
-use stomp_codec::{Headers, SharedMessage, Version};
+use stomp_codec::{Frame, Headers, SharedMessage, Version};
 
-use crate::destination::{TopicPattern, is_pattern, key_words};
+use crate::destination::{Destination, is_pattern};
 use crate::outbox::{AckTag, Outbox, Outgoing};
-use crate::session::SessionId;
+use crate::services::{App, Rooms, Topics, Users};
+use crate::session::{SessionError, SessionId};
+use crate::state::now_millis;
+use crate::store::Store;
 
-/// One subscription as the router sees it: where to put messages and how to label them.
+/// One subscription as services see it: where to put messages and how to label them.
 #[derive(Debug, Clone)]
 pub struct Subscriber {
     /// The subscribing connection.
     pub session: SessionId,
     /// The subscription's connection-local number.
     pub key: u32,
+    /// The connection's user.
+    pub user: Arc<str>,
     /// The connection's outbox.
     pub outbox: Arc<Outbox>,
     /// `MESSAGE\nsubscription:<id>\n`, encoded once for this subscription.
@@ -31,6 +37,32 @@ pub struct Subscriber {
     pub version: Version,
     /// Whether deliveries must be acknowledged (client and client-individual modes).
     pub needs_ack: bool,
+}
+
+impl Subscriber {
+    /// Offers `publish` to this subscriber; `replay` marks history (`x-replay:true`).
+    /// Returns whether the outbox took it.
+    pub fn offer(&self, publish: &Publish, replay: bool) -> bool {
+        self.offer_tail(publish, publish.tail(self.version), replay)
+    }
+
+    fn offer_tail(&self, publish: &Publish, tail: Bytes, replay: bool) -> bool {
+        self.outbox.offer(Outgoing::Message {
+            head: self.head.clone(),
+            ack: self.needs_ack.then_some(AckTag {
+                subscription: self.key,
+                message_id: publish.message_id,
+            }),
+            tail,
+            text: publish.text,
+            replay,
+        })
+    }
+
+    /// Whether this is subscription `key` of `session`.
+    pub fn is(&self, session: SessionId, key: u32) -> bool {
+        self.session == session && self.key == key
+    }
 }
 
 /// A published message: its shared headers and body, encoded lazily once per version.
@@ -89,95 +121,57 @@ impl Publish {
     }
 }
 
-/// What one publish reached.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Fanout {
-    /// Subscribers whose outbox took the message.
-    pub delivered: usize,
-    /// Subscribers whose outbox was full (they are being closed as slow consumers).
-    pub refused: usize,
+/// Headers only the broker may set on a MESSAGE; a SEND's copies are dropped.
+pub const BROKER_OWNED: [&str; 14] = [
+    "destination",
+    "message-id",
+    "subscription",
+    "ack",
+    "receipt",
+    "transaction",
+    "content-length",
+    "redelivered",
+    "x-sender",
+    "x-timestamp",
+    "x-seq",
+    "x-event",
+    "x-replay",
+    "x-first-seq",
+];
+
+/// The shared headers of a MESSAGE made from a SEND: `destination` and `message-id`
+/// first, the SEND's own headers in order (less the broker-owned ones), then `extra`, then
+/// `x-sender` and `x-timestamp`.
+pub fn message_headers(
+    destination: &str,
+    message_id: u64,
+    send: &Headers,
+    user: &str,
+    extra: &[(&str, &str)],
+) -> Headers {
+    let mut digits = itoa::Buffer::new();
+    let mut headers = Headers::new();
+    headers.push("destination", destination);
+    headers.push("message-id", digits.format(message_id));
+    for (name, value) in send {
+        if !BROKER_OWNED.contains(&name) {
+            headers.push(name, value);
+        }
+    }
+    for (name, value) in extra {
+        headers.push(name, value);
+    }
+    headers.push("x-sender", user);
+    headers.push("x-timestamp", digits.format(now_millis()));
+    headers
 }
 
-/// The topic subscription map.
-#[derive(Debug, Default)]
-pub struct Router {
-    exact: DashMap<Box<str>, Vec<Subscriber>>,
-    patterns: DashMap<Box<str>, (TopicPattern, Vec<Subscriber>)>,
-    pattern_subscribers: AtomicUsize,
-}
-
-impl Router {
-    /// An empty router.
-    pub fn new() -> Router {
-        Router::default()
-    }
-
-    /// Adds a subscriber for a topic key or pattern (`room.*`, `room.#`).
-    pub fn subscribe(&self, key: &str, subscriber: Subscriber) {
-        if is_pattern(key) {
-            self.patterns
-                .entry(key.into())
-                .or_insert_with(|| (TopicPattern::new(key), Vec::new()))
-                .1
-                .push(subscriber);
-            self.pattern_subscribers.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.exact.entry(key.into()).or_default().push(subscriber);
-        }
-    }
-
-    /// Removes one subscription; returns whether it was there.
-    pub fn unsubscribe(&self, key: &str, session: SessionId, sub_key: u32) -> bool {
-        let is_target = |s: &Subscriber| s.session == session && s.key == sub_key;
-        let mut removed = false;
-        if is_pattern(key) {
-            if let Some(mut entry) = self.patterns.get_mut(key) {
-                let before = entry.1.len();
-                entry.1.retain(|s| !is_target(s));
-                removed = entry.1.len() < before;
-            }
-            self.patterns.remove_if(key, |_, (_, subs)| subs.is_empty());
-            if removed {
-                self.pattern_subscribers.fetch_sub(1, Ordering::Relaxed);
-            }
-        } else {
-            if let Some(mut subs) = self.exact.get_mut(key) {
-                let before = subs.len();
-                subs.retain(|s| !is_target(s));
-                removed = subs.len() < before;
-            }
-            self.exact.remove_if(key, |_, subs| subs.is_empty());
-        }
-        removed
-    }
-
-    /// Offers `publish` to every subscriber of `key`: exact subscribers, then patterns.
-    pub fn publish(&self, key: &str, publish: &Publish) -> Fanout {
-        let mut fanout = Fanout::default();
-        // The shard guard is held only for this loop, which never waits: offers are
-        // non-blocking pushes into bounded outboxes.
-        if let Some(subs) = self.exact.get(key) {
-            deliver(&subs, publish, &mut fanout);
-        }
-        if self.pattern_subscribers.load(Ordering::Relaxed) > 0 {
-            let words = key_words(key);
-            for entry in &self.patterns {
-                let (pattern, subs) = entry.value();
-                if pattern.matches_words(&words) {
-                    deliver(subs, publish, &mut fanout);
-                }
-            }
-        }
-        fanout
-    }
-
-    /// How many subscribers a key has exactly (not counting patterns).
-    pub fn exact_subscribers(&self, key: &str) -> usize {
-        self.exact.get(key).map_or(0, |s| s.len())
-    }
-}
-
-fn deliver(subscribers: &[Subscriber], publish: &Publish, fanout: &mut Fanout) {
+/// Offers `publish` to every subscriber; one encoding per version.
+pub fn deliver<'a>(
+    subscribers: impl IntoIterator<Item = &'a Subscriber>,
+    publish: &Publish,
+    fanout: &mut Fanout,
+) {
     // Most subscribers share a version: keep the last tail instead of asking again.
     let mut cached: Option<(Version, Bytes)> = None;
     for sub in subscribers {
@@ -189,16 +183,7 @@ fn deliver(subscribers: &[Subscriber], publish: &Publish, fanout: &mut Fanout) {
                 tail
             }
         };
-        let message = Outgoing::Message {
-            head: sub.head.clone(),
-            ack: sub.needs_ack.then_some(AckTag {
-                subscription: sub.key,
-                message_id: publish.message_id,
-            }),
-            tail,
-            text: publish.text,
-        };
-        if sub.outbox.offer(message) {
+        if sub.offer_tail(publish, tail, false) {
             fanout.delivered += 1;
         } else {
             fanout.refused += 1;
@@ -206,94 +191,193 @@ fn deliver(subscribers: &[Subscriber], publish: &Publish, fanout: &mut Fanout) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What one publish reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fanout {
+    /// Subscribers whose outbox took the message.
+    pub delivered: usize,
+    /// Subscribers whose outbox was full (they are being closed as slow consumers).
+    pub refused: usize,
+}
 
-    fn subscriber(session: u64, key: u32, outbox: &Arc<Outbox>) -> Subscriber {
-        Subscriber {
-            session: SessionId(session),
-            key,
-            outbox: outbox.clone(),
-            head: Bytes::from(format!("MESSAGE\nsubscription:{key}\n")),
-            version: Version::V1_2,
-            needs_ack: false,
+/// What a SUBSCRIBE asked to be replayed first (`x-history`, `x-since`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replay {
+    /// Live messages only.
+    None,
+    /// The last N kept messages.
+    Last(u64),
+    /// Every kept message after this sequence number.
+    Since(u64),
+}
+
+/// A SUBSCRIBE, as handed to a service.
+#[derive(Debug)]
+pub struct SubscribeRequest<'a> {
+    /// The destination after its prefix (`lobby` for `/topic/room.lobby`).
+    pub key: &'a str,
+    /// The whole destination.
+    pub destination: &'a str,
+    /// Where messages go.
+    pub subscriber: Subscriber,
+    /// What to replay first.
+    pub replay: Replay,
+}
+
+/// A SEND, as handed to a service.
+#[derive(Debug)]
+pub struct PublishRequest<'a> {
+    /// The destination after its prefix.
+    pub key: &'a str,
+    /// The whole destination.
+    pub destination: &'a str,
+    /// The SEND.
+    pub frame: &'a Frame,
+    /// The sending session's user.
+    pub user: &'a str,
+    /// The `message-id` to give it.
+    pub message_id: u64,
+}
+
+/// What a SEND became, for its RECEIPT.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Published {
+    /// The assigned `message-id`.
+    pub message_id: u64,
+    /// The room sequence number, for kept room messages.
+    pub seq: Option<u64>,
+    /// Who it reached.
+    pub fanout: Fanout,
+}
+
+/// What serves one kind of destination.
+pub trait Service: Send + Sync {
+    /// Checks a SEND's destination before the SEND is held in a transaction or published.
+    ///
+    /// # Errors
+    /// The destination cannot take a SEND.
+    fn check_send(&self, key: &str) -> Result<(), SessionError>;
+
+    /// Adds a subscription (and replays or answers, where the service does that).
+    ///
+    /// # Errors
+    /// The destination cannot be subscribed to.
+    fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<(), SessionError>;
+
+    /// Removes a subscription that `subscribe` accepted.
+    fn unsubscribe(&self, key: &str, subscriber: &Subscriber);
+
+    /// Publishes a SEND that `check_send` accepted.
+    ///
+    /// # Errors
+    /// The service refused it (a full user queue).
+    fn publish(&self, request: PublishRequest<'_>) -> Result<Published, SessionError>;
+}
+
+/// Broker-wide message ids.
+#[derive(Debug)]
+pub struct MessageIds(AtomicU64);
+
+impl MessageIds {
+    /// Ids starting at the current time in microseconds, so that they keep increasing across
+    /// restarts (at fewer than a million publishes a second on average).
+    pub fn new() -> MessageIds {
+        let start = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
+        MessageIds(AtomicU64::new(start))
+    }
+
+    /// The next id.
+    pub fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+impl Default for MessageIds {
+    fn default() -> Self {
+        MessageIds::new()
+    }
+}
+
+/// Settings the services need.
+#[derive(Debug, Clone, Copy)]
+pub struct RouterLimits {
+    /// Messages kept per room.
+    pub room_history: usize,
+    /// Messages waiting per offline user queue.
+    pub user_queue_limit: usize,
+}
+
+/// Every service, and the map from destinations to them.
+#[derive(Debug)]
+pub struct Router {
+    /// Message ids for every service.
+    pub ids: Arc<MessageIds>,
+    /// `/topic/<key>`, wildcards included.
+    pub topics: Arc<Topics>,
+    /// `/topic/room.<room>`.
+    pub rooms: Arc<Rooms>,
+    /// `/user/...`.
+    pub users: Users,
+    /// `/app/...`.
+    pub app: App,
+    store: Arc<dyn Store>,
+}
+
+impl Router {
+    /// Services over `store`, with what it kept loaded.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub fn open(
+        store: Arc<dyn Store>,
+        limits: RouterLimits,
+    ) -> Result<Router, crate::store::StoreError> {
+        let ids = Arc::new(MessageIds::new());
+        let topics = Arc::new(Topics::new());
+        let rooms = Arc::new(Rooms::load(
+            store.clone(),
+            topics.clone(),
+            ids.clone(),
+            limits.room_history,
+        )?);
+        let users = Users::load(store.clone(), limits.user_queue_limit)?;
+        let app = App::new(rooms.clone(), ids.clone());
+        Ok(Router {
+            ids,
+            topics,
+            rooms,
+            users,
+            app,
+            store,
+        })
+    }
+
+    /// The service for `destination`, and the destination's key within it.
+    ///
+    /// # Errors
+    /// No service serves that destination.
+    pub fn resolve<'d>(
+        &self,
+        destination: &'d str,
+    ) -> Result<(&dyn Service, &'d str), SessionError> {
+        match Destination::parse(destination) {
+            Destination::Topic(key) => match key.strip_prefix("room.") {
+                // `/topic/room.*` watches rooms through the topic patterns.
+                Some(room) if !is_pattern(key) => Ok((self.rooms.as_ref(), room)),
+                _ => Ok((self.topics.as_ref(), key)),
+            },
+            Destination::User(rest) => Ok((&self.users, rest)),
+            Destination::App(rest) => Ok((&self.app, rest)),
+            Destination::Queue(_) | Destination::Unknown => {
+                Err(SessionError::UnsupportedDestination(destination.to_owned()))
+            }
         }
     }
 
-    fn publish(id: u64) -> Publish {
-        let headers: Headers = [("destination", "/topic/x")].into_iter().collect();
-        Publish::new(id, headers, Bytes::from_static(b"hi"))
-    }
-
-    fn drained(outbox: &Outbox) -> usize {
-        let mut batch = Vec::new();
-        outbox.take_all(&mut batch)
-    }
-
-    #[test]
-    fn exact_and_wildcard_subscribers_get_what_they_match() {
-        let router = Router::new();
-        let (a, b, c, d) = (
-            Arc::new(Outbox::new(1 << 20)),
-            Arc::new(Outbox::new(1 << 20)),
-            Arc::new(Outbox::new(1 << 20)),
-            Arc::new(Outbox::new(1 << 20)),
-        );
-        router.subscribe("room.lobby", subscriber(1, 0, &a));
-        router.subscribe("room.*", subscriber(2, 0, &b));
-        router.subscribe("room.#", subscriber(3, 0, &c));
-        router.subscribe("room.other", subscriber(4, 0, &d));
-        assert_eq!(router.publish("room.lobby", &publish(1)).delivered, 3);
-        assert_eq!(
-            router.publish("room.lobby.thread", &publish(2)).delivered,
-            1
-        );
-        assert_eq!(router.publish("room", &publish(3)).delivered, 1);
-        assert_eq!(
-            (drained(&a), drained(&b), drained(&c), drained(&d)),
-            (1, 1, 3, 0)
-        );
-    }
-
-    #[test]
-    fn unsubscribe_removes_only_that_subscription() {
-        let router = Router::new();
-        let a = Arc::new(Outbox::new(1 << 20));
-        router.subscribe("t", subscriber(1, 0, &a));
-        router.subscribe("t", subscriber(1, 1, &a));
-        router.subscribe("t.*", subscriber(1, 2, &a));
-        assert!(router.unsubscribe("t", SessionId(1), 0));
-        assert!(!router.unsubscribe("t", SessionId(1), 0));
-        assert!(router.unsubscribe("t.*", SessionId(1), 2));
-        assert_eq!(router.publish("t", &publish(1)).delivered, 1);
-        assert!(router.unsubscribe("t", SessionId(1), 1));
-        assert_eq!(router.exact_subscribers("t"), 0);
-    }
-
-    #[test]
-    fn a_full_outbox_refuses_without_affecting_others() {
-        let router = Router::new();
-        let small = Arc::new(Outbox::new(10));
-        let big = Arc::new(Outbox::new(1 << 20));
-        router.subscribe("t", subscriber(1, 0, &small));
-        router.subscribe("t", subscriber(2, 0, &big));
-        let fanout = router.publish("t", &publish(1));
-        assert_eq!(
-            fanout,
-            Fanout {
-                delivered: 1,
-                refused: 1
-            }
-        );
-        assert!(small.is_slow());
-    }
-
-    #[test]
-    fn the_shared_part_is_encoded_once_per_version() {
-        let p = publish(7);
-        let a = p.tail(Version::V1_2);
-        let b = p.tail(Version::V1_2);
-        assert_eq!(a.as_ptr(), b.as_ptr(), "same bytes, not a second encoding");
+    /// Waits until everything handed to the store is written (at shutdown).
+    pub fn flush_store(&self) {
+        self.store.flush();
     }
 }

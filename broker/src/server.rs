@@ -31,6 +31,9 @@ pub enum ServerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The store could not be opened.
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
     /// The data directory could not be created.
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
@@ -76,7 +79,7 @@ pub async fn run(
         })?,
     };
     let grace = config.shutdown_grace();
-    let broker = Arc::new(Broker::new(config));
+    let broker = Arc::new(Broker::open(config)?);
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
 
@@ -116,6 +119,8 @@ pub async fn run(
     }
     // Upgraded WebSockets are done: the HTTP server has only idle keep-alives left.
     let _ = tokio::time::timeout(grace, http_task).await;
+    let store_broker = broker.clone();
+    let _ = tokio::task::spawn_blocking(move || store_broker.router.flush_store()).await;
     Ok(())
 }
 

@@ -11,15 +11,14 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use stomp_codec::{
-    Command, DecodeError, Frame, Headers, HeartBeat, InvalidHeartBeat, Version, encode,
-    encode_message_head,
+    Command, DecodeError, Frame, HeartBeat, InvalidHeartBeat, Version, encode, encode_message_head,
 };
 
-use crate::destination::{Destination, TopicError, check_publish_key, check_subscribe_key};
+use crate::destination::TopicError;
 use crate::metrics::Metrics;
 use crate::outbox::{AckTag, Outbox, Outgoing};
-use crate::router::{Publish, Subscriber};
-use crate::state::{Broker, now_millis};
+use crate::router::{PublishRequest, Published, Replay, SubscribeRequest, Subscriber};
+use crate::state::Broker;
 
 /// A connection's id, unique for the broker's lifetime; sent as CONNECTED's `session`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -41,23 +40,6 @@ pub enum AckMode {
     /// ACK and NACK cover one message.
     ClientIndividual,
 }
-
-/// Headers only the broker may set on a MESSAGE; a SEND's copies are dropped.
-const BROKER_OWNED: [&str; 13] = [
-    "destination",
-    "message-id",
-    "subscription",
-    "ack",
-    "receipt",
-    "transaction",
-    "content-length",
-    "redelivered",
-    "x-sender",
-    "x-timestamp",
-    "x-seq",
-    "x-event",
-    "x-replay",
-];
 
 /// Longest user name, in characters.
 pub const MAX_USER_NAME_CHARS: usize = 32;
@@ -102,8 +84,37 @@ pub enum SessionError {
         header: &'static str,
     },
     /// A destination kind this broker does not serve (yet).
-    #[error("destination {0:?} is not supported: use /topic/<name>")]
+    #[error(
+        "destination {0:?} is not supported: use /topic/<name>, /topic/room.<room> or /user/<user>/queue/<name>"
+    )]
     UnsupportedDestination(String),
+    /// A room name that cannot be used.
+    #[error("invalid room name {room:?}: {reason}")]
+    InvalidRoomName {
+        /// The name as sent (cut to 80 characters).
+        room: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A `/user/...` destination of the wrong shape.
+    #[error(
+        "invalid user destination {0:?}: subscribe to /user/queue/<name>, send to /user/<user>/queue/<name>"
+    )]
+    InvalidUserDestination(String),
+    /// Too many messages waiting for an offline user.
+    #[error("{destination} already holds {limit} messages waiting for their user")]
+    UserQueueFull {
+        /// The SEND's destination.
+        destination: String,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// Nothing answers this `/app` destination.
+    #[error("no application handles {0:?}: subscribe to /app/rooms or /app/room.<room>.members")]
+    NoApplicationHandler(String),
+    /// `x-history` and `x-since` together, or a value that is not a number.
+    #[error("{0}")]
+    InvalidReplay(String),
     /// A topic name that cannot be used.
     #[error("{0}")]
     Topic(#[from] TopicError),
@@ -220,7 +231,9 @@ pub enum Outcome {
 #[derive(Debug)]
 struct Subscription {
     id: String,
-    topic_key: String,
+    destination: String,
+    /// The router's handle on it, for UNSUBSCRIBE and close.
+    subscriber: Subscriber,
     ack: AckMode,
     /// Delivered, not yet acknowledged message ids, oldest first.
     unacked: VecDeque<u64>,
@@ -241,11 +254,13 @@ pub struct Session {
     outbox: Arc<Outbox>,
     state: State,
     version: Version,
-    user: String,
+    user: Arc<str>,
     subscriptions: HashMap<u32, Subscription>,
     subscription_ids: HashMap<String, u32>,
     next_key: u32,
     transactions: HashMap<String, Vec<Frame>>,
+    /// What the SEND being handled became, for its RECEIPT's `message-id` and `x-seq`.
+    published: Option<Published>,
 }
 
 impl Session {
@@ -257,11 +272,12 @@ impl Session {
             outbox,
             state: State::AwaitingConnect,
             version: Version::V1_2,
-            user: String::new(),
+            user: Arc::from(""),
             subscriptions: HashMap::new(),
             subscription_ids: HashMap::new(),
             next_key: 0,
             transactions: HashMap::new(),
+            published: None,
         }
     }
 
@@ -297,10 +313,23 @@ impl Session {
             Command::Connect | Command::Stomp => None,
             _ => frame.header("receipt").map(str::to_owned),
         };
-        match self.dispatch(frame) {
+        let result = self.dispatch(frame);
+        let published = self.published.take();
+        match result {
             Ok(outcome) => {
                 if let Some(id) = receipt {
-                    self.reply(&Frame::new(Command::Receipt).with_header("receipt-id", &id));
+                    let mut receipt = Frame::new(Command::Receipt).with_header("receipt-id", &id);
+                    // DESIGN.md "Guarantees": a SEND's RECEIPT names what the broker assigned.
+                    if let Some(p) = published {
+                        let mut digits = itoa::Buffer::new();
+                        receipt
+                            .headers
+                            .push("message-id", digits.format(p.message_id));
+                        if let Some(seq) = p.seq {
+                            receipt.headers.push("x-seq", digits.format(seq));
+                        }
+                    }
+                    self.reply(&receipt);
                 }
                 Ok(outcome)
             }
@@ -359,7 +388,8 @@ impl Session {
         self.user = match frame.header("login") {
             Some(login) => check_user_name(login)?,
             None => format!("guest-{}", self.id),
-        };
+        }
+        .into();
         let config = &self.broker.config;
         let server_beat = config.heart_beat;
         self.state = State::Connected;
@@ -390,34 +420,33 @@ impl Session {
     fn on_send(&mut self, frame: Frame) -> Result<(), SessionError> {
         let destination = required(&frame, "destination")?;
         // Check the destination now, also inside a transaction, so COMMIT cannot fail on it.
-        topic_key_for_send(destination)?;
+        let (service, key) = self.broker.router.resolve(destination)?;
+        service.check_send(key)?;
         if let Some(tx) = frame.header("transaction") {
             return self.hold(tx.to_owned(), frame);
         }
-        self.publish(&frame)
+        self.published = Some(self.publish(&frame)?);
+        Ok(())
     }
 
-    fn publish(&self, frame: &Frame) -> Result<(), SessionError> {
+    fn publish(&self, frame: &Frame) -> Result<Published, SessionError> {
         let destination = required(frame, "destination")?;
-        let key = topic_key_for_send(destination)?;
-        let message_id = self.broker.next_message_id();
-        let mut digits = itoa::Buffer::new();
-        let mut headers = Headers::new();
-        headers.push("destination", destination);
-        headers.push("message-id", digits.format(message_id));
-        for (name, value) in &frame.headers {
-            if !BROKER_OWNED.contains(&name) {
-                headers.push(name, value);
-            }
-        }
-        headers.push("x-sender", &self.user);
-        headers.push("x-timestamp", digits.format(now_millis()));
-        let publish = Publish::new(message_id, headers, frame.body.clone());
-        let fanout = self.broker.router.publish(key, &publish);
+        let router = &self.broker.router;
+        let (service, key) = router.resolve(destination)?;
+        let published = service.publish(PublishRequest {
+            key,
+            destination,
+            frame,
+            user: &self.user,
+            message_id: router.ids.next(),
+        })?;
         let metrics = &self.broker.metrics;
         Metrics::add(&metrics.messages_published, 1);
-        Metrics::add(&metrics.messages_delivered, fanout.delivered as u64);
-        Ok(())
+        Metrics::add(
+            &metrics.messages_delivered,
+            published.fanout.delivered as u64,
+        );
+        Ok(published)
     }
 
     fn on_subscribe(&mut self, frame: &Frame) -> Result<(), SessionError> {
@@ -446,32 +475,34 @@ impl Session {
         if self.subscription_ids.contains_key(id) {
             return Err(SessionError::DuplicateSubscription(id.to_owned()));
         }
-        let Destination::Topic(topic_key) = Destination::parse(destination) else {
-            return Err(SessionError::UnsupportedDestination(destination.to_owned()));
-        };
-        check_subscribe_key(topic_key)?;
-
-        let key = self.next_key;
-        self.next_key = self.next_key.wrapping_add(1);
+        let replay = replay_of(frame)?;
+        let (service, key) = self.broker.router.resolve(destination)?;
+        let sub_key = self.next_key;
         let mut head = BytesMut::new();
         encode_message_head(self.version, &[("subscription", id)], &mut head);
-        self.broker.router.subscribe(
-            topic_key,
-            Subscriber {
-                session: self.id,
-                key,
-                outbox: self.outbox.clone(),
-                head: head.freeze(),
-                version: self.version,
-                needs_ack: ack != AckMode::Auto,
-            },
-        );
-        self.subscription_ids.insert(id.to_owned(), key);
-        self.subscriptions.insert(
+        let subscriber = Subscriber {
+            session: self.id,
+            key: sub_key,
+            user: self.user.clone(),
+            outbox: self.outbox.clone(),
+            head: head.freeze(),
+            version: self.version,
+            needs_ack: ack != AckMode::Auto,
+        };
+        service.subscribe(SubscribeRequest {
             key,
+            destination,
+            subscriber: subscriber.clone(),
+            replay,
+        })?;
+        self.next_key = self.next_key.wrapping_add(1);
+        self.subscription_ids.insert(id.to_owned(), sub_key);
+        self.subscriptions.insert(
+            sub_key,
             Subscription {
                 id: id.to_owned(),
-                topic_key: topic_key.to_owned(),
+                destination: destination.to_owned(),
+                subscriber,
                 ack,
                 unacked: VecDeque::new(),
             },
@@ -499,7 +530,7 @@ impl Session {
             .remove(id)
             .ok_or_else(|| SessionError::UnknownSubscription(id.to_owned()))?;
         if let Some(sub) = self.subscriptions.remove(&key) {
-            self.broker.router.unsubscribe(&sub.topic_key, self.id, key);
+            self.leave(&sub);
         }
         Ok(())
     }
@@ -623,7 +654,9 @@ impl Session {
             .ok_or_else(|| SessionError::UnknownTransaction(tx.to_owned()))?;
         for frame in held {
             match frame.command {
-                Command::Send => self.publish(&frame)?,
+                Command::Send => {
+                    self.publish(&frame)?;
+                }
                 // Checked when held; a message acknowledged since is simply settled already.
                 _ => {
                     if let Ok(target) = self.ack_target(&frame) {
@@ -652,12 +685,20 @@ impl Session {
 
     /// Ends the session: subscriptions leave the router, open transactions are aborted.
     pub fn close(&mut self) {
-        for (key, sub) in self.subscriptions.drain() {
-            self.broker.router.unsubscribe(&sub.topic_key, self.id, key);
+        let subscriptions: Vec<Subscription> = self.subscriptions.drain().map(|(_, s)| s).collect();
+        for sub in &subscriptions {
+            self.leave(sub);
         }
         self.subscription_ids.clear();
         self.transactions.clear();
         self.state = State::Disconnected;
+    }
+
+    fn leave(&self, sub: &Subscription) {
+        // It resolved when the subscription was made; destinations do not change meaning.
+        if let Ok((service, key)) = self.broker.router.resolve(&sub.destination) {
+            service.unsubscribe(key, &sub.subscriber);
+        }
     }
 
     /// The client-visible id of a subscription, by its connection-local number.
@@ -683,13 +724,20 @@ fn transaction_of(frame: &Frame) -> Result<&str, SessionError> {
     required(frame, "transaction")
 }
 
-fn topic_key_for_send(destination: &str) -> Result<&str, SessionError> {
-    match Destination::parse(destination) {
-        Destination::Topic(key) => {
-            check_publish_key(key)?;
-            Ok(key)
-        }
-        _ => Err(SessionError::UnsupportedDestination(destination.to_owned())),
+/// `x-history: N` or `x-since: SEQ` from a SUBSCRIBE (DESIGN.md "Rooms").
+fn replay_of(frame: &Frame) -> Result<Replay, SessionError> {
+    let number = |name: &str, value: &str| {
+        value
+            .parse::<u64>()
+            .map_err(|_| SessionError::InvalidReplay(format!("{name} {value:?} is not a number")))
+    };
+    match (frame.header("x-history"), frame.header("x-since")) {
+        (Some(_), Some(_)) => Err(SessionError::InvalidReplay(
+            "x-history and x-since cannot be used together".into(),
+        )),
+        (Some(n), None) => Ok(Replay::Last(number("x-history", n)?)),
+        (None, Some(seq)) => Ok(Replay::Since(number("x-since", seq)?)),
+        (None, None) => Ok(Replay::None),
     }
 }
 

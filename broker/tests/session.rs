@@ -10,6 +10,7 @@ use broker::connection::compose;
 use broker::outbox::{Outbox, Outgoing};
 use broker::session::{Outcome, Rejected, Session, SessionError};
 use broker::state::Broker;
+use broker::store::MemoryStore;
 use bytes::BytesMut;
 use stomp_codec::{Command, Decoder, Frame, Limits, Version};
 
@@ -22,7 +23,8 @@ struct Client {
 fn broker_with(args: &[&str]) -> Arc<Broker> {
     let mut all = vec!["stoa"];
     all.extend_from_slice(args);
-    Arc::new(Broker::new(Config::try_parse_args(all).unwrap()))
+    let config = Config::try_parse_args(all).unwrap();
+    Arc::new(Broker::with_store(config, Arc::new(MemoryStore::default())).unwrap())
 }
 
 impl Client {
@@ -208,13 +210,13 @@ fn a_published_message_reaches_subscribers_with_broker_owned_headers() {
     let mut bob = Client::connected(&broker, "bob");
     bob.send(frame(
         "SUBSCRIBE",
-        &[("id", "sub-0"), ("destination", "/topic/room.lobby")],
+        &[("id", "sub-0"), ("destination", "/topic/chat.lobby")],
     ))
     .unwrap();
     let send = frame(
         "SEND",
         &[
-            ("destination", "/topic/room.lobby"),
+            ("destination", "/topic/chat.lobby"),
             ("content-type", "text/plain"),
             ("x-sender", "mallory"),
             ("x-timestamp", "1"),
@@ -231,7 +233,7 @@ fn a_published_message_reaches_subscribers_with_broker_owned_headers() {
     let m = &got[0];
     assert_eq!(m.command, Command::Message);
     assert_eq!(m.header("subscription"), Some("sub-0"));
-    assert_eq!(m.header("destination"), Some("/topic/room.lobby"));
+    assert_eq!(m.header("destination"), Some("/topic/chat.lobby"));
     assert_eq!(m.header("x-sender"), Some("alice"));
     assert_ne!(m.header("x-timestamp"), Some("1"));
     assert_ne!(m.header("message-id"), Some("forged"));
@@ -619,9 +621,9 @@ fn a_closed_session_leaves_the_router() {
         &[("id", "s"), ("destination", "/topic/a")],
     ))
     .unwrap();
-    assert_eq!(broker.router.exact_subscribers("a"), 1);
+    assert_eq!(broker.router.topics.exact_subscribers("a"), 1);
     drop(c);
-    assert_eq!(broker.router.exact_subscribers("a"), 0);
+    assert_eq!(broker.router.topics.exact_subscribers("a"), 0);
 }
 
 #[test]

@@ -24,11 +24,11 @@ test('heart-beats 10000/10000 are negotiated, and fast beats keep an idle connec
   // Idle for ten intervals: only heart-beats flow, and neither side gives up.
   await new Promise((resolve) => setTimeout(resolve, 2000));
   assert.equal(closes, 0, 'the idle connection was dropped');
-  const { done } = collect(idle, '/topic/room.alive', 1, { receipt: 'alive' });
+  const { done } = collect(idle, '/topic/t.alive', 1, { receipt: 'alive' });
   await withTimeout(new Promise((resolve) => idle.watchForReceipt('alive', resolve)), 'the subscription');
   const publisher = makeClient(fast.url);
   await connected(publisher);
-  await publishConfirmed(publisher, { destination: '/topic/room.alive', body: 'still here' });
+  await publishConfirmed(publisher, { destination: '/topic/t.alive', body: 'still here' });
   assert.equal((await done)[0].body, 'still here');
   await idle.deactivate();
   await publisher.deactivate();
@@ -40,11 +40,11 @@ test('a 1 MB message sent with splitLargeFrames arrives whole', async () => {
   const reader = makeClient(broker.url);
   await connected(reader);
   const inbox = new Inbox();
-  await subscribeConfirmed(reader, '/topic/room.large', (m) => inbox.push(m));
+  await subscribeConfirmed(reader, '/topic/t.large', (m) => inbox.push(m));
   const writer = makeClient(broker.url, { splitLargeFrames: true, maxWebSocketChunkSize: 8 * 1024 });
   await connected(writer);
   const body = Array.from({ length: 1024 * 1024 }, (_, i) => String.fromCharCode(97 + (i % 26))).join('');
-  await publishConfirmed(writer, { destination: '/topic/room.large', body });
+  await publishConfirmed(writer, { destination: '/topic/t.large', body });
   const got = await inbox.until((items) => items.length >= 1, 'the large message');
   assert.equal(got[0].body.length, body.length);
   assert.equal(got[0].body, body);
@@ -57,13 +57,13 @@ test('a binary body arrives as bytes in a binary WebSocket message', async () =>
   const broker = await startBroker();
   const reader = makeClient(broker.url);
   await connected(reader);
-  const { done } = collect(reader, '/topic/room.bytes', 1, { receipt: 'r' });
+  const { done } = collect(reader, '/topic/t.bytes', 1, { receipt: 'r' });
   await new Promise((resolve) => reader.watchForReceipt('r', resolve));
   const writer = makeClient(broker.url);
   await connected(writer);
   const bytes = new Uint8Array([0, 255, 1, 128, 0, 200, 10, 13]);
   await publishConfirmed(writer, {
-    destination: '/topic/room.bytes', binaryBody: bytes, headers: { 'content-type': 'application/octet-stream' },
+    destination: '/topic/t.bytes', binaryBody: bytes, headers: { 'content-type': 'application/octet-stream' },
   });
   const [message] = await done;
   assert.equal(message.isBinaryBody, true);
@@ -74,7 +74,7 @@ test('a binary body arrives as bytes in a binary WebSocket message', async () =>
   await broker.stop();
 });
 
-test('50 clients in one room each receive every message in order', async () => {
+test('50 clients in one room each receive every message in order, numbered by x-seq', async () => {
   const broker = await startBroker();
   const total = 200;
   const clients = [];
@@ -84,7 +84,10 @@ test('50 clients in one room each receive every message in order', async () => {
     await connected(client);
     const inbox = new Inbox();
     inboxes.push(inbox);
-    await subscribeConfirmed(client, '/topic/room.fifty', (m) => inbox.push(m.body));
+        // Later joiners' join notices arrive too; chat messages are the ones without x-event.
+    await subscribeConfirmed(client, '/topic/room.fifty', (m) => {
+      if (!m.headers['x-event']) inbox.push({ body: m.body, seq: Number(m.headers['x-seq']) });
+    });
     clients.push(client);
   }
   const publisher = makeClient(broker.url, { connectHeaders: { login: 'host' } });
@@ -94,9 +97,10 @@ test('50 clients in one room each receive every message in order', async () => {
   }
   await publishConfirmed(publisher, { destination: '/topic/room.fifty', body: 'end' });
   const expected = [...Array.from({ length: total }, (_, n) => `message ${n}`), 'end'];
-  for (const inbox of inboxes) {
-    const bodies = await inbox.until((items) => items.length >= expected.length, 'every message');
-    assert.deepEqual(bodies, expected);
+    for (const inbox of inboxes) {
+    const got = await inbox.until((items) => items.length >= expected.length, 'every message');
+    assert.deepEqual(got.map((m) => m.body), expected);
+    for (let i = 1; i < got.length; i += 1) assert.equal(got[i].seq, got[i - 1].seq + 1);
   }
   await Promise.all([...clients, publisher].map((c) => c.deactivate()));
   await broker.stop();
@@ -112,7 +116,7 @@ test('a client reconnects after the socket drops and its onConnect subscribes ag
   client.onConnect = async () => {
     connects += 1;
     // stomp.js does not resubscribe by itself: apps subscribe in onConnect.
-    await subscribeConfirmed(client, '/topic/room.again', (m) => inbox.push(m.body));
+    await subscribeConfirmed(client, '/topic/t.again', (m) => inbox.push(m.body));
     resubscribed?.();
   };
   await new Promise((resolve) => { resubscribed = resolve; client.activate(); });
@@ -124,7 +128,7 @@ test('a client reconnects after the socket drops and its onConnect subscribes ag
   assert.equal(connects, 2);
   const publisher = makeClient(broker.url);
   await connected(publisher);
-  await publishConfirmed(publisher, { destination: '/topic/room.again', body: 'after the restart' });
+  await publishConfirmed(publisher, { destination: '/topic/t.again', body: 'after the restart' });
   const bodies = await inbox.until((items) => items.length >= 1, 'the message after reconnecting');
   assert.deepEqual(bodies, ['after the restart']);
   await client.deactivate();

@@ -46,14 +46,14 @@ def drain_until(rec, marker):
 def test_round_trip_with_headers_receipts_and_korean_text(broker, transport, version):
     sub, rec = open_conn(broker, transport, version, login="reader")
     pub, prec = open_conn(broker, transport, version, login="writer")
-    subscribe(sub, rec, version, "/topic/room.py", "a")
+    subscribe(sub, rec, version, "/topic/chat.py", "a")
     body = "안녕하세요, 세계! héllo"
-    pub.send("/topic/room.py", body, content_type="text/plain;charset=utf-8",
+    pub.send("/topic/chat.py", body, content_type="text/plain;charset=utf-8",
              headers={"x-app": "chat", "receipt": "r1"})
     prec.receipt("r1")
     msg = rec.message()
     assert msg.body == body
-    assert msg.headers["destination"] == "/topic/room.py"
+    assert msg.headers["destination"] == "/topic/chat.py"
     assert msg.headers["subscription"] == "a"
     assert msg.headers["x-app"] == "chat"
     assert msg.headers["x-sender"] == "writer"

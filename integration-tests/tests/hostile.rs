@@ -311,7 +311,13 @@ impl Bystander {
     async fn new(broker: &Broker) -> Bystander {
         let mut listener = Conn::open(broker, Transport::Tcp).await;
         listener.login("bystander").await;
-        listener.subscribe("0", "/topic/room.lobby").await;
+        // A real room: its own join notice comes before the subscription's receipt.
+        let join = frame(
+            "SUBSCRIBE",
+            &[("id", "0"), ("destination", "/topic/room.lobby")],
+        );
+        let early = listener.send_with_receipt(&join, "joined").await;
+        assert_eq!(early.len(), 1, "the bystander's own join notice");
         let mut publisher = Conn::open(broker, Transport::Ws).await;
         publisher.login("publisher").await;
         Bystander {
@@ -328,12 +334,14 @@ impl Bystander {
         self.publisher
             .send_with_receipt(&send, &format!("p{}", self.sent))
             .await;
+        // Hostile connections never join the room, so no notice comes between.
         let got: Frame = self.listener.expect_frame().await;
         assert_eq!(
             got.body,
             body.as_bytes(),
             "bystander missed a message after {after}"
         );
+        assert!(got.header("x-seq").is_some(), "room messages are numbered");
     }
 }
 

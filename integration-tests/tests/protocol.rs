@@ -29,13 +29,13 @@ async fn every_version_round_trips_over_tcp_and_websocket() {
         for version in ["1.0", "1.1", "1.2"] {
             let mut sub = connect_as(&broker, kind, version, "reader").await;
             let mut publisher = connect_as(&broker, kind, version, "writer").await;
-            sub.subscribe("s1", "/topic/room.versions").await;
+            sub.subscribe("s1", "/topic/chat.versions").await;
             sub.subscribe("s2", "/topic/other").await;
             let body = "안녕하세요 — version ".to_owned() + version;
             let send = frame(
                 "SEND",
                 &[
-                    ("destination", "/topic/room.versions"),
+                    ("destination", "/topic/chat.versions"),
                     ("content-type", "text/plain;charset=utf-8"),
                     ("x-app", "a:b"),
                 ],
@@ -45,7 +45,7 @@ async fn every_version_round_trips_over_tcp_and_websocket() {
             let m = sub.expect_frame().await;
             assert_eq!(m.command.as_str(), "MESSAGE");
             assert_eq!(m.header("subscription"), Some("s1"));
-            assert_eq!(m.header("destination"), Some("/topic/room.versions"));
+            assert_eq!(m.header("destination"), Some("/topic/chat.versions"));
             assert_eq!(m.header("x-sender"), Some("writer"));
             assert_eq!(m.header("x-app"), Some("a:b"), "{kind:?} {version}");
             assert_eq!(
@@ -227,9 +227,9 @@ async fn wildcard_subscribers_get_exactly_their_matches() {
     let broker = Broker::start(&[]);
     let mut watchers = Vec::new();
     for (name, pattern) in [
-        ("star", "/topic/room.*"),
-        ("hash", "/topic/room.#"),
-        ("exact", "/topic/room.lobby"),
+        ("star", "/topic/news.*"),
+        ("hash", "/topic/news.#"),
+        ("exact", "/topic/news.lobby"),
     ] {
         let mut c = connect_as(&broker, Transport::Tcp, "1.2", name).await;
         c.subscribe("0", pattern).await;
@@ -239,11 +239,11 @@ async fn wildcard_subscribers_get_exactly_their_matches() {
     }
     let mut publisher = connect_as(&broker, Transport::Ws, "1.2", "p").await;
     for key in [
-        "room.lobby",
-        "room.lobby.thread",
-        "room",
-        "rooms.lobby",
-        "room.kitchen",
+        "news.lobby",
+        "news.lobby.thread",
+        "news",
+        "newsroom.lobby",
+        "news.kitchen",
         "end",
     ] {
         let send =
@@ -262,12 +262,12 @@ async fn wildcard_subscribers_get_exactly_their_matches() {
         }
         lists.push(got);
     }
-    assert_eq!(lists[0], ["room.lobby", "room.kitchen"]);
+    assert_eq!(lists[0], ["news.lobby", "news.kitchen"]);
     assert_eq!(
         lists[1],
-        ["room.lobby", "room.lobby.thread", "room", "room.kitchen"]
+        ["news.lobby", "news.lobby.thread", "news", "news.kitchen"]
     );
-    assert_eq!(lists[2], ["room.lobby"]);
+    assert_eq!(lists[2], ["news.lobby"]);
 }
 
 #[tokio::test]

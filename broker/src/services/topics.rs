@@ -1,0 +1,233 @@
+//! `/topic/<key>`: publish/subscribe with `*` and `#` wildcards.
+//!
+//! In: subscriptions by key or pattern, publishes by key. Out: each publish offered to
+//! exact subscribers and to every pattern that matches.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+
+use crate::destination::{
+    TopicPattern, check_publish_key, check_subscribe_key, is_pattern, key_words,
+};
+use crate::router::{
+    Fanout, Publish, PublishRequest, Published, Service, SubscribeRequest, Subscriber, deliver,
+    message_headers,
+};
+use crate::session::SessionError;
+
+/// The topic subscription map.
+#[derive(Debug, Default)]
+pub struct Topics {
+    exact: DashMap<Box<str>, Vec<Subscriber>>,
+    patterns: DashMap<Box<str>, (TopicPattern, Vec<Subscriber>)>,
+    pattern_subscribers: AtomicUsize,
+}
+
+impl Topics {
+    /// No subscriptions.
+    pub fn new() -> Topics {
+        Topics::default()
+    }
+
+    /// Adds a subscriber for a key or a pattern (`room.*`, `room.#`).
+    pub fn add(&self, key: &str, subscriber: Subscriber) {
+        if is_pattern(key) {
+            self.patterns
+                .entry(key.into())
+                .or_insert_with(|| (TopicPattern::new(key), Vec::new()))
+                .1
+                .push(subscriber);
+            self.pattern_subscribers.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.exact.entry(key.into()).or_default().push(subscriber);
+        }
+    }
+
+    /// Removes one subscription; returns whether it was there.
+    pub fn remove(&self, key: &str, target: &Subscriber) -> bool {
+        let is_target = |s: &Subscriber| s.is(target.session, target.key);
+        let mut removed = false;
+        if is_pattern(key) {
+            if let Some(mut entry) = self.patterns.get_mut(key) {
+                let before = entry.1.len();
+                entry.1.retain(|s| !is_target(s));
+                removed = entry.1.len() < before;
+            }
+            self.patterns.remove_if(key, |_, (_, subs)| subs.is_empty());
+            if removed {
+                self.pattern_subscribers.fetch_sub(1, Ordering::Relaxed);
+            }
+        } else {
+            if let Some(mut subs) = self.exact.get_mut(key) {
+                let before = subs.len();
+                subs.retain(|s| !is_target(s));
+                removed = subs.len() < before;
+            }
+            self.exact.remove_if(key, |_, subs| subs.is_empty());
+        }
+        removed
+    }
+
+    /// Offers `publish` to the exact subscribers of `key` and to every matching pattern.
+    pub fn fan_out(&self, key: &str, publish: &Publish) -> Fanout {
+        let mut fanout = Fanout::default();
+        // The shard guard is held only for this loop, which never waits: offers are
+        // non-blocking pushes into bounded outboxes.
+        if let Some(subs) = self.exact.get(key) {
+            deliver(subs.iter(), publish, &mut fanout);
+        }
+        self.fan_out_to_patterns(key, publish, &mut fanout);
+        fanout
+    }
+
+    /// Offers `publish` to the patterns matching `key` only (rooms use this for watchers).
+    pub fn fan_out_to_patterns(&self, key: &str, publish: &Publish, fanout: &mut Fanout) {
+        if self.pattern_subscribers.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let words = key_words(key);
+        for entry in &self.patterns {
+            let (pattern, subs) = entry.value();
+            if pattern.matches_words(&words) {
+                deliver(subs.iter(), publish, fanout);
+            }
+        }
+    }
+
+    /// How many subscribers a key has exactly (not counting patterns).
+    pub fn exact_subscribers(&self, key: &str) -> usize {
+        self.exact.get(key).map_or(0, |s| s.len())
+    }
+}
+
+impl Service for Topics {
+    fn check_send(&self, key: &str) -> Result<(), SessionError> {
+        Ok(check_publish_key(key)?)
+    }
+
+    fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<(), SessionError> {
+        check_subscribe_key(request.key)?;
+        self.add(request.key, request.subscriber);
+        Ok(())
+    }
+
+    fn unsubscribe(&self, key: &str, subscriber: &Subscriber) {
+        self.remove(key, subscriber);
+    }
+
+    fn publish(&self, request: PublishRequest<'_>) -> Result<Published, SessionError> {
+        let headers = message_headers(
+            request.destination,
+            request.message_id,
+            &request.frame.headers,
+            request.user,
+            &[],
+        );
+        let publish = Publish::new(request.message_id, headers, request.frame.body.clone());
+        Ok(Published {
+            message_id: request.message_id,
+            seq: None,
+            fanout: self.fan_out(request.key, &publish),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use stomp_codec::{Headers, Version};
+
+    use super::*;
+    use crate::outbox::Outbox;
+    use crate::session::SessionId;
+
+    fn subscriber(session: u64, key: u32, outbox: &Arc<Outbox>) -> Subscriber {
+        Subscriber {
+            session: SessionId(session),
+            key,
+            user: Arc::from("u"),
+            outbox: outbox.clone(),
+            head: Bytes::from(format!("MESSAGE\nsubscription:{key}\n")),
+            version: Version::V1_2,
+            needs_ack: false,
+        }
+    }
+
+    fn publish(id: u64) -> Publish {
+        let headers: Headers = [("destination", "/topic/x")].into_iter().collect();
+        Publish::new(id, headers, Bytes::from_static(b"hi"))
+    }
+
+    fn drained(outbox: &Outbox) -> usize {
+        let mut batch = Vec::new();
+        outbox.take_all(&mut batch)
+    }
+
+    fn outbox() -> Arc<Outbox> {
+        Arc::new(Outbox::new(1 << 20))
+    }
+
+    #[test]
+    fn exact_and_wildcard_subscribers_get_what_they_match() {
+        let topics = Topics::new();
+        let (a, b, c, d) = (outbox(), outbox(), outbox(), outbox());
+        topics.add("room.lobby", subscriber(1, 0, &a));
+        topics.add("room.*", subscriber(2, 0, &b));
+        topics.add("room.#", subscriber(3, 0, &c));
+        topics.add("room.other", subscriber(4, 0, &d));
+        assert_eq!(topics.fan_out("room.lobby", &publish(1)).delivered, 3);
+        assert_eq!(
+            topics.fan_out("room.lobby.thread", &publish(2)).delivered,
+            1
+        );
+        assert_eq!(topics.fan_out("room", &publish(3)).delivered, 1);
+        assert_eq!(
+            (drained(&a), drained(&b), drained(&c), drained(&d)),
+            (1, 1, 3, 0)
+        );
+    }
+
+    #[test]
+    fn remove_takes_out_only_that_subscription() {
+        let topics = Topics::new();
+        let a = outbox();
+        topics.add("t", subscriber(1, 0, &a));
+        topics.add("t", subscriber(1, 1, &a));
+        topics.add("t.*", subscriber(1, 2, &a));
+        assert!(topics.remove("t", &subscriber(1, 0, &a)));
+        assert!(!topics.remove("t", &subscriber(1, 0, &a)));
+        assert!(topics.remove("t.*", &subscriber(1, 2, &a)));
+        assert_eq!(topics.fan_out("t", &publish(1)).delivered, 1);
+        assert!(topics.remove("t", &subscriber(1, 1, &a)));
+        assert_eq!(topics.exact_subscribers("t"), 0);
+    }
+
+    #[test]
+    fn a_full_outbox_refuses_without_affecting_others() {
+        let topics = Topics::new();
+        let small = Arc::new(Outbox::new(10));
+        let big = outbox();
+        topics.add("t", subscriber(1, 0, &small));
+        topics.add("t", subscriber(2, 0, &big));
+        let fanout = topics.fan_out("t", &publish(1));
+        assert_eq!(
+            fanout,
+            Fanout {
+                delivered: 1,
+                refused: 1
+            }
+        );
+        assert!(small.is_slow());
+    }
+
+    #[test]
+    fn the_shared_part_is_encoded_once_per_version() {
+        let p = publish(7);
+        let a = p.tail(Version::V1_2);
+        let b = p.tail(Version::V1_2);
+        assert_eq!(a.as_ptr(), b.as_ptr(), "same bytes, not a second encoding");
+    }
+}

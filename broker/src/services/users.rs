@@ -1,0 +1,207 @@
+//! User destinations: SEND to `/user/<user>/queue/<name>` reaches every session of `<user>`
+//! subscribed to `/user/queue/<name>`; while none is, messages wait and go, once, to the
+//! first such subscription.
+//!
+//! In: subscriptions (bound to the session's user) and SENDs. Out: MESSAGEs with
+//! `destination:/user/queue/<name>`; waiting messages kept in the store until delivered.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use stomp_codec::Headers;
+
+use crate::router::{
+    Fanout, Publish, PublishRequest, Published, Service, SubscribeRequest, Subscriber, deliver,
+    message_headers,
+};
+use crate::session::{SessionError, check_user_name};
+use crate::store::{Store, StoreError, StoredMessage};
+
+#[derive(Debug, Default)]
+struct UserQueue {
+    listeners: Vec<Subscriber>,
+    waiting: VecDeque<Publish>,
+}
+
+/// Every user queue.
+#[derive(Debug)]
+pub struct Users {
+    queues: DashMap<(String, String), UserQueue>,
+    store: Arc<dyn Store>,
+    limit: usize,
+}
+
+/// `queue/<name>`: the SUBSCRIBE side.
+fn subscribe_queue(key: &str) -> Option<&str> {
+    key.strip_prefix("queue/")
+        .filter(|name| valid_queue_name(name))
+}
+
+/// `<user>/queue/<name>`: the SEND side.
+fn send_target(key: &str) -> Option<(&str, &str)> {
+    let (user, rest) = key.split_once('/')?;
+    Some((user, subscribe_queue(rest)?))
+}
+
+fn valid_queue_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.contains('/')
+        && !name.chars().any(char::is_control)
+}
+
+impl Users {
+    /// User queues with the messages `store` kept waiting, at most `limit` per queue.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub fn load(store: Arc<dyn Store>, limit: usize) -> Result<Users, StoreError> {
+        let queues = DashMap::new();
+        for q in store.load_user_queues()? {
+            let waiting = q
+                .messages
+                .into_iter()
+                .map(|m| {
+                    let headers: Headers = m
+                        .headers
+                        .iter()
+                        .map(|(n, v)| (n.as_str(), v.as_str()))
+                        .collect();
+                    Publish::new(m.message_id, headers, m.body)
+                })
+                .collect();
+            queues.insert(
+                (q.user, q.queue),
+                UserQueue {
+                    listeners: Vec::new(),
+                    waiting,
+                },
+            );
+        }
+        Ok(Users {
+            queues,
+            store,
+            limit,
+        })
+    }
+
+    /// How many messages wait for `user`'s queue `name`.
+    pub fn waiting(&self, user: &str, name: &str) -> usize {
+        self.queues
+            .get(&(user.to_owned(), name.to_owned()))
+            .map_or(0, |q| q.waiting.len())
+    }
+}
+
+impl Service for Users {
+    fn check_send(&self, key: &str) -> Result<(), SessionError> {
+        let (user, _) = send_target(key)
+            .ok_or_else(|| SessionError::InvalidUserDestination(format!("/user/{key}")))?;
+        check_user_name(user).map(drop)
+    }
+
+    fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<(), SessionError> {
+        let name = subscribe_queue(request.key)
+            .ok_or_else(|| SessionError::InvalidUserDestination(request.destination.to_owned()))?;
+        let subscriber = request.subscriber;
+        let mut queue = self
+            .queues
+            .entry((subscriber.user.to_string(), name.to_owned()))
+            .or_default();
+        // Under the queue's entry lock: messages that waited go to this first subscription,
+        // once, before anything published after it.
+        let delivered: Vec<u64> = queue
+            .waiting
+            .drain(..)
+            .map(|publish| {
+                subscriber.offer(&publish, false);
+                publish.message_id
+            })
+            .collect();
+        queue.listeners.push(subscriber);
+        drop(queue);
+        self.store.remove_user(delivered);
+        Ok(())
+    }
+
+    fn unsubscribe(&self, key: &str, subscriber: &Subscriber) {
+        let Some(name) = subscribe_queue(key) else {
+            return;
+        };
+        let id = (subscriber.user.to_string(), name.to_owned());
+        if let Some(mut queue) = self.queues.get_mut(&id) {
+            queue
+                .listeners
+                .retain(|s| !s.is(subscriber.session, subscriber.key));
+        }
+        self.queues
+            .remove_if(&id, |_, q| q.listeners.is_empty() && q.waiting.is_empty());
+    }
+
+    fn publish(&self, request: PublishRequest<'_>) -> Result<Published, SessionError> {
+        let (user, name) = send_target(request.key)
+            .ok_or_else(|| SessionError::InvalidUserDestination(request.destination.to_owned()))?;
+        let delivered_as = format!("/user/queue/{name}");
+        let headers = message_headers(
+            &delivered_as,
+            request.message_id,
+            &request.frame.headers,
+            request.user,
+            &[],
+        );
+        let publish = Publish::new(request.message_id, headers, request.frame.body.clone());
+        let mut queue = self
+            .queues
+            .entry((user.to_owned(), name.to_owned()))
+            .or_default();
+        let mut fanout = Fanout::default();
+        if queue.listeners.is_empty() {
+            if queue.waiting.len() >= self.limit {
+                return Err(SessionError::UserQueueFull {
+                    destination: request.destination.to_owned(),
+                    limit: self.limit,
+                });
+            }
+            self.store.push_user(
+                user,
+                name,
+                StoredMessage {
+                    seq: publish.message_id,
+                    message_id: publish.message_id,
+                    headers: publish
+                        .headers()
+                        .iter()
+                        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                        .collect(),
+                    body: publish.body().clone(),
+                },
+            );
+            queue.waiting.push_back(publish);
+        } else {
+            deliver(queue.listeners.iter(), &publish, &mut fanout);
+        }
+        Ok(Published {
+            message_id: request.message_id,
+            seq: None,
+            fanout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_destinations_parse() {
+        assert_eq!(subscribe_queue("queue/dm"), Some("dm"));
+        assert_eq!(subscribe_queue("queue/"), None);
+        assert_eq!(subscribe_queue("queue/a/b"), None);
+        assert_eq!(subscribe_queue("alice/queue/dm"), None);
+        assert_eq!(send_target("alice/queue/dm"), Some(("alice", "dm")));
+        assert_eq!(send_target("민수/queue/dm"), Some(("민수", "dm")));
+        assert_eq!(send_target("queue/dm"), None);
+        assert_eq!(send_target("alice/topic/dm"), None);
+    }
+}

@@ -1,0 +1,582 @@
+//! Durable storage behind a trait: room history and messages waiting for offline users.
+//!
+//! In: messages to keep (written behind, in batches, by one writer thread) and removals.
+//! Out: everything kept, loaded once at start. The broker's memory is the source of truth
+//! while it runs; the store makes history and waiting messages survive a restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use rusqlite::{Connection, params};
+use tracing::{error, warn};
+
+/// A message as kept: headers in order and the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// The room sequence number, or the waiting message's id for user queues.
+    pub seq: u64,
+    /// The broker-assigned `message-id`.
+    pub message_id: u64,
+    /// Shared headers in wire order.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// Messages waiting for one user queue, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserQueue {
+    /// The user.
+    pub user: String,
+    /// The queue name (`dm` for direct messages).
+    pub queue: String,
+    /// Waiting messages; `seq` is each one's id in the store.
+    pub messages: Vec<StoredMessage>,
+}
+
+/// Why the store could not be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused.
+    #[error("database {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+    /// Stored headers could not be read back.
+    #[error("database {path}: corrupt headers in {table}: {source}")]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// The table.
+        table: &'static str,
+        /// The JSON error.
+        source: serde_json::Error,
+    },
+}
+
+/// Where kept messages go.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Every room's newest `keep` messages, oldest first.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    fn load_rooms(&self, keep: usize) -> Result<Vec<(String, Vec<StoredMessage>)>, StoreError>;
+    /// Keeps a room message; older ones past `keep` are dropped.
+    fn append_room(&self, room: &str, message: StoredMessage, keep: usize);
+    /// Every waiting user message.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    fn load_user_queues(&self) -> Result<Vec<UserQueue>, StoreError>;
+    /// Keeps a message for a user who is not listening.
+    fn push_user(&self, user: &str, queue: &str, message: StoredMessage);
+    /// Forgets delivered user messages by id.
+    fn remove_user(&self, ids: Vec<u64>);
+    /// Returns once everything handed over so far is written.
+    fn flush(&self);
+}
+
+enum Op {
+    Room {
+        room: String,
+        message: StoredMessage,
+        keep: usize,
+    },
+    PushUser {
+        user: String,
+        queue: String,
+        message: StoredMessage,
+    },
+    RemoveUser(Vec<u64>),
+    Flush(SyncSender<()>),
+}
+
+/// SQLite in WAL mode, written by one thread in batched transactions.
+#[derive(Debug)]
+pub struct SqliteStore {
+    path: PathBuf,
+    ops: Mutex<Option<Sender<Op>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Schema changes, applied in order on start; `PRAGMA user_version` counts those done.
+const MIGRATIONS: &[&str] = &["CREATE TABLE room_messages (
+        room TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        message_id INTEGER NOT NULL,
+        headers TEXT NOT NULL,
+        body BLOB NOT NULL,
+        PRIMARY KEY (room, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE user_messages (
+        id INTEGER PRIMARY KEY,
+        user TEXT NOT NULL,
+        queue TEXT NOT NULL,
+        message_id INTEGER NOT NULL,
+        headers TEXT NOT NULL,
+        body BLOB NOT NULL
+    );
+    CREATE INDEX user_messages_by_queue ON user_messages (user, queue, id);"];
+
+/// Most operations written in one transaction.
+const BATCH: usize = 1024;
+
+impl SqliteStore {
+    /// Opens (creating and migrating) `stoa.db` in `dir`.
+    ///
+    /// # Errors
+    /// SQLite cannot open or migrate the file.
+    pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
+        let path = dir.join("stoa.db");
+        let sqlite = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = open_connection(&path).map_err(sqlite)?;
+        migrate(&conn).map_err(sqlite)?;
+        let (tx, rx) = mpsc::channel();
+        let writer_path = path.clone();
+        let writer = std::thread::Builder::new()
+            .name("stoa-store".into())
+            .spawn(move || write_loop(conn, rx, &writer_path))
+            .map_err(|e| StoreError::Sqlite {
+                path: path.clone(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        Ok(SqliteStore {
+            path,
+            ops: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    fn send(&self, op: Op) {
+        let ops = self
+            .ops
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(tx) = ops.as_ref()
+            && tx.send(op).is_err()
+        {
+            error!(path = %self.path.display(), "store writer has stopped; a message was not kept");
+        }
+    }
+
+    fn reader(&self) -> Result<Connection, StoreError> {
+        open_connection(&self.path).map_err(|source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    fn corrupt(&self, table: &'static str) -> impl Fn(serde_json::Error) -> StoreError + '_ {
+        move |source| StoreError::Corrupt {
+            path: self.path.clone(),
+            table,
+            source,
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer after it has written everything queued.
+        self.ops
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(writer) = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            let _ = writer.join();
+        }
+    }
+}
+
+fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    // WAL: readers never block the writer; NORMAL: a commit survives a process crash, and
+    // only the last commits before a power loss can be lost.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let done: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    let done = usize::try_from(done).unwrap_or(0);
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+        conn.execute_batch(&format!(
+            "BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;",
+            i + 1
+        ))?;
+    }
+    Ok(())
+}
+
+fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut acks = Vec::new();
+        if let Err(e) = write_batch(&mut conn, batch, &mut acks) {
+            error!(path = %path.display(), "store write failed: {e}");
+        }
+        for ack in acks {
+            let _ = ack.send(());
+        }
+    }
+}
+
+fn write_batch(
+    conn: &mut Connection,
+    batch: Vec<Op>,
+    acks: &mut Vec<SyncSender<()>>,
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    for op in batch {
+        match op {
+            Op::Room {
+                room,
+                message,
+                keep,
+            } => {
+                tx.execute(
+                    "INSERT OR REPLACE INTO room_messages (room, seq, message_id, headers, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![room, to_i64(message.seq), to_i64(message.message_id), headers_json(&message.headers), &message.body[..]],
+                )?;
+                let oldest_kept = message.seq.saturating_sub(keep as u64);
+                tx.execute(
+                    "DELETE FROM room_messages WHERE room = ?1 AND seq <= ?2",
+                    params![room, to_i64(oldest_kept)],
+                )?;
+            }
+            Op::PushUser {
+                user,
+                queue,
+                message,
+            } => {
+                tx.execute(
+                    "INSERT INTO user_messages (id, user, queue, message_id, headers, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![to_i64(message.seq), user, queue, to_i64(message.message_id), headers_json(&message.headers), &message.body[..]],
+                )?;
+            }
+            Op::RemoveUser(ids) => {
+                for id in ids {
+                    tx.execute(
+                        "DELETE FROM user_messages WHERE id = ?1",
+                        params![to_i64(id)],
+                    )?;
+                }
+            }
+            Op::Flush(ack) => acks.push(ack),
+        }
+    }
+    tx.commit()
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn headers_json(headers: &[(String, String)]) -> String {
+    // Serialising strings to JSON cannot fail.
+    serde_json::to_string(headers).unwrap_or_else(|_| "[]".to_owned())
+}
+
+impl Store for SqliteStore {
+    fn load_rooms(&self, keep: usize) -> Result<Vec<(String, Vec<StoredMessage>)>, StoreError> {
+        let conn = self.reader()?;
+        let sqlite = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let mut stmt = conn
+            .prepare(
+                "SELECT room, seq, message_id, headers, body FROM (
+                   SELECT *, ROW_NUMBER() OVER (PARTITION BY room ORDER BY seq DESC) AS newest
+                   FROM room_messages)
+                 WHERE newest <= ?1 ORDER BY room, seq",
+            )
+            .map_err(sqlite)?;
+        let rows = stmt
+            .query_map(params![to_i64(keep as u64)], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, i64>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, Vec<u8>>(4)?,
+                ))
+            })
+            .map_err(sqlite)?;
+        let mut rooms: Vec<(String, Vec<StoredMessage>)> = Vec::new();
+        for row in rows {
+            let (room, seq, message_id, headers, body) = row.map_err(sqlite)?;
+            let headers = serde_json::from_str(&headers).map_err(self.corrupt("room_messages"))?;
+            let message = StoredMessage {
+                seq: u64::try_from(seq).unwrap_or(0),
+                message_id: u64::try_from(message_id).unwrap_or(0),
+                headers,
+                body: Bytes::from(body),
+            };
+            match rooms.last_mut() {
+                Some((last, messages)) if *last == room => messages.push(message),
+                _ => rooms.push((room, vec![message])),
+            }
+        }
+        Ok(rooms)
+    }
+
+    fn append_room(&self, room: &str, message: StoredMessage, keep: usize) {
+        self.send(Op::Room {
+            room: room.to_owned(),
+            message,
+            keep,
+        });
+    }
+
+    fn load_user_queues(&self) -> Result<Vec<UserQueue>, StoreError> {
+        let conn = self.reader()?;
+        let sqlite = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let mut stmt = conn
+            .prepare("SELECT user, queue, id, message_id, headers, body FROM user_messages ORDER BY user, queue, id")
+            .map_err(sqlite)?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, i64>(2)?,
+                    row.get::<_, i64>(3)?,
+                    row.get::<_, String>(4)?,
+                    row.get::<_, Vec<u8>>(5)?,
+                ))
+            })
+            .map_err(sqlite)?;
+        let mut queues: Vec<UserQueue> = Vec::new();
+        for row in rows {
+            let (user, queue, id, message_id, headers, body) = row.map_err(sqlite)?;
+            let headers = serde_json::from_str(&headers).map_err(self.corrupt("user_messages"))?;
+            let message = StoredMessage {
+                seq: u64::try_from(id).unwrap_or(0),
+                message_id: u64::try_from(message_id).unwrap_or(0),
+                headers,
+                body: Bytes::from(body),
+            };
+            match queues.last_mut() {
+                Some(q) if q.user == user && q.queue == queue => q.messages.push(message),
+                _ => queues.push(UserQueue {
+                    user,
+                    queue,
+                    messages: vec![message],
+                }),
+            }
+        }
+        Ok(queues)
+    }
+
+    fn push_user(&self, user: &str, queue: &str, message: StoredMessage) {
+        self.send(Op::PushUser {
+            user: user.to_owned(),
+            queue: queue.to_owned(),
+            message,
+        });
+    }
+
+    fn remove_user(&self, ids: Vec<u64>) {
+        if !ids.is_empty() {
+            self.send(Op::RemoveUser(ids));
+        }
+    }
+
+    fn flush(&self) {
+        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+        self.send(Op::Flush(ack_tx));
+        if ack_rx.recv().is_err() {
+            warn!("store writer stopped before a flush");
+        }
+    }
+}
+
+/// A store that keeps nothing across restarts: for tests of everything above the store.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    rooms: Mutex<Vec<(String, StoredMessage)>>,
+    users: Mutex<Vec<(String, String, StoredMessage)>>,
+}
+
+impl Store for MemoryStore {
+    fn load_rooms(&self, keep: usize) -> Result<Vec<(String, Vec<StoredMessage>)>, StoreError> {
+        let rooms = self
+            .rooms
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<(String, Vec<StoredMessage>)> = Vec::new();
+        for (room, message) in rooms.iter() {
+            match out.iter_mut().find(|(r, _)| r == room) {
+                Some((_, list)) => list.push(message.clone()),
+                None => out.push((room.clone(), vec![message.clone()])),
+            }
+        }
+        for (_, list) in &mut out {
+            let skip = list.len().saturating_sub(keep);
+            list.drain(..skip);
+        }
+        Ok(out)
+    }
+
+    fn append_room(&self, room: &str, message: StoredMessage, _keep: usize) {
+        let mut rooms = self
+            .rooms
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        rooms.push((room.to_owned(), message));
+    }
+
+    fn load_user_queues(&self) -> Result<Vec<UserQueue>, StoreError> {
+        let users = self
+            .users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<UserQueue> = Vec::new();
+        for (user, queue, message) in users.iter() {
+            match out
+                .iter_mut()
+                .find(|q| &q.user == user && &q.queue == queue)
+            {
+                Some(q) => q.messages.push(message.clone()),
+                None => out.push(UserQueue {
+                    user: user.clone(),
+                    queue: queue.clone(),
+                    messages: vec![message.clone()],
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    fn push_user(&self, user: &str, queue: &str, message: StoredMessage) {
+        let mut users = self
+            .users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        users.push((user.to_owned(), queue.to_owned(), message));
+    }
+
+    fn remove_user(&self, ids: Vec<u64>) {
+        let mut users = self
+            .users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        users.retain(|(_, _, m)| !ids.contains(&m.seq));
+    }
+
+    fn flush(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(seq: u64, body: &str) -> StoredMessage {
+        StoredMessage {
+            seq,
+            message_id: 1000 + seq,
+            headers: vec![
+                ("destination".into(), "/topic/room.a".into()),
+                ("x-note".into(), "a:b\nc".into()),
+            ],
+            body: Bytes::from(body.to_owned()),
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("stoa-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn room_history_survives_reopening_and_is_trimmed_to_keep() {
+        let dir = temp_dir("rooms");
+        {
+            let store = SqliteStore::open(&dir).unwrap();
+            for seq in 1..=5 {
+                store.append_room("a", message(seq, &format!("m{seq}")), 3);
+            }
+            store.append_room("방", message(1, "안녕"), 3);
+            store.flush();
+        }
+        let store = SqliteStore::open(&dir).unwrap();
+        let rooms = store.load_rooms(10).unwrap();
+        assert_eq!(rooms.len(), 2);
+        let (name, kept) = &rooms[0];
+        assert_eq!(name, "a");
+        assert_eq!(kept.iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4, 5]);
+        assert_eq!(kept[2], message(5, "m5"));
+        assert_eq!(rooms[1].1[0].body, "안녕".as_bytes());
+        // Loading fewer than kept takes the newest.
+        assert_eq!(
+            store.load_rooms(2).unwrap()[0]
+                .1
+                .iter()
+                .map(|m| m.seq)
+                .collect::<Vec<_>>(),
+            [4, 5]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn user_messages_wait_until_removed() {
+        let dir = temp_dir("users");
+        let store = SqliteStore::open(&dir).unwrap();
+        store.push_user("bob", "dm", message(1, "one"));
+        store.push_user("bob", "dm", message(2, "two"));
+        store.push_user("eve", "dm", message(3, "three"));
+        store.remove_user(vec![1]);
+        store.flush();
+        let queues = store.load_user_queues().unwrap();
+        assert_eq!(queues.len(), 2);
+        assert_eq!(queues[0].user, "bob");
+        assert_eq!(
+            queues[0].messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            [2]
+        );
+        assert_eq!(queues[1].messages[0].body, "three".as_bytes());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn migrations_run_once() {
+        let dir = temp_dir("migrate");
+        drop(SqliteStore::open(&dir).unwrap());
+        let store = SqliteStore::open(&dir).unwrap();
+        let conn = store.reader().unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

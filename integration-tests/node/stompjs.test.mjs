@@ -84,7 +84,7 @@ test('50 clients in one room each receive every message in order, numbered by x-
     await connected(client);
     const inbox = new Inbox();
     inboxes.push(inbox);
-        // Later joiners' join notices arrive too; chat messages are the ones without x-event.
+    // Later joiners' join notices arrive too; chat messages are the ones without x-event.
     await subscribeConfirmed(client, '/topic/room.fifty', (m) => {
       if (!m.headers['x-event']) inbox.push({ body: m.body, seq: Number(m.headers['x-seq']) });
     });
@@ -97,7 +97,7 @@ test('50 clients in one room each receive every message in order, numbered by x-
   }
   await publishConfirmed(publisher, { destination: '/topic/room.fifty', body: 'end' });
   const expected = [...Array.from({ length: total }, (_, n) => `message ${n}`), 'end'];
-    for (const inbox of inboxes) {
+  for (const inbox of inboxes) {
     const got = await inbox.until((items) => items.length >= expected.length, 'every message');
     assert.deepEqual(got.map((m) => m.body), expected);
     for (let i = 1; i < got.length; i += 1) assert.equal(got[i].seq, got[i - 1].seq + 1);

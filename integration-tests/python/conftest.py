@@ -27,8 +27,13 @@ def stoa_bin():
 class Broker:
     """A running stoa, stopped by `stop()`."""
 
-    def __init__(self, *args):
-        self.data_dir = tempfile.mkdtemp(prefix="stoa-py-")
+    def __init__(self, *args, data_dir=None):
+        self.args = args
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="stoa-py-")
+        self._start()
+
+    def _start(self):
+        args = self.args
         self.proc = subprocess.Popen(
             [stoa_bin(), "--http-listen", "127.0.0.1:0", "--stomp-listen", "127.0.0.1:0",
              "--data-dir", self.data_dir, *args],
@@ -38,6 +43,21 @@ class Broker:
         self.http = fields["http"]
         self.stomp_port = int(fields["stomp"].rsplit(":", 1)[1])
         self.http_port = int(self.http.rsplit(":", 1)[1])
+
+    def restart(self):
+        """SIGTERM (a graceful stop), then start again on the same data directory."""
+        self.proc.terminate()
+        assert self.proc.wait(timeout=WAIT) == 0, "stoa did not exit cleanly on SIGTERM"
+        self._start()
+
+    def get(self, path):
+        """GET over HTTP: (status, parsed JSON body)."""
+        import http.client
+        import json
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read().decode())
 
     def stop(self):
         self.proc.kill()
@@ -73,7 +93,7 @@ class Recorder(stomp.ConnectionListener):
         self.messages.put(frame)
 
     def on_receipt(self, frame):
-        self.receipts.put(frame.headers["receipt-id"])
+        self.receipts.put(frame)
 
     def on_error(self, frame):
         self.errors.put(frame)
@@ -85,8 +105,12 @@ class Recorder(stomp.ConnectionListener):
         return self.messages.get(timeout=WAIT)
 
     def receipt(self, expected):
+        return self.receipt_frame(expected).headers["receipt-id"]
+
+    def receipt_frame(self, expected):
         got = self.receipts.get(timeout=WAIT)
-        assert got == expected, f"expected receipt {expected}, got {got}"
+        assert got.headers["receipt-id"] == expected, f"expected receipt {expected}, got {got.headers}"
+        return got
 
     def error(self):
         return self.errors.get(timeout=WAIT)

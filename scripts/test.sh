@@ -30,6 +30,18 @@ fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r integration-tests/python/requirements.txt
 STOA_BIN="$PWD/target/debug/stoa" "$venv/bin/python" -m pytest -q integration-tests/python
 
-step "@stomp/stompjs against stoa (Node)"
+step "Debian chromium for the page's browser tests (never a downloaded browser)"
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "chromium is missing and this is not root: apt-get install chromium fonts-noto-cjk fonts-noto-color-emoji" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq chromium fonts-noto-cjk fonts-noto-color-emoji >/dev/null
+fi
+
+step "@stomp/stompjs and the chat page in headless Chromium against stoa (Node)"
 npm --prefix integration-tests/node ci --no-audit --no-fund --loglevel=error
 STOA_BIN="$PWD/target/debug/stoa" npm --prefix integration-tests/node test
+echo "screenshots of the page: target/screenshots/"

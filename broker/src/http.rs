@@ -20,8 +20,12 @@ use crate::services::check_room_name;
 use crate::state::Broker;
 use crate::transport::ws::{WsTransport, choose_subprotocol};
 
-/// The chat page, embedded in the binary.
+/// The chat page and its assets, embedded in the binary: no files needed at run time.
 const INDEX_HTML: &str = include_str!("../../web/index.html");
+const CHAT_JS: &str = include_str!("../../web/chat.js");
+const CHAT_CSS: &str = include_str!("../../web/chat.css");
+const STOMP_JS: &str = include_str!("../../web/vendor/stomp.umd.min.js");
+const STOMP_JS_LICENSE: &str = include_str!("../../web/vendor/stompjs-LICENSE");
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
@@ -38,6 +42,10 @@ pub struct AppState {
 pub fn routes(state: AppState) -> Router {
     Router::new()
         .route("/", get(index))
+        .route("/chat.js", get(|| asset("text/javascript; charset=utf-8", CHAT_JS)))
+        .route("/chat.css", get(|| asset("text/css; charset=utf-8", CHAT_CSS)))
+        .route("/vendor/stomp.umd.min.js", get(|| asset("text/javascript; charset=utf-8", STOMP_JS)))
+        .route("/vendor/stompjs-LICENSE", get(|| asset("text/plain; charset=utf-8", STOMP_JS_LICENSE)))
         .route("/ws", get(websocket))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -48,6 +56,10 @@ pub fn routes(state: AppState) -> Router {
 
 async fn index() -> Html<&'static str> {
     Html(INDEX_HTML)
+}
+
+async fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 async fn healthz() -> &'static str {

@@ -1,0 +1,202 @@
+// The chat page in headless Chromium (Debian's, driven by playwright-core) against the
+// real stoa binary.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdirSync } from 'node:fs';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+import { startBroker, makeClient, connected, publishConfirmed } from './broker.mjs';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+const screenshots = join(root, 'target', 'screenshots');
+const TIMEOUT = 10_000;
+
+let browser;
+
+before(async () => {
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+    args: [
+      '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+    ],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+});
+
+/** A page that joins `room` as `name` through the /?room=&name= link. */
+async function openChat(broker, name, room, viewport = { width: 1200, height: 800 }) {
+  const context = await browser.newContext({ viewport });
+  const page = await context.newPage();
+  page.setDefaultTimeout(TIMEOUT);
+  const dialogs = [];
+  page.on('dialog', (d) => { dialogs.push(d.message()); d.dismiss(); });
+  page.dialogs = dialogs;
+  const query = new URLSearchParams({ name, ...(room ? { room } : {}) });
+  await page.goto(`http://${broker.http}/?${query}`);
+  await waitStatus(page, 'connected');
+  if (room) await page.locator(`[data-testid=room-item][data-room="${room}"].active`).waitFor();
+  return page;
+}
+
+async function waitStatus(page, status) {
+  await page.waitForFunction(
+    (s) => document.querySelector('[data-testid=connection-status]')?.textContent === s,
+    status,
+  );
+}
+
+async function say(page, text) {
+  await page.getByTestId('message-input').fill(text);
+  await page.getByTestId('message-input').press('Enter');
+}
+
+/** Waits until a message with exactly this body (and sender) is on the page. */
+async function seeMessage(page, body, sender) {
+  await page.waitForFunction(([b, s]) => [...document.querySelectorAll('[data-testid=message]')].some((m) =>
+    m.querySelector('[data-testid=message-body]').textContent === b
+      && (!s || m.querySelector('[data-testid=message-sender]').textContent === s)), [body, sender]);
+}
+
+async function seeNotice(page, text) {
+  await page.waitForFunction((t) => [...document.querySelectorAll('[data-testid=notice]')].some((n) => n.textContent === t), text);
+}
+
+async function members(page) {
+  return page.getByTestId('member').allTextContents();
+}
+
+test('two users chat both ways; a late joiner sees history; leave notices; escaping; Korean', async () => {
+  const broker = await startBroker();
+  const alice = await openChat(broker, 'alice', 'lobby');
+  const bob = await openChat(broker, 'bob', 'lobby');
+  await seeNotice(alice, 'bob joined');
+
+  await say(alice, 'hello bob');
+  await seeMessage(bob, 'hello bob', 'alice');
+  await say(bob, 'hi alice, 안녕하세요 👋');
+  await seeMessage(alice, 'hi alice, 안녕하세요 👋', 'bob');
+
+  await alice.waitForFunction(() => document.querySelectorAll('[data-testid=member]').length === 2);
+  assert.deepEqual((await members(alice)).sort(), ['alice', 'bob'], 'the member list includes yourself');
+
+  // Markup in a body is text, never HTML: no element, no script.
+  const hostile = '<img src=x onerror=alert(1)>';
+  await say(bob, hostile);
+  await seeMessage(alice, hostile, 'bob');
+  assert.equal(await alice.locator('[data-testid=message-list] img').count(), 0);
+  assert.deepEqual(alice.dialogs, [], 'no script ran');
+
+  // Shift+Enter is a new line; Enter sends.
+  const input = alice.getByTestId('message-input');
+  await input.fill('line one');
+  await input.press('Shift+Enter');
+  await input.type('line two');
+  await input.press('Enter');
+  await seeMessage(bob, 'line one\nline two', 'alice');
+
+  // Enter that ends an input method's composition does not send.
+  await input.fill('조합 중');
+  await alice.evaluate(() => {
+    const box = document.querySelector('[data-testid=message-input]');
+    box.dispatchEvent(new KeyboardEvent('keydown', { key: 'Enter', isComposing: true, bubbles: true, cancelable: true }));
+  });
+  assert.equal(await input.inputValue(), '조합 중');
+
+  // A late joiner gets the history, oldest first.
+  const carol = await openChat(broker, 'carol', 'lobby');
+  await seeMessage(carol, 'hello bob', 'alice');
+  await seeMessage(carol, hostile, 'bob');
+  const bodies = await carol.getByTestId('message-body').allTextContents();
+  assert.deepEqual(bodies.slice(0, 2), ['hello bob', 'hi alice, 안녕하세요 👋']);
+
+  // Leaving posts a notice that names the user.
+  await carol.locator('#leave-button').click();
+  await seeNotice(alice, 'carol left');
+  await alice.waitForFunction(() => document.querySelectorAll('[data-testid=member]').length === 2);
+
+  mkdirSync(screenshots, { recursive: true });
+  await alice.screenshot({ path: join(screenshots, 'chat-desktop.png') });
+  const phone = await openChat(broker, 'dana', 'lobby', { width: 390, height: 844 });
+  await seeMessage(phone, 'hello bob', 'alice');
+  await phone.screenshot({ path: join(screenshots, 'chat-phone.png') });
+
+  await Promise.all([alice, bob, carol, phone].map((p) => p.context().close()));
+  await broker.stop();
+});
+
+test('typing shows in the other page and clears when the message arrives', async () => {
+  const broker = await startBroker();
+  const alice = await openChat(broker, 'alice', 'typing');
+  const bob = await openChat(broker, 'bob', 'typing');
+  await bob.getByTestId('message-input').type('still writ');
+  await alice.waitForFunction(() => document.querySelector('[data-testid=typing-indicator]').textContent === 'bob is typing…');
+  await bob.getByTestId('message-input').type('ing\n');
+  await seeMessage(alice, 'still writing', 'bob');
+  assert.equal(await alice.getByTestId('typing-indicator').textContent(), '');
+  await Promise.all([alice, bob].map((p) => p.context().close()));
+  await broker.stop();
+});
+
+test('rooms list with member counts, creating rooms, unread counts and direct messages', async () => {
+  const broker = await startBroker();
+  const alice = await openChat(broker, 'alice', 'lobby');
+  const bob = await openChat(broker, 'bob', 'lobby');
+  // Alice creates a second room and looks at it; bob talks in the lobby.
+  await alice.getByTestId('new-room-input').fill('kitchen');
+  await alice.getByTestId('create-room-button').click();
+  await alice.locator('[data-testid=room-item][data-room=kitchen].active').waitFor();
+  await say(bob, 'one');
+  await say(bob, 'two');
+  await alice.waitForFunction(() =>
+    document.querySelector('[data-testid=room-item][data-room=lobby] [data-testid=unread-count]')?.textContent === '2');
+  await alice.locator('[data-testid=room-item][data-room=lobby]').click();
+  await seeMessage(alice, 'two', 'bob');
+  assert.equal(await alice.locator('[data-testid=room-item][data-room=lobby] [data-testid=unread-count]').textContent(), '');
+  // Member counts in the list come from the server.
+  await alice.waitForFunction(() =>
+    document.querySelector('[data-testid=room-item][data-room=lobby] .count')?.textContent === '2');
+  // A direct message: bob clicks alice in the member list and writes.
+  await bob.locator('[data-testid=member]', { hasText: 'alice' }).click();
+  await say(bob, 'just between us');
+  await alice.locator('[data-testid=dm-item][data-user=bob]').click();
+  await seeMessage(alice, 'just between us', 'bob');
+  await Promise.all([alice, bob].map((p) => p.context().close()));
+  await broker.stop();
+});
+
+test('after the broker restarts, both pages reconnect and show what was sent meanwhile', async () => {
+  let broker = await startBroker();
+  const address = broker.http;
+  const alice = await openChat(broker, 'alice', 'lobby');
+  const bob = await openChat(broker, 'bob', 'lobby');
+  await say(alice, 'before the restart');
+  await seeMessage(bob, 'before the restart', 'alice');
+
+  await broker.stop({ keepData: true });
+  await waitStatus(alice, 'reconnecting');
+  await waitStatus(bob, 'reconnecting');
+  broker = await startBroker([], { http: address, dataDir: broker.dataDir });
+  // Someone else talks as soon as the broker is back, before or while the pages return.
+  const carol = makeClient(broker.url, { connectHeaders: { login: 'carol' } });
+  await connected(carol);
+  for (const text of ['sent while you were away 1', 'sent while you were away 2']) {
+    await publishConfirmed(carol, { destination: '/topic/room.lobby', body: text });
+  }
+  for (const page of [alice, bob]) {
+    await waitStatus(page, 'connected');
+    await seeMessage(page, 'sent while you were away 1', 'carol');
+    await seeMessage(page, 'sent while you were away 2', 'carol');
+    const bodies = await page.getByTestId('message-body').allTextContents();
+    assert.equal(bodies.filter((b) => b === 'before the restart').length, 1, 'nothing shown twice');
+  }
+  await say(bob, 'and live again');
+  await seeMessage(alice, 'and live again', 'bob');
+  await carol.deactivate();
+  await Promise.all([alice, bob].map((p) => p.context().close()));
+  await broker.stop();
+});

@@ -1,0 +1,398 @@
+// The Stoa chat page: stomp.js over WebSocket to /ws. Rooms are /topic/room.<name>;
+// direct messages go to /user/<name>/queue/dm and arrive on /user/queue/dm.
+// Everything a person typed is rendered with textContent, never as HTML.
+'use strict';
+
+(() => {
+  const HISTORY_ON_JOIN = 50;
+  const TYPING_SEND_EVERY_MS = 2000;
+  const TYPING_SHOW_MS = 3500;
+  const ROOM_LIST_REFRESH_MS = 5000;
+  const ROOM_NAME = /^[\p{L}\p{N}_-]{1,64}$/u;
+
+  const $ = (id) => document.getElementById(id);
+  const el = (tag, props = {}, ...children) => {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props)) {
+      if (key === 'testid') node.dataset.testid = value;
+      else if (key === 'dataset') Object.assign(node.dataset, value);
+      else node[key] = value;
+    }
+    node.append(...children);
+    return node;
+  };
+
+  const state = {
+    name: '',
+    client: null,
+    /** The open conversation: { kind: 'room' | 'dm', name }. */
+    active: null,
+    /** Joined rooms: name -> { lastSeq, items, unread, members, subscription }. */
+    rooms: new Map(),
+    /** Room list from the server: name -> member count. */
+    directory: new Map(),
+    /** Direct conversations: user -> { items, unread }. */
+    dms: new Map(),
+    /** Who is typing in each room: room -> Map(user -> timer). */
+    typing: new Map(),
+    lastTypingSent: 0,
+  };
+
+  // ---- connection ----
+
+  function setStatus(text) {
+    const status = $('status');
+    status.textContent = text;
+    status.dataset.state = text;
+  }
+
+  function wsUrl() {
+    const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+    return `${scheme}://${location.host}/ws`;
+  }
+
+  function connect(name) {
+    state.name = name;
+    $('me').textContent = name;
+    const client = new StompJs.Client({
+      brokerURL: wsUrl(),
+      connectHeaders: { login: name },
+      reconnectDelay: 1000,
+      heartbeatIncoming: 10000,
+      heartbeatOutgoing: 10000,
+    });
+    client.onConnect = () => {
+      setStatus('connected');
+      $('login').hidden = true;
+      $('app').hidden = false;
+      client.subscribe('/user/queue/dm', onDirectMessage);
+      // After a reconnect, each room resumes after the last message seen: nothing missed.
+      for (const room of state.rooms.keys()) subscribeRoom(room);
+      refreshRooms();
+      render();
+    };
+    client.onWebSocketClose = () => setStatus(client.active ? 'reconnecting' : 'disconnected');
+    client.onStompError = (frame) => {
+      const message = frame.headers.message || 'the server refused the connection';
+      if (!client.connected || /login/.test(message)) {
+        client.deactivate();
+        setStatus('disconnected');
+        $('login').hidden = false;
+        $('app').hidden = true;
+        $('login-error').textContent = message;
+      } else {
+        $('room-error').textContent = message;
+      }
+    };
+    state.client = client;
+    setStatus('reconnecting');
+    client.activate();
+  }
+
+  // ---- rooms ----
+
+  function subscribeRoom(name) {
+    const room = state.rooms.get(name);
+    const headers = room.lastSeq > 0 ? { 'x-since': String(room.lastSeq) } : { 'x-history': String(HISTORY_ON_JOIN) };
+    room.subscription = state.client.subscribe(`/topic/room.${name}`, (m) => onRoomMessage(name, m), headers);
+  }
+
+  function joinRoom(name) {
+    if (!ROOM_NAME.test(name)) {
+      $('room-error').textContent = 'A room name has 1 to 64 letters, digits, _ or -.';
+      return;
+    }
+    $('room-error').textContent = '';
+    if (!state.rooms.has(name)) {
+      state.rooms.set(name, { lastSeq: 0, items: [], unread: 0, members: [], subscription: null });
+      if (state.client.connected) subscribeRoom(name);
+    }
+    open({ kind: 'room', name });
+    refreshMembers(name);
+  }
+
+  function leaveRoom(name) {
+    const room = state.rooms.get(name);
+    if (!room) return;
+    if (room.subscription && state.client.connected) room.subscription.unsubscribe();
+    state.rooms.delete(name);
+    const next = state.rooms.keys().next();
+    state.active = next.done ? null : { kind: 'room', name: next.value };
+    refreshRooms();
+    render();
+  }
+
+  function onRoomMessage(name, message) {
+    const room = state.rooms.get(name);
+    if (!room) return;
+    const h = message.headers;
+    if (h['x-transient'] === 'true') {
+      if (h['x-typing'] === 'true' && h['x-sender'] !== state.name) showTyping(name, h['x-sender']);
+      return;
+    }
+    if (h['x-event'] === 'gap') {
+      room.items.push({ notice: `Older messages are no longer kept (from #${h['x-first-seq']} on).` });
+      renderIfActive('room', name);
+      return;
+    }
+    const seq = Number(h['x-seq']);
+    if (seq) {
+      if (seq <= room.lastSeq) return; // already shown: replay overlapping what we had
+      room.lastSeq = seq;
+    }
+    const sender = h['x-sender'] || '';
+    if (h['x-event'] === 'join' || h['x-event'] === 'leave') {
+      room.items.push({ notice: `${sender} ${h['x-event'] === 'join' ? 'joined' : 'left'}`, event: h['x-event'], user: sender });
+      refreshMembers(name);
+      refreshRooms();
+    } else {
+      room.items.push({ sender, body: message.body, time: Number(h['x-timestamp']) });
+      stopTyping(name, sender);
+      if (!isActive('room', name) && h['x-replay'] !== 'true') room.unread += 1;
+    }
+    renderIfActive('room', name);
+    renderLists();
+  }
+
+  async function fetchJson(path) {
+    const response = await fetch(path, { cache: 'no-store' });
+    if (!response.ok) return null;
+    return response.json();
+  }
+
+  async function refreshRooms() {
+    const list = await fetchJson('/api/rooms').catch(() => null);
+    if (!list) return;
+    state.directory = new Map(list.rooms.map((r) => [r.room, r.members]));
+    renderLists();
+  }
+
+  async function refreshMembers(name) {
+    const detail = await fetchJson(`/api/rooms/${encodeURIComponent(name)}`).catch(() => null);
+    const room = state.rooms.get(name);
+    if (!room || !detail) return;
+    room.members = detail.members;
+    state.directory.set(name, detail.members.length);
+    renderLists();
+  }
+
+  // ---- direct messages ----
+
+  function dm(user) {
+    if (!state.dms.has(user)) state.dms.set(user, { items: [], unread: 0 });
+    return state.dms.get(user);
+  }
+
+  function onDirectMessage(message) {
+    const sender = message.headers['x-sender'] || '';
+    const conversation = dm(sender);
+    conversation.items.push({ sender, body: message.body, time: Number(message.headers['x-timestamp']) });
+    if (!isActive('dm', sender)) conversation.unread += 1;
+    renderIfActive('dm', sender);
+    renderLists();
+  }
+
+  // ---- typing ----
+
+  function showTyping(room, user) {
+    if (!state.typing.has(room)) state.typing.set(room, new Map());
+    const typers = state.typing.get(room);
+    clearTimeout(typers.get(user));
+    typers.set(user, setTimeout(() => stopTyping(room, user), TYPING_SHOW_MS));
+    renderTyping();
+  }
+
+  function stopTyping(room, user) {
+    const typers = state.typing.get(room);
+    if (!typers || !typers.has(user)) return;
+    clearTimeout(typers.get(user));
+    typers.delete(user);
+    renderTyping();
+  }
+
+  function sendTyping() {
+    const active = state.active;
+    if (!active || active.kind !== 'room' || !state.client.connected) return;
+    const now = Date.now();
+    if (now - state.lastTypingSent < TYPING_SEND_EVERY_MS) return;
+    state.lastTypingSent = now;
+    state.client.publish({
+      destination: `/topic/room.${active.name}`,
+      body: '',
+      headers: { 'x-transient': 'true', 'x-typing': 'true' },
+    });
+  }
+
+  // ---- sending ----
+
+  function send() {
+    const input = $('input');
+    const text = input.value;
+    const active = state.active;
+    if (!text.trim() || !active || !state.client.connected) return;
+    const headers = { 'content-type': 'text/plain;charset=utf-8' };
+    if (active.kind === 'room') {
+      state.client.publish({ destination: `/topic/room.${active.name}`, body: text, headers });
+    } else {
+      state.client.publish({ destination: `/user/${active.name}/queue/dm`, body: text, headers });
+      // The broker does not echo a direct message to its sender: show it here.
+      dm(active.name).items.push({ sender: state.name, body: text, time: Date.now() });
+      render();
+    }
+    input.value = '';
+    state.lastTypingSent = 0;
+  }
+
+  // ---- rendering ----
+
+  function isActive(kind, name) {
+    return state.active !== null && state.active.kind === kind && state.active.name === name;
+  }
+
+  function open(conversation) {
+    state.active = conversation;
+    const target = conversation.kind === 'room' ? state.rooms.get(conversation.name) : dm(conversation.name);
+    if (target) target.unread = 0;
+    $('sidebar').classList.remove('open');
+    render();
+    $('input').focus();
+  }
+
+  function renderIfActive(kind, name) {
+    if (isActive(kind, name)) renderMessages();
+  }
+
+  function render() {
+    renderLists();
+    renderMessages();
+    renderTyping();
+  }
+
+  function renderMessages() {
+    const list = $('messages');
+    const active = state.active;
+    const items = !active ? [] : active.kind === 'room' ? (state.rooms.get(active.name)?.items ?? []) : dm(active.name).items;
+    $('title').textContent = !active ? 'Stoa' : active.kind === 'room' ? `# ${active.name}` : `@ ${active.name}`;
+    $('empty').hidden = active !== null;
+    $('leave-button').hidden = !active || active.kind !== 'room';
+    $('input').disabled = !active;
+    $('composer').querySelector('button').disabled = !active;
+    const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+    list.replaceChildren(...items.map(renderItem));
+    if (nearBottom) list.scrollTop = list.scrollHeight;
+  }
+
+  function renderItem(item) {
+    if (item.notice !== undefined) {
+      return el('li', { className: 'notice', testid: 'notice', dataset: { event: item.event || 'info' } }, item.notice);
+    }
+    const time = new Date(item.time || Date.now());
+    return el(
+      'li',
+      { className: item.sender === state.name ? 'message mine' : 'message', testid: 'message' },
+      el(
+        'div',
+        { className: 'meta' },
+        el('span', { className: 'sender', testid: 'message-sender' }, item.sender),
+        el('time', { testid: 'message-time', dateTime: time.toISOString() }, time.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })),
+      ),
+      el('div', { className: 'body', testid: 'message-body' }, item.body),
+    );
+  }
+
+  function renderLists() {
+    const names = new Set([...state.directory.keys(), ...state.rooms.keys()]);
+    const rooms = [...names].sort().map((name) => {
+      const joined = state.rooms.get(name);
+      const li = el(
+        'li',
+        { testid: 'room-item', dataset: { room: name }, className: isActive('room', name) ? 'active' : '' },
+        el('span', { className: 'name' }, `# ${name}`),
+        el('span', { className: 'count', title: 'members' }, String(state.directory.get(name) ?? 0)),
+        el('span', { className: 'unread', testid: 'unread-count' }, joined && joined.unread ? String(joined.unread) : ''),
+      );
+      li.addEventListener('click', () => joinRoom(name));
+      return li;
+    });
+    $('rooms').replaceChildren(...rooms);
+
+    const dms = [...state.dms.entries()].map(([user, conversation]) => {
+      const li = el(
+        'li',
+        { testid: 'dm-item', dataset: { user }, className: isActive('dm', user) ? 'active' : '' },
+        el('span', { className: 'name' }, `@ ${user}`),
+        el('span', { className: 'unread' }, conversation.unread ? String(conversation.unread) : ''),
+      );
+      li.addEventListener('click', () => open({ kind: 'dm', name: user }));
+      return li;
+    });
+    $('dms').replaceChildren(...dms);
+
+    const active = state.active;
+    const members = active && active.kind === 'room' ? (state.rooms.get(active.name)?.members ?? []) : [];
+    $('members').replaceChildren(...members.map((user) => {
+      const self = user === state.name;
+      const li = el('li', { testid: 'member', className: self ? 'self' : '', title: self ? 'you' : `message ${user}` }, user);
+      if (!self) li.addEventListener('click', () => open({ kind: 'dm', name: user }));
+      return li;
+    }));
+  }
+
+  function renderTyping() {
+    const active = state.active;
+    const typers = active && active.kind === 'room' ? [...(state.typing.get(active.name)?.keys() ?? [])] : [];
+    const text = typers.length === 0 ? '' : typers.length === 1 ? `${typers[0]} is typing…` : `${typers.join(', ')} are typing…`;
+    $('typing').textContent = text;
+  }
+
+  // ---- wiring ----
+
+  $('login-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const name = $('nickname').value.trim();
+    if (!name) return;
+    $('login-error').textContent = '';
+    connect(name);
+  });
+
+  $('new-room-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const name = $('new-room').value.trim();
+    if (!state.client || !name) return;
+    joinRoom(name);
+    $('new-room').value = '';
+  });
+
+  $('composer').addEventListener('submit', (e) => {
+    e.preventDefault();
+    send();
+  });
+
+  $('input').addEventListener('keydown', (e) => {
+    // Enter sends; Shift+Enter is a new line; Enter that confirms an input method's
+    // composition (Korean, Japanese) must not send half a word.
+    if (e.key !== 'Enter' || e.shiftKey || e.isComposing || e.keyCode === 229) return;
+    e.preventDefault();
+    send();
+  });
+  $('input').addEventListener('input', sendTyping);
+  $('leave-button').addEventListener('click', () => state.active && leaveRoom(state.active.name));
+  $('menu-button').addEventListener('click', () => $('sidebar').classList.toggle('open'));
+  setInterval(() => state.client && state.client.connected && refreshRooms(), ROOM_LIST_REFRESH_MS);
+
+  // /?room=<room>&name=<nick> joins directly.
+  const params = new URLSearchParams(location.search);
+  if (params.get('name')) {
+    $('nickname').value = params.get('name');
+    connect(params.get('name'));
+    const room = params.get('room');
+    if (room) {
+      const wait = setInterval(() => {
+        if (state.client.connected) {
+          clearInterval(wait);
+          joinRoom(room);
+        }
+      }, 50);
+    }
+  }
+})();

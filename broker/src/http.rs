@@ -42,10 +42,22 @@ pub struct AppState {
 pub fn routes(state: AppState) -> Router {
     Router::new()
         .route("/", get(index))
-        .route("/chat.js", get(|| asset("text/javascript; charset=utf-8", CHAT_JS)))
-        .route("/chat.css", get(|| asset("text/css; charset=utf-8", CHAT_CSS)))
-        .route("/vendor/stomp.umd.min.js", get(|| asset("text/javascript; charset=utf-8", STOMP_JS)))
-        .route("/vendor/stompjs-LICENSE", get(|| asset("text/plain; charset=utf-8", STOMP_JS_LICENSE)))
+        .route(
+            "/chat.js",
+            get(|| asset("text/javascript; charset=utf-8", CHAT_JS)),
+        )
+        .route(
+            "/chat.css",
+            get(|| asset("text/css; charset=utf-8", CHAT_CSS)),
+        )
+        .route(
+            "/vendor/stomp.umd.min.js",
+            get(|| asset("text/javascript; charset=utf-8", STOMP_JS)),
+        )
+        .route(
+            "/vendor/stompjs-LICENSE",
+            get(|| asset("text/plain; charset=utf-8", STOMP_JS_LICENSE)),
+        )
         .route("/ws", get(websocket))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))

@@ -555,6 +555,10 @@ impl Client {
 }
 
 /// An open transaction: its SENDs, ACKs and NACKs take effect at [`Transaction::commit`].
+///
+/// Frames inside a transaction are sent without waiting for receipts: some brokers
+/// (RabbitMQ) hold those receipts until COMMIT. COMMIT's receipt confirms them all, since a
+/// RECEIPT acknowledges every earlier frame of the connection.
 #[derive(Debug)]
 pub struct Transaction {
     id: String,
@@ -567,36 +571,36 @@ impl Transaction {
         &self.id
     }
 
-    /// SEND inside the transaction (confirmed as held, not delivered).
+    /// SEND inside the transaction; it goes out at COMMIT.
     ///
     /// # Errors
-    /// The broker's ERROR, a timeout, or a closed client.
+    /// A closed client. The broker's verdict comes with [`Transaction::commit`].
     pub async fn send(&self, destination: &str, body: impl Into<Bytes>) -> Result<(), ClientError> {
         let frame = Frame::new(Command::Send)
             .with_header("destination", destination)
             .with_header("transaction", &self.id)
             .with_body(body);
-        self.client.send_frame(frame, true).await.map(drop)
+        self.client.send_frame(frame, false).await.map(drop)
     }
 
     /// ACK inside the transaction.
     ///
     /// # Errors
-    /// The broker's ERROR, a timeout, or a closed client.
+    /// A closed client. The broker's verdict comes with [`Transaction::commit`].
     pub async fn ack(&self, message: &Message) -> Result<(), ClientError> {
         let frame = self.client.ack_frame(Command::Ack, message, Some(&self.id));
-        self.client.send_frame(frame, true).await.map(drop)
+        self.client.send_frame(frame, false).await.map(drop)
     }
 
     /// NACK inside the transaction.
     ///
     /// # Errors
-    /// The broker's ERROR, a timeout, or a closed client.
+    /// A closed client. The broker's verdict comes with [`Transaction::commit`].
     pub async fn nack(&self, message: &Message) -> Result<(), ClientError> {
         let frame = self
             .client
             .ack_frame(Command::Nack, message, Some(&self.id));
-        self.client.send_frame(frame, true).await.map(drop)
+        self.client.send_frame(frame, false).await.map(drop)
     }
 
     /// COMMIT.

@@ -197,6 +197,14 @@ impl Link {
                 )
                 .await
                 .map_err(|e| match e {
+                    // A failed TLS handshake arrives as an I/O error around rustls' own.
+                    tungstenite::Error::Io(io)
+                        if io
+                            .get_ref()
+                            .is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>()) =>
+                    {
+                        ClientError::Tls(format!("{url}: {io}"))
+                    }
                     tungstenite::Error::Io(io) => refused(url, io),
                     tungstenite::Error::Tls(tls) => ClientError::Tls(format!("{url}: {tls}")),
                     other => refused(url, other),

@@ -51,8 +51,9 @@ pub struct Broker {
     pub http: SocketAddr,
     /// STOMP over TCP address.
     pub stomp: SocketAddr,
-    /// Its data directory, removed on drop.
+    /// Its data directory, removed on drop unless a restart took it over.
     pub data_dir: PathBuf,
+    owns_data: bool,
 }
 
 static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
@@ -84,16 +85,28 @@ impl Broker {
         Broker::start_with(&data_dir, args, env)
     }
 
+    /// Starts again where `previous` ran: the same addresses and data directory, which the
+    /// new broker then owns. `previous` must have been [`Broker::kill`]ed.
+    pub fn restart_of(previous: &mut Broker, args: &[&str]) -> Broker {
+        previous.owns_data = false;
+        let (http, stomp) = (previous.http.to_string(), previous.stomp.to_string());
+        Broker::start_at(&previous.data_dir, &http, &stomp, args, &[])
+    }
+
     fn start_with(data_dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Broker {
+        Broker::start_at(data_dir, "127.0.0.1:0", "127.0.0.1:0", args, env)
+    }
+
+    fn start_at(
+        data_dir: &std::path::Path,
+        http: &str,
+        stomp: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Broker {
         let mut child = Command::new(stoa_bin())
             .envs(env.iter().copied())
-            .args([
-                "--http-listen",
-                "127.0.0.1:0",
-                "--stomp-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
+            .args(["--http-listen", http, "--stomp-listen", stomp, "--data-dir"])
             .arg(data_dir)
             .args(args)
             .stdout(Stdio::piped())
@@ -117,6 +130,7 @@ impl Broker {
             stomp: addr("stomp="),
             child,
             data_dir: data_dir.to_owned(),
+            owns_data: true,
         }
     }
 
@@ -175,6 +189,12 @@ impl Broker {
         }
     }
 
+    /// Kills the process (SIGKILL, no chance to flush) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Resident memory in KiB, from /proc.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
@@ -190,9 +210,10 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.data_dir);
+        self.kill();
+        if self.owns_data {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
     }
 }
 

@@ -1,0 +1,404 @@
+//! The client library against the real stoa binary (and RabbitMQ when the test command has
+//! started it): every transport, receipts, transactions, acks, reconnection, dead brokers.
+
+// Test code: a panic is the test failing, with its message.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use client::{Backoff, Client, ClientError, Options, SubscribeOptions};
+use futures_util::StreamExt;
+use integration_tests::{Broker, Conn, Transport, frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A TLS terminator in front of `target`, with a fresh self-signed certificate for
+/// `localhost`; returns its address and the certificate to trust.
+async fn tls_proxy(target: SocketAddr) -> (SocketAddr, Vec<u8>) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = CertificateDer::from(certified.cert.der().to_vec());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(socket).await else {
+                    return;
+                };
+                let Ok(mut upstream) = TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+            });
+        }
+    });
+    (addr, cert.to_vec())
+}
+
+async fn round_trip(url: &str, options: Options) {
+    let client = Client::connect(url, options.login("round-trip"))
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    let mut room = client
+        .subscribe("/topic/room.trips", SubscribeOptions::new())
+        .await
+        .unwrap();
+    let join = room.next().await.unwrap();
+    assert_eq!(join.header("x-event"), Some("join"), "{url}");
+    let receipt = client
+        .send_with_receipt("/topic/room.trips", "안녕, 세계")
+        .await
+        .unwrap();
+    let message = room.next().await.unwrap();
+    assert_eq!(message.text(), "안녕, 세계");
+    assert_eq!(message.header("x-sender"), Some("round-trip"));
+    assert_eq!(
+        receipt.header("x-seq"),
+        message.header("x-seq"),
+        "the receipt names the seq"
+    );
+    assert_eq!(receipt.header("message-id"), message.header("message-id"));
+    room.unsubscribe().await.unwrap();
+    client.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_transport_round_trips() {
+    let broker = Broker::start(&[]);
+    round_trip(&broker.ws_url(), Options::new()).await;
+    round_trip(&format!("tcp://{}", broker.stomp), Options::new()).await;
+    let (tls_stomp, cert) = tls_proxy(broker.stomp).await;
+    round_trip(
+        &format!("tcp+tls://localhost:{}", tls_stomp.port()),
+        Options::new().trust_der(cert),
+    )
+    .await;
+    let (tls_http, cert) = tls_proxy(broker.http).await;
+    round_trip(
+        &format!("wss://localhost:{}/ws", tls_http.port()),
+        Options::new().trust_der(cert.clone()),
+    )
+    .await;
+    // An untrusted certificate is refused.
+    let err = Client::connect(
+        &format!("wss://localhost:{}/ws", tls_http.port()),
+        Options::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, ClientError::Tls(_)), "{err}");
+}
+
+#[tokio::test]
+async fn versions_are_negotiated() {
+    let broker = Broker::start(&[]);
+    for version in stomp_codec::Version::ALL {
+        let client = Client::connect(&broker.ws_url(), Options::new().versions(&[version]))
+            .await
+            .unwrap();
+        assert_eq!(client.connected().version, version);
+        let mut sub = client
+            .subscribe("/topic/versions", SubscribeOptions::new())
+            .await
+            .unwrap();
+        client
+            .send_with_receipt("/topic/versions", "x")
+            .await
+            .unwrap();
+        assert_eq!(sub.next().await.unwrap().text(), "x");
+    }
+}
+
+#[tokio::test]
+async fn transactions_commit_and_abort() {
+    let broker = Broker::start(&[]);
+    let client = Client::connect(&format!("tcp://{}", broker.stomp), Options::new())
+        .await
+        .unwrap();
+    let mut sub = client
+        .subscribe("/topic/tx", SubscribeOptions::new())
+        .await
+        .unwrap();
+    let tx = client.begin().await.unwrap();
+    tx.send("/topic/tx", "held").await.unwrap();
+    client
+        .send_with_receipt("/topic/tx", "marker")
+        .await
+        .unwrap();
+    assert_eq!(
+        sub.next().await.unwrap().text(),
+        "marker",
+        "the held message is not out yet"
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(sub.next().await.unwrap().text(), "held");
+    let tx = client.begin().await.unwrap();
+    tx.send("/topic/tx", "aborted").await.unwrap();
+    tx.abort().await.unwrap();
+    client
+        .send_with_receipt("/topic/tx", "after")
+        .await
+        .unwrap();
+    assert_eq!(sub.next().await.unwrap().text(), "after");
+}
+
+#[tokio::test]
+async fn acks_and_nacks_in_every_version() {
+    let broker = Broker::start(&[]);
+    for version in stomp_codec::Version::ALL {
+        let client = Client::connect(&broker.ws_url(), Options::new().versions(&[version]))
+            .await
+            .unwrap();
+        let mut sub = client
+            .subscribe(
+                "/topic/acks",
+                SubscribeOptions::new().ack("client-individual"),
+            )
+            .await
+            .unwrap();
+        for i in 0..3 {
+            client.send("/topic/acks", format!("m{i}")).await.unwrap();
+        }
+        let messages = [
+            sub.next().await.unwrap(),
+            sub.next().await.unwrap(),
+            sub.next().await.unwrap(),
+        ];
+        client.ack(&messages[1]).await.unwrap();
+        if version != stomp_codec::Version::V1_0 {
+            client.nack(&messages[0]).await.unwrap();
+        }
+        let tx = client.begin().await.unwrap();
+        tx.ack(&messages[2]).await.unwrap();
+        tx.commit().await.unwrap();
+        // Acking a settled message is the broker's error, surfaced as such.
+        let err = client.ack(&messages[1]).await.unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Broker { message, .. } if message.contains("no unacknowledged message")),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn reconnecting_resubscribes_and_a_room_loses_nothing() {
+    let mut broker = Broker::start(&[]);
+    let options = Options::new().login("survivor").reconnect(Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(400),
+        max_attempts: None,
+    });
+    let client = Client::connect(&broker.ws_url(), options).await.unwrap();
+    let mut room = client
+        .subscribe(
+            "/topic/room.resume",
+            SubscribeOptions::new().header("x-history", "0"),
+        )
+        .await
+        .unwrap();
+    let mut topic = client
+        .subscribe("/topic/plain", SubscribeOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(room.next().await.unwrap().header("x-event"), Some("join"));
+    for i in 1..=3 {
+        client
+            .send_with_receipt("/topic/room.resume", format!("before {i}"))
+            .await
+            .unwrap();
+        assert_eq!(room.next().await.unwrap().text(), format!("before {i}"));
+    }
+    // The broker dies, and is back on the same addresses with the same data.
+    broker.kill();
+    let broker = Broker::restart_of(&mut broker, &[]);
+    // Someone talks in the room at once: the client may or may not be back yet.
+    let mut other = Conn::open(&broker, Transport::Tcp).await;
+    other.login("other").await;
+    for i in 1..=2 {
+        let send = frame("SEND", &[("destination", "/topic/room.resume")])
+            .with_body(format!("while away {i}"));
+        other.send_with_receipt(&send, &format!("w{i}")).await;
+    }
+    // Everything after what the client had, once, in order: the messages sent while it
+    // was away (replayed through x-since or live), its own rejoin notice somewhere among
+    // them, and nothing it had seen before.
+    let mut bodies = Vec::new();
+    while bodies.len() < 2 {
+        let m = tokio::time::timeout(WAIT, room.next())
+            .await
+            .unwrap()
+            .unwrap();
+        if m.header("x-event").is_none() {
+            bodies.push(m.text());
+        }
+    }
+    assert_eq!(bodies, ["while away 1", "while away 2"]);
+    // The receipt of anything sent now also confirms the resubscriptions, sent earlier on
+    // the same connection; then the plain topic works again.
+    client
+        .send_with_receipt("/topic/plain", "back")
+        .await
+        .unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, topic.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .text(),
+        "back"
+    );
+}
+
+#[tokio::test]
+async fn a_broker_that_stops_beating_is_detected() {
+    // A fake broker: CONNECTED with 100 ms heart-beats, then silence.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut connect = [0u8; 1024];
+        let _ = socket.read(&mut connect).await.unwrap();
+        socket
+            .write_all(b"CONNECTED\nversion:1.2\nheart-beat:100,100\n\n\0")
+            .await
+            .unwrap();
+        let mut sink = [0u8; 1024];
+        while let Ok(n) = socket.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let options = Options::new()
+        .heart_beat(100, 100)
+        .timeout(Duration::from_secs(5));
+    let client = Client::connect(&format!("tcp://{addr}"), options)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = client
+        .send_with_receipt("/topic/a", "anyone there?")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Protocol(m) if m.contains("no heart-beat")),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "detected after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn errors_are_typed() {
+    let err = Client::connect("tcp://127.0.0.1:1", Options::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::ConnectionRefused(_)), "{err}");
+    let err = Client::connect("http://127.0.0.1:1", Options::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::InvalidUrl(_)), "{err}");
+    let broker = Broker::start(&[]);
+    let err = Client::connect(&broker.ws_url(), Options::new().login("no/slash"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Broker { message, .. } if message.contains("invalid login")),
+        "{err}"
+    );
+    let client = Client::connect(&broker.ws_url(), Options::new())
+        .await
+        .unwrap();
+    let err = client
+        .send_with_receipt("/topic/room.bad name", "x")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Broker { message, .. } if message.contains("room name")),
+        "{err}"
+    );
+    let err = client.send("/topic/a", "x").await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Closed),
+        "after an ERROR without reconnection: {err}"
+    );
+}
+
+/// RabbitMQ's STOMP and Web-STOMP, when the test command started it.
+fn rabbitmq() -> Option<(String, String)> {
+    match std::env::var("STOA_RABBITMQ").ok().as_deref() {
+        Some("1") => Some((
+            "tcp://127.0.0.1:61613".into(),
+            "ws://127.0.0.1:15674/ws".into(),
+        )),
+        _ => {
+            eprintln!(
+                "RabbitMQ tests skipped: scripts/test.sh starts RabbitMQ and sets STOA_RABBITMQ=1"
+            );
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_client_works_against_rabbitmq() {
+    let Some((tcp, ws)) = rabbitmq() else { return };
+    let guest = || Options::new().login("guest").passcode("guest");
+    for url in [&tcp, &ws] {
+        let client = Client::connect(url, guest())
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let mut sub = client
+            .subscribe("/topic/stoa-client.test", SubscribeOptions::new())
+            .await
+            .unwrap();
+        client
+            .send_with_receipt("/topic/stoa-client.test", "hello rabbit")
+            .await
+            .unwrap();
+        assert_eq!(
+            tokio::time::timeout(WAIT, sub.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .text(),
+            "hello rabbit"
+        );
+        let tx = client.begin().await.unwrap();
+        tx.send("/topic/stoa-client.test", "in a transaction")
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            tokio::time::timeout(WAIT, sub.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .text(),
+            "in a transaction"
+        );
+        client.disconnect().await.unwrap();
+    }
+}

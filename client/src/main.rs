@@ -261,6 +261,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 sub_options = sub_options.header(name, value);
             }
             let mut sub = client.subscribe(&destination, sub_options).await?;
+            // On standard error, so that scripts (and tests) can wait for it without
+            // mixing it into the messages.
+            eprintln!("subscribed to {destination}");
             let deadline =
                 timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
             let mut received = 0u64;

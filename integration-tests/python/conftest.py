@@ -32,10 +32,10 @@ class Broker:
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="stoa-py-")
         self._start()
 
-    def _start(self):
+    def _start(self, http="127.0.0.1:0", stomp="127.0.0.1:0"):
         args = self.args
         self.proc = subprocess.Popen(
-            [stoa_bin(), "--http-listen", "127.0.0.1:0", "--stomp-listen", "127.0.0.1:0",
+            [stoa_bin(), "--http-listen", http, "--stomp-listen", stomp,
              "--data-dir", self.data_dir, *args],
             stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
@@ -48,7 +48,8 @@ class Broker:
         """SIGTERM (a graceful stop), then start again on the same data directory."""
         self.proc.terminate()
         assert self.proc.wait(timeout=WAIT) == 0, "stoa did not exit cleanly on SIGTERM"
-        self._start()
+        # The same ports, so that clients that reconnect find it again.
+        self._start(http=self.http, stomp=f"127.0.0.1:{self.stomp_port}")
 
     def get(self, path):
         """GET over HTTP: (status, parsed JSON body)."""

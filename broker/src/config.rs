@@ -102,6 +102,15 @@ pub struct Config {
     #[arg(long, env = "STOA_USER_QUEUE_LIMIT", default_value_t = 10_000)]
     pub user_queue_limit: usize,
 
+    /// Most messages (ready and unacknowledged) one durable queue holds; a SEND past it
+    /// gets ERROR "queue ... is full".
+    #[arg(long, env = "STOA_QUEUE_MAX_MESSAGES", default_value_t = 1_000_000)]
+    pub queue_max_messages: usize,
+
+    /// Most body bytes one durable queue holds.
+    #[arg(long, env = "STOA_QUEUE_MAX_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub queue_max_bytes: usize,
+
     /// Initial read buffer per connection, in bytes (it grows for large frames, then shrinks).
     #[arg(long, env = "STOA_READ_BUFFER_BYTES", default_value_t = 4 * 1024)]
     pub read_buffer_bytes: usize,
@@ -182,6 +191,9 @@ impl Config {
             ("read-buffer-bytes", self.read_buffer_bytes),
             ("room-history", self.room_history),
             ("user-queue-limit", self.user_queue_limit),
+            ("queue-max-messages", self.queue_max_messages),
+            ("queue-max-bytes", self.queue_max_bytes),
+            ("max-unacked", self.max_unacked),
         ];
         for (name, value) in positive {
             if value == 0 {

@@ -16,7 +16,7 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, debug, info};
 
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, Outgoing, REPLAY_HEADER};
+use crate::outbox::{Outbox, Outgoing};
 use crate::session::{Outcome, Rejected, Session, SessionError, write_ack_id};
 use crate::state::Broker;
 
@@ -72,14 +72,12 @@ pub fn compose(item: &Outgoing, dst: &mut BytesMut) {
             head,
             ack,
             tail,
-            replay,
+            mark,
             ..
         } => {
             dst.reserve(head.len() + tail.len() + 40);
             dst.put_slice(head);
-            if *replay {
-                dst.put_slice(REPLAY_HEADER);
-            }
+            dst.put_slice(mark.header());
             if let Some(tag) = ack {
                 dst.put_slice(b"ack:");
                 write_ack_id(*tag, dst);
@@ -377,7 +375,17 @@ impl<T: Transport> Connection<T> {
                 self.session.close();
                 return;
             }
-            Stop::Disconnect => (None, CloseKind::Normal),
+            Stop::Disconnect => {
+                // RECEIPTs that wait for the disk (the DISCONNECT's among them) must reach
+                // the outbox before the final flush.
+                if self.session.has_durable_receipts() {
+                    let broker = self.broker.clone();
+                    let _ =
+                        tokio::task::spawn_blocking(move || broker.router.queues.store().flush())
+                            .await;
+                }
+                (None, CloseKind::Normal)
+            }
             Stop::Shutdown => (
                 Some(Rejected::from(SessionError::ShuttingDown)),
                 CloseKind::Shutdown,

@@ -62,6 +62,7 @@ pub fn routes(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/rooms", get(api_rooms))
+        .route("/api/queues", get(api_queues))
         .route("/api/rooms/{room}", get(api_room))
         .with_state(state)
 }
@@ -89,6 +90,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 async fn api_rooms(State(state): State<AppState>) -> Response {
     json_response(StatusCode::OK, state.broker.router.app.rooms_json())
+}
+
+async fn api_queues(State(state): State<AppState>) -> Response {
+    let body = serde_json::json!({ "queues": state.broker.router.queues.stats() }).to_string();
+    json_response(StatusCode::OK, body)
 }
 
 async fn api_room(State(state): State<AppState>, Path(room): Path<String>) -> Response {

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod connection;
 pub mod destination;
+pub mod durable;
 pub mod http;
 pub mod metrics;
 pub mod outbox;

@@ -38,8 +38,8 @@ pub enum Outgoing {
         tail: Bytes,
         /// Whether the whole frame is UTF-8 (goes out as a WebSocket text message).
         text: bool,
-        /// History replayed to a joining subscriber: written with `x-replay:true`.
-        replay: bool,
+        /// A header this delivery adds: `x-replay:true` or `redelivered:true`.
+        mark: Mark,
     },
 }
 
@@ -52,12 +52,9 @@ impl Outgoing {
                 head,
                 ack,
                 tail,
-                replay,
+                mark,
                 ..
-            } => {
-                let replay = if *replay { REPLAY_HEADER.len() } else { 0 };
-                head.len() + tail.len() + replay + if ack.is_some() { 32 } else { 0 }
-            }
+            } => head.len() + tail.len() + mark.header().len() + if ack.is_some() { 32 } else { 0 },
         }
     }
 
@@ -67,8 +64,28 @@ impl Outgoing {
     }
 }
 
-/// The header line that marks replayed history.
-pub const REPLAY_HEADER: &[u8] = b"x-replay:true\n";
+/// A header one delivery of a shared message adds to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// Nothing.
+    None,
+    /// History replayed to a joining subscriber: `x-replay:true`.
+    Replay,
+    /// A queue message delivered again (after a NACK, a lost consumer or a restart):
+    /// `redelivered:true`.
+    Redelivered,
+}
+
+impl Mark {
+    /// The header line, EOL included; empty for [`Mark::None`].
+    pub fn header(self) -> &'static [u8] {
+        match self {
+            Mark::None => b"",
+            Mark::Replay => b"x-replay:true\n",
+            Mark::Redelivered => b"redelivered:true\n",
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 struct Inner {

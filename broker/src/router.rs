@@ -14,8 +14,9 @@ use bytes::Bytes;
 use stomp_codec::{Frame, Headers, SharedMessage, Version};
 
 use crate::destination::{Destination, is_pattern};
-use crate::outbox::{AckTag, Outbox, Outgoing};
-use crate::services::{App, Rooms, Topics, Users};
+use crate::durable::{KeptQueue, QueueStore};
+use crate::outbox::{AckTag, Mark, Outbox, Outgoing};
+use crate::services::{App, QueueLimits, Queues, Rooms, Topics, Users};
 use crate::session::{SessionError, SessionId};
 use crate::state::now_millis;
 use crate::store::Store;
@@ -43,10 +44,16 @@ impl Subscriber {
     /// Offers `publish` to this subscriber; `replay` marks history (`x-replay:true`).
     /// Returns whether the outbox took it.
     pub fn offer(&self, publish: &Publish, replay: bool) -> bool {
-        self.offer_tail(publish, publish.tail(self.version), replay)
+        let mark = if replay { Mark::Replay } else { Mark::None };
+        self.offer_marked(publish, mark)
     }
 
-    fn offer_tail(&self, publish: &Publish, tail: Bytes, replay: bool) -> bool {
+    /// Offers `publish` with a delivery header of its own (`redelivered:true`, ...).
+    pub fn offer_marked(&self, publish: &Publish, mark: Mark) -> bool {
+        self.offer_tail(publish, publish.tail(self.version), mark)
+    }
+
+    fn offer_tail(&self, publish: &Publish, tail: Bytes, mark: Mark) -> bool {
         self.outbox.offer(Outgoing::Message {
             head: self.head.clone(),
             ack: self.needs_ack.then_some(AckTag {
@@ -55,7 +62,7 @@ impl Subscriber {
             }),
             tail,
             text: publish.text,
-            replay,
+            mark,
         })
     }
 
@@ -183,7 +190,7 @@ pub fn deliver<'a>(
                 tail
             }
         };
-        if sub.offer_tail(publish, tail, false) {
+        if sub.offer_tail(publish, tail, Mark::None) {
             fanout.delivered += 1;
         } else {
             fanout.refused += 1;
@@ -222,6 +229,8 @@ pub struct SubscribeRequest<'a> {
     pub subscriber: Subscriber,
     /// What to replay first.
     pub replay: Replay,
+    /// The SUBSCRIBE's `prefetch-count`, if any.
+    pub prefetch: Option<usize>,
 }
 
 /// A SEND, as handed to a service.
@@ -248,6 +257,8 @@ pub struct Published {
     pub seq: Option<u64>,
     /// Who it reached.
     pub fanout: Fanout,
+    /// Whether it went to durable storage: the RECEIPT must wait until it is on disk.
+    pub durable: bool,
 }
 
 /// What serves one kind of destination.
@@ -272,6 +283,10 @@ pub trait Service: Send + Sync {
     /// # Errors
     /// The service refused it (a full user queue).
     fn publish(&self, request: PublishRequest<'_>) -> Result<Published, SessionError>;
+
+    /// Settles messages with these ids that `subscriber` ACKed (`ack`) or NACKed. Only
+    /// services that keep messages until they are acknowledged care.
+    fn settle(&self, _key: &str, _subscriber: &Subscriber, _ids: &[u64], _ack: bool) {}
 }
 
 /// Broker-wide message ids.
@@ -307,6 +322,8 @@ pub struct RouterLimits {
     pub room_history: usize,
     /// Messages waiting per offline user queue.
     pub user_queue_limit: usize,
+    /// Durable queue limits.
+    pub queues: QueueLimits,
 }
 
 /// Every service, and the map from destinations to them.
@@ -322,6 +339,8 @@ pub struct Router {
     pub users: Users,
     /// `/app/...`.
     pub app: App,
+    /// `/queue/<name>`.
+    pub queues: Queues,
     store: Arc<dyn Store>,
 }
 
@@ -332,6 +351,8 @@ impl Router {
     /// The store cannot be read.
     pub fn open(
         store: Arc<dyn Store>,
+        queue_store: Arc<QueueStore>,
+        kept_queues: Vec<KeptQueue>,
         limits: RouterLimits,
     ) -> Result<Router, crate::store::StoreError> {
         let ids = Arc::new(MessageIds::new());
@@ -344,12 +365,14 @@ impl Router {
         )?);
         let users = Users::load(store.clone(), limits.user_queue_limit)?;
         let app = App::new(rooms.clone(), ids.clone());
+        let queues = Queues::new(queue_store, kept_queues, limits.queues);
         Ok(Router {
             ids,
             topics,
             rooms,
             users,
             app,
+            queues,
             store,
         })
     }
@@ -370,7 +393,8 @@ impl Router {
             },
             Destination::User(rest) => Ok((&self.users, rest)),
             Destination::App(rest) => Ok((&self.app, rest)),
-            Destination::Queue(_) | Destination::Unknown => {
+            Destination::Queue(name) => Ok((&self.queues, name)),
+            Destination::Unknown => {
                 Err(SessionError::UnsupportedDestination(destination.to_owned()))
             }
         }
@@ -379,5 +403,6 @@ impl Router {
     /// Waits until everything handed to the store is written (at shutdown).
     pub fn flush_store(&self) {
         self.store.flush();
+        self.queues.store().flush();
     }
 }

@@ -8,6 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use stomp_codec::{
@@ -15,6 +16,7 @@ use stomp_codec::{
 };
 
 use crate::destination::TopicError;
+use crate::durable::DeferredReceipt;
 use crate::metrics::Metrics;
 use crate::outbox::{AckTag, Outbox, Outgoing};
 use crate::router::{PublishRequest, Published, Replay, SubscribeRequest, Subscriber};
@@ -112,6 +114,22 @@ pub enum SessionError {
     /// Nothing answers this `/app` destination.
     #[error("no application handles {0:?}: subscribe to /app/rooms or /app/room.<room>.members")]
     NoApplicationHandler(String),
+    /// A queue name that cannot be used.
+    #[error("invalid queue name {0:?}: 1 to 255 bytes, no control characters")]
+    InvalidQueueName(String),
+    /// A queue at its limit.
+    #[error("queue {queue:?} is full: it holds at most {messages} messages and {bytes} bytes")]
+    QueueFull {
+        /// The queue.
+        queue: String,
+        /// Its message limit.
+        messages: usize,
+        /// Its byte limit.
+        bytes: usize,
+    },
+    /// A `prefetch-count` that is not a number.
+    #[error("prefetch-count {0:?} is not a number")]
+    InvalidPrefetch(String),
     /// `x-history` and `x-since` together, or a value that is not a number.
     #[error("{0}")]
     InvalidReplay(String),
@@ -261,6 +279,10 @@ pub struct Session {
     transactions: HashMap<String, Vec<Frame>>,
     /// What the SEND being handled became, for its RECEIPT's `message-id` and `x-seq`.
     published: Option<Published>,
+    /// Whether the frame being handled put something in durable storage.
+    durable_published: bool,
+    /// RECEIPTs handed to the durable store and not yet released.
+    durable_receipts: Arc<AtomicUsize>,
 }
 
 impl Session {
@@ -278,6 +300,8 @@ impl Session {
             next_key: 0,
             transactions: HashMap::new(),
             published: None,
+            durable_published: false,
+            durable_receipts: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -329,12 +353,43 @@ impl Session {
                             receipt.headers.push("x-seq", digits.format(seq));
                         }
                     }
-                    self.reply(&receipt);
+                    self.send_receipt(&receipt);
                 }
+                self.durable_published = false;
                 Ok(outcome)
             }
-            Err(error) => Err(Rejected { error, receipt }),
+            Err(error) => {
+                self.durable_published = false;
+                Err(Rejected { error, receipt })
+            }
         }
+    }
+
+    /// Sends a RECEIPT, after the store has made durable everything this session handed it
+    /// if anything is still on its way to disk: a RECEIPT confirms every earlier frame.
+    fn send_receipt(&self, receipt: &Frame) {
+        if !self.durable_published && self.durable_receipts.load(Ordering::Acquire) == 0 {
+            self.reply(receipt);
+            return;
+        }
+        let mut buf = BytesMut::new();
+        encode(receipt, self.version, &mut buf);
+        self.durable_receipts.fetch_add(1, Ordering::AcqRel);
+        self.broker
+            .router
+            .queues
+            .store()
+            .receipt_after(DeferredReceipt {
+                outbox: self.outbox.clone(),
+                frame: buf.freeze(),
+                pending: self.durable_receipts.clone(),
+            });
+    }
+
+    /// Whether RECEIPTs are still waiting for the store (the connection waits for them
+    /// before it closes after DISCONNECT).
+    pub fn has_durable_receipts(&self) -> bool {
+        self.durable_receipts.load(Ordering::Acquire) > 0
     }
 
     fn dispatch(&mut self, frame: Frame) -> Result<Outcome, SessionError> {
@@ -429,7 +484,7 @@ impl Session {
         Ok(())
     }
 
-    fn publish(&self, frame: &Frame) -> Result<Published, SessionError> {
+    fn publish(&mut self, frame: &Frame) -> Result<Published, SessionError> {
         let destination = required(frame, "destination")?;
         let router = &self.broker.router;
         let (service, key) = router.resolve(destination)?;
@@ -446,6 +501,7 @@ impl Session {
             &metrics.messages_delivered,
             published.fanout.delivered as u64,
         );
+        self.durable_published |= published.durable;
         Ok(published)
     }
 
@@ -494,6 +550,7 @@ impl Session {
             destination,
             subscriber: subscriber.clone(),
             replay,
+            prefetch: prefetch_of(frame)?,
         })?;
         self.next_key = self.next_key.wrapping_add(1);
         self.subscription_ids.insert(id.to_owned(), sub_key);
@@ -583,26 +640,28 @@ impl Session {
         if let Some(tx) = frame.header("transaction") {
             return self.hold(tx.to_owned(), frame);
         }
-        self.settle(target);
+        self.settle(target, frame.command == Command::Ack);
         Ok(())
     }
 
-    /// Applies an ACK or NACK. Topics deliver at most once, so both just end the message's
-    /// wait; `client` mode settles everything delivered before it too (1.2 "SUBSCRIBE ack").
-    fn settle(&mut self, (key, message): (u32, u64)) {
+    /// Applies an ACK (`ack`) or NACK: `client` mode settles everything delivered before the
+    /// named message too (1.2 "SUBSCRIBE ack"). Topics deliver at most once, so there it just
+    /// ends the wait; services that keep messages (queues) are told.
+    fn settle(&mut self, (key, message): (u32, u64), ack: bool) {
         let Some(sub) = self.subscriptions.get_mut(&key) else {
             return;
         };
         let Some(pos) = sub.unacked.iter().position(|m| *m == message) else {
             return;
         };
-        match sub.ack {
-            AckMode::Client => {
-                sub.unacked.drain(..=pos);
-            }
+        let ids: Vec<u64> = match sub.ack {
+            AckMode::Client => sub.unacked.drain(..=pos).collect(),
             AckMode::ClientIndividual | AckMode::Auto => {
-                sub.unacked.remove(pos);
+                sub.unacked.remove(pos).into_iter().collect()
             }
+        };
+        if let Ok((service, service_key)) = self.broker.router.resolve(&sub.destination) {
+            service.settle(service_key, &sub.subscriber, &ids, ack);
         }
     }
 
@@ -660,7 +719,7 @@ impl Session {
                 // Checked when held; a message acknowledged since is simply settled already.
                 _ => {
                     if let Ok(target) = self.ack_target(&frame) {
-                        self.settle(target);
+                        self.settle(target, frame.command == Command::Ack);
                     }
                 }
             }
@@ -722,6 +781,18 @@ fn required<'f>(frame: &'f Frame, header: &'static str) -> Result<&'f str, Sessi
 
 fn transaction_of(frame: &Frame) -> Result<&str, SessionError> {
     required(frame, "transaction")
+}
+
+/// `prefetch-count` from a SUBSCRIBE: how many unacknowledged messages a queue consumer
+/// may hold (RabbitMQ's header).
+fn prefetch_of(frame: &Frame) -> Result<Option<usize>, SessionError> {
+    frame
+        .header("prefetch-count")
+        .map(|v| {
+            v.parse::<usize>()
+                .map_err(|_| SessionError::InvalidPrefetch(v.to_owned()))
+        })
+        .transpose()
 }
 
 /// `x-history: N` or `x-since: SEQ` from a SUBSCRIBE (DESIGN.md "Rooms").

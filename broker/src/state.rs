@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
+use crate::durable::QueueStore;
 use crate::metrics::Metrics;
 use crate::router::{Router, RouterLimits};
+use crate::services::QueueLimits;
 use crate::session::SessionId;
 use crate::store::{SqliteStore, Store, StoreError};
 
@@ -44,9 +46,20 @@ impl Broker {
         let limits = RouterLimits {
             room_history: config.room_history,
             user_queue_limit: config.user_queue_limit,
+            queues: QueueLimits {
+                max_messages: config.queue_max_messages,
+                max_bytes: config.queue_max_bytes,
+                max_prefetch: config.max_unacked,
+            },
         };
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::Sqlite {
+            path: config.data_dir.clone(),
+            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        })?;
+        // Durable queues live in a database of their own: every commit there is an fsync.
+        let (queue_store, kept_queues) = QueueStore::open(&config.data_dir)?;
         Ok(Broker {
-            router: Router::open(store, limits)?,
+            router: Router::open(store, Arc::new(queue_store), kept_queues, limits)?,
             config,
             metrics: Metrics::default(),
             next_session: AtomicU64::new(1),

@@ -21,7 +21,11 @@ struct Client {
 }
 
 fn broker_with(args: &[&str]) -> Arc<Broker> {
-    let mut all = vec!["stoa"];
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("stoa-session-test-{}-{n}", std::process::id()));
+    let dir = dir.to_string_lossy().into_owned();
+    let mut all = vec!["stoa", "--data-dir", &dir];
     all.extend_from_slice(args);
     let config = Config::try_parse_args(all).unwrap();
     Arc::new(Broker::with_store(config, Arc::new(MemoryStore::default())).unwrap())

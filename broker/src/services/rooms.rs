@@ -345,6 +345,7 @@ impl Service for Rooms {
                 message_id: request.message_id,
                 seq: None,
                 fanout,
+                durable: false,
             });
         }
         let mut digits = itoa::Buffer::new();
@@ -367,6 +368,7 @@ impl Service for Rooms {
             message_id: request.message_id,
             seq: Some(seq),
             fanout,
+            durable: false,
         })
     }
 }

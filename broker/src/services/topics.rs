@@ -129,6 +129,7 @@ impl Service for Topics {
             message_id: request.message_id,
             seq: None,
             fanout: self.fan_out(request.key, &publish),
+            durable: false,
         })
     }
 }

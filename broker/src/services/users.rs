@@ -185,6 +185,7 @@ impl Service for Users {
             message_id: request.message_id,
             seq: None,
             fanout,
+            durable: false,
         })
     }
 }

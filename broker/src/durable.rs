@@ -1,0 +1,280 @@
+//! The durable queue store: messages on disk before their RECEIPT, many publishers sharing
+//! one fsync.
+//!
+//! In: puts (with the RECEIPT to release once they are on disk), removals, and receipts
+//! that must wait behind earlier durable work. Out: one SQLite commit (an fsync, with
+//! `synchronous=FULL`) per batch of whatever arrived meanwhile (group commit), after which
+//! the batch's receipts go to their clients' outboxes. At start, every message still kept.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use rusqlite::{Connection, params};
+use tracing::error;
+
+use crate::outbox::{Outbox, Outgoing};
+use crate::store::{StoreError, StoredMessage};
+
+/// A RECEIPT to send once everything before it is on disk.
+#[derive(Debug)]
+pub struct DeferredReceipt {
+    /// The client's outbox.
+    pub outbox: Arc<Outbox>,
+    /// The encoded RECEIPT frame.
+    pub frame: Bytes,
+    /// The session's count of receipts still waiting, decremented when this one goes.
+    pub pending: Arc<AtomicUsize>,
+}
+
+impl DeferredReceipt {
+    fn release(self) {
+        self.outbox.offer(Outgoing::Frame(self.frame));
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+enum Op {
+    Put {
+        id: u64,
+        queue: String,
+        message: StoredMessage,
+    },
+    Remove(u64),
+    Receipt(DeferredReceipt),
+    Flush(SyncSender<()>),
+}
+
+/// Messages of one queue as kept, oldest first.
+pub type KeptQueue = (String, Vec<StoredMessage>);
+
+/// The durable queue store.
+#[derive(Debug)]
+pub struct QueueStore {
+    path: PathBuf,
+    ops: Mutex<Option<Sender<Op>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Most operations in one commit.
+const BATCH: usize = 4096;
+
+impl QueueStore {
+    /// Opens (creating) `queues.db` in `dir` and returns it with every message kept there.
+    ///
+    /// # Errors
+    /// SQLite cannot open, create or read the file.
+    pub fn open(dir: &Path) -> Result<(QueueStore, Vec<KeptQueue>), StoreError> {
+        let path = dir.join("queues.db");
+        let sqlite = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(sqlite)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sqlite)?;
+        // FULL: a commit returns after its WAL frames are fsynced, so a RECEIPT sent after it
+        // survives kill -9 and power loss alike.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sqlite)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS queue_messages (
+                id INTEGER PRIMARY KEY,
+                queue TEXT NOT NULL,
+                message_id INTEGER NOT NULL,
+                headers TEXT NOT NULL,
+                body BLOB NOT NULL
+            )",
+        )
+        .map_err(sqlite)?;
+        let kept = load(&conn, &path)?;
+        let (tx, rx) = mpsc::channel();
+        let writer_path = path.clone();
+        let writer = std::thread::Builder::new()
+            .name("stoa-queues".into())
+            .spawn(move || write_loop(conn, rx, &writer_path))
+            .map_err(|e| StoreError::Sqlite {
+                path: path.clone(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        let store = QueueStore {
+            path,
+            ops: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+        };
+        Ok((store, kept))
+    }
+
+    fn send(&self, op: Op) {
+        let ops = self
+            .ops
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match ops.as_ref() {
+            Some(tx) if tx.send(op).is_ok() => {}
+            _ => error!(path = %self.path.display(), "queue store writer has stopped"),
+        }
+    }
+
+    /// Keeps a message; `receipt` goes out once it is on disk.
+    pub fn put(
+        &self,
+        id: u64,
+        queue: &str,
+        message: StoredMessage,
+        receipt: Option<DeferredReceipt>,
+    ) {
+        self.send(Op::Put {
+            id,
+            queue: queue.to_owned(),
+            message,
+        });
+        if let Some(receipt) = receipt {
+            self.send(Op::Receipt(receipt));
+        }
+    }
+
+    /// Forgets a consumed message.
+    pub fn remove(&self, id: u64) {
+        self.send(Op::Remove(id));
+    }
+
+    /// Sends `receipt` after everything handed over before it is on disk.
+    pub fn receipt_after(&self, receipt: DeferredReceipt) {
+        self.send(Op::Receipt(receipt));
+    }
+
+    /// Returns once everything handed over so far is on disk.
+    pub fn flush(&self) {
+        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+        self.send(Op::Flush(ack_tx));
+        let _ = ack_rx.recv();
+    }
+}
+
+impl Drop for QueueStore {
+    fn drop(&mut self) {
+        self.ops
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(writer) = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            let _ = writer.join();
+        }
+    }
+}
+
+fn load(conn: &Connection, path: &Path) -> Result<Vec<KeptQueue>, StoreError> {
+    let sqlite = |source| StoreError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stmt = conn
+        .prepare(
+            "SELECT queue, id, message_id, headers, body FROM queue_messages ORDER BY queue, id",
+        )
+        .map_err(sqlite)?;
+    let rows = stmt
+        .query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, i64>(2)?,
+                row.get::<_, String>(3)?,
+                row.get::<_, Vec<u8>>(4)?,
+            ))
+        })
+        .map_err(sqlite)?;
+    let mut queues: Vec<KeptQueue> = Vec::new();
+    for row in rows {
+        let (queue, id, message_id, headers, body) = row.map_err(sqlite)?;
+        let headers = serde_json::from_str(&headers).map_err(|source| StoreError::Corrupt {
+            path: path.to_owned(),
+            table: "queue_messages",
+            source,
+        })?;
+        let message = StoredMessage {
+            seq: u64::try_from(id).unwrap_or(0),
+            message_id: u64::try_from(message_id).unwrap_or(0),
+            headers,
+            body: Bytes::from(body),
+        };
+        match queues.last_mut() {
+            Some((name, list)) if *name == queue => list.push(message),
+            _ => queues.push((queue, vec![message])),
+        }
+    }
+    Ok(queues)
+}
+
+fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut receipts = Vec::new();
+        let mut flushes = Vec::new();
+        match write_batch(&mut conn, batch, &mut receipts, &mut flushes) {
+            // On disk: now, and only now, the receipts may go.
+            Ok(()) => receipts.into_iter().for_each(DeferredReceipt::release),
+            // Not on disk: the receipts must not go. Their clients time out and resend.
+            Err(e) => {
+                error!(path = %path.display(), "queue store commit failed, {} receipts withheld: {e}", receipts.len());
+                for r in receipts {
+                    r.pending.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+        for ack in flushes {
+            let _ = ack.send(());
+        }
+    }
+}
+
+fn write_batch(
+    conn: &mut Connection,
+    batch: Vec<Op>,
+    receipts: &mut Vec<DeferredReceipt>,
+    flushes: &mut Vec<SyncSender<()>>,
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT OR REPLACE INTO queue_messages (id, queue, message_id, headers, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut delete = tx.prepare_cached("DELETE FROM queue_messages WHERE id = ?1")?;
+        for op in batch {
+            match op {
+                Op::Put { id, queue, message } => {
+                    let headers =
+                        serde_json::to_string(&message.headers).unwrap_or_else(|_| "[]".to_owned());
+                    insert.execute(params![
+                        i64::try_from(id).unwrap_or(i64::MAX),
+                        queue,
+                        i64::try_from(message.message_id).unwrap_or(i64::MAX),
+                        headers,
+                        &message.body[..]
+                    ])?;
+                }
+                Op::Remove(id) => {
+                    delete.execute(params![i64::try_from(id).unwrap_or(i64::MAX)])?;
+                }
+                Op::Receipt(receipt) => receipts.push(receipt),
+                Op::Flush(ack) => flushes.push(ack),
+            }
+        }
+    }
+    tx.commit()
+}

@@ -1,0 +1,353 @@
+//! `/queue/<name>`: point to point and durable. Each message goes to one consumer, round
+//! robin; messages wait while nobody listens; a message leaves the queue only when it is
+//! acknowledged (or, for `ack:auto` consumers, delivered).
+//!
+//! In: SENDs (kept on disk by the [`QueueStore`] before their RECEIPT), consumers with an
+//! ack mode and a `prefetch-count`, ACKs and NACKs (settled by the session), consumers
+//! leaving. Out: MESSAGEs to consumers; NACKed and orphaned messages delivered again with
+//! `redelivered:true`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use dashmap::DashMap;
+use stomp_codec::Headers;
+
+use crate::durable::{KeptQueue, QueueStore};
+use crate::outbox::Mark;
+use crate::router::{
+    Fanout, Publish, PublishRequest, Published, Service, SubscribeRequest, Subscriber,
+    message_headers,
+};
+use crate::session::{SessionError, SessionId};
+use crate::store::StoredMessage;
+
+/// Queue limits.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    /// Most messages (ready and unacknowledged) in one queue.
+    pub max_messages: usize,
+    /// Most body bytes in one queue.
+    pub max_bytes: usize,
+    /// Unacknowledged messages per client-ack consumer when SUBSCRIBE names no
+    /// `prefetch-count`, and the most it may name.
+    pub max_prefetch: usize,
+}
+
+#[derive(Debug, Clone)]
+struct QueuedMessage {
+    publish: Arc<Publish>,
+    redelivered: bool,
+}
+
+impl QueuedMessage {
+    fn id(&self) -> u64 {
+        self.publish.message_id
+    }
+
+    fn size(&self) -> usize {
+        self.publish.body().len()
+    }
+}
+
+#[derive(Debug)]
+struct Consumer {
+    subscriber: Subscriber,
+    prefetch: usize,
+    in_flight: usize,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    ready: VecDeque<QueuedMessage>,
+    /// Delivered to a client-ack consumer, waiting for ACK or NACK.
+    unacked: HashMap<u64, (QueuedMessage, SessionId, u32)>,
+    consumers: Vec<Consumer>,
+    next: usize,
+    bytes: usize,
+}
+
+/// A queue's figures for `GET /api/queues`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QueueStats {
+    /// The queue's name.
+    pub queue: String,
+    /// Messages waiting for a consumer.
+    pub ready: usize,
+    /// Messages delivered and not yet acknowledged.
+    pub unacked: usize,
+    /// Consumers subscribed.
+    pub consumers: usize,
+}
+
+/// Every queue.
+#[derive(Debug)]
+pub struct Queues {
+    queues: DashMap<String, Arc<Mutex<Queue>>>,
+    store: Arc<QueueStore>,
+    limits: QueueLimits,
+}
+
+fn lock(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
+    // Every mutation completes before another can look; a poisoned queue is still whole.
+    queue
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Checks a queue name: 1 to 255 bytes, no control characters.
+fn check_queue_name(name: &str) -> Result<(), SessionError> {
+    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+        return Err(SessionError::InvalidQueueName(
+            name.chars().take(80).collect(),
+        ));
+    }
+    Ok(())
+}
+
+impl Queues {
+    /// Queues holding what `kept` recovered from the store. Recovered messages may have been
+    /// delivered before the restart, so they go out marked `redelivered:true`.
+    pub fn new(store: Arc<QueueStore>, kept: Vec<KeptQueue>, limits: QueueLimits) -> Queues {
+        let queues = DashMap::new();
+        for (name, messages) in kept {
+            let mut queue = Queue::default();
+            for m in messages {
+                let headers: Headers = m
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                    .collect();
+                let publish = Arc::new(Publish::new(m.seq, headers, m.body));
+                queue.bytes += publish.body().len();
+                queue.ready.push_back(QueuedMessage {
+                    publish,
+                    redelivered: true,
+                });
+            }
+            queues.insert(name, Arc::new(Mutex::new(queue)));
+        }
+        Queues {
+            queues,
+            store,
+            limits,
+        }
+    }
+
+    /// The store, for receipts that must wait behind durable work.
+    pub fn store(&self) -> &QueueStore {
+        &self.store
+    }
+
+    fn queue(&self, name: &str) -> Arc<Mutex<Queue>> {
+        if let Some(q) = self.queues.get(name) {
+            return q.clone();
+        }
+        self.queues.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Every queue's figures, by name.
+    pub fn stats(&self) -> Vec<QueueStats> {
+        let mut list: Vec<QueueStats> = self
+            .queues
+            .iter()
+            .map(|entry| {
+                let q = lock(entry.value());
+                QueueStats {
+                    queue: entry.key().clone(),
+                    ready: q.ready.len(),
+                    unacked: q.unacked.len(),
+                    consumers: q.consumers.len(),
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| a.queue.cmp(&b.queue));
+        list
+    }
+
+    /// Hands ready messages to consumers with room, round robin.
+    fn dispatch(&self, q: &mut Queue) {
+        while !q.ready.is_empty() && !q.consumers.is_empty() {
+            let n = q.consumers.len();
+            let Some(index) = (0..n)
+                .map(|i| (q.next + i) % n)
+                .find(|&i| q.consumers[i].in_flight < q.consumers[i].prefetch)
+            else {
+                return;
+            };
+            let Some(message) = q.ready.pop_front() else {
+                return;
+            };
+            let consumer = &mut q.consumers[index];
+            let mark = if message.redelivered {
+                Mark::Redelivered
+            } else {
+                Mark::None
+            };
+            if !consumer.subscriber.offer_marked(&message.publish, mark) {
+                // A full outbox: that connection is closing as a slow consumer, and its
+                // unsubscribe will dispatch again.
+                q.ready.push_front(message);
+                return;
+            }
+            q.next = (index + 1) % n;
+            if consumer.subscriber.needs_ack {
+                consumer.in_flight += 1;
+                let (session, key) = (consumer.subscriber.session, consumer.subscriber.key);
+                q.unacked.insert(message.id(), (message, session, key));
+            } else {
+                // ack:auto: delivered is consumed.
+                q.bytes -= message.size();
+                self.store.remove(message.id());
+            }
+        }
+    }
+
+    /// Settles messages a consumer ACKed (`ack`) or NACKed: ACKed ones leave the queue,
+    /// NACKed ones go back to its front to be delivered again.
+    pub fn settle_ids(&self, name: &str, ids: &[u64], ack: bool) {
+        let Some(queue) = self.queues.get(name).map(|q| q.clone()) else {
+            return;
+        };
+        let mut q = lock(&queue);
+        let mut requeue = Vec::new();
+        for id in ids {
+            let Some((message, session, key)) = q.unacked.remove(id) else {
+                continue;
+            };
+            if let Some(c) = q
+                .consumers
+                .iter_mut()
+                .find(|c| c.subscriber.is(session, key))
+            {
+                c.in_flight = c.in_flight.saturating_sub(1);
+            }
+            if ack {
+                q.bytes -= message.size();
+                self.store.remove(*id);
+            } else {
+                requeue.push(message);
+            }
+        }
+        requeue_front(&mut q, requeue);
+        self.dispatch(&mut q);
+    }
+}
+
+/// Puts messages back at the front, oldest first, marked redelivered.
+fn requeue_front(q: &mut Queue, mut messages: Vec<QueuedMessage>) {
+    messages.sort_by_key(QueuedMessage::id);
+    for mut m in messages.into_iter().rev() {
+        m.redelivered = true;
+        q.ready.push_front(m);
+    }
+}
+
+impl Service for Queues {
+    fn check_send(&self, key: &str) -> Result<(), SessionError> {
+        check_queue_name(key)
+    }
+
+    fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<(), SessionError> {
+        check_queue_name(request.key)?;
+        let max = self.limits.max_prefetch;
+        let prefetch = match (request.subscriber.needs_ack, request.prefetch) {
+            (false, _) => usize::MAX,
+            (true, Some(n)) if n > 0 => n.min(max),
+            (true, _) => max,
+        };
+        let queue = self.queue(request.key);
+        let mut q = lock(&queue);
+        q.consumers.push(Consumer {
+            subscriber: request.subscriber,
+            prefetch,
+            in_flight: 0,
+        });
+        self.dispatch(&mut q);
+        Ok(())
+    }
+
+    fn unsubscribe(&self, key: &str, subscriber: &Subscriber) {
+        let Some(queue) = self.queues.get(key).map(|q| q.clone()) else {
+            return;
+        };
+        let mut q = lock(&queue);
+        q.consumers
+            .retain(|c| !c.subscriber.is(subscriber.session, subscriber.key));
+        // What it held unacknowledged goes to the others (1.2 "SUBSCRIBE ack Header").
+        let orphans: Vec<u64> = q
+            .unacked
+            .iter()
+            .filter(|(_, (_, session, sub))| subscriber.is(*session, *sub))
+            .map(|(id, _)| *id)
+            .collect();
+        let requeue: Vec<QueuedMessage> = orphans
+            .iter()
+            .filter_map(|id| q.unacked.remove(id))
+            .map(|(m, _, _)| m)
+            .collect();
+        requeue_front(&mut q, requeue);
+        if q.next >= q.consumers.len() {
+            q.next = 0;
+        }
+        self.dispatch(&mut q);
+    }
+
+    fn publish(&self, request: PublishRequest<'_>) -> Result<Published, SessionError> {
+        let name = request.key;
+        let frame = request.frame;
+        let queue = self.queue(name);
+        let mut q = lock(&queue);
+        let held = q.ready.len() + q.unacked.len();
+        if held >= self.limits.max_messages || q.bytes + frame.body.len() > self.limits.max_bytes {
+            return Err(SessionError::QueueFull {
+                queue: name.to_owned(),
+                messages: self.limits.max_messages,
+                bytes: self.limits.max_bytes,
+            });
+        }
+        let headers = message_headers(
+            request.destination,
+            request.message_id,
+            &frame.headers,
+            request.user,
+            &[],
+        );
+        let publish = Arc::new(Publish::new(
+            request.message_id,
+            headers,
+            frame.body.clone(),
+        ));
+        self.store.put(
+            request.message_id,
+            name,
+            StoredMessage {
+                seq: request.message_id,
+                message_id: request.message_id,
+                headers: publish
+                    .headers()
+                    .iter()
+                    .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                    .collect(),
+                body: publish.body().clone(),
+            },
+            None,
+        );
+        q.bytes += frame.body.len();
+        q.ready.push_back(QueuedMessage {
+            publish,
+            redelivered: false,
+        });
+        self.dispatch(&mut q);
+        Ok(Published {
+            message_id: request.message_id,
+            seq: None,
+            fanout: Fanout::default(),
+            durable: true,
+        })
+    }
+
+    fn settle(&self, key: &str, _subscriber: &Subscriber, ids: &[u64], ack: bool) {
+        self.settle_ids(key, ids, ack);
+    }
+}

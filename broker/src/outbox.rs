@@ -186,6 +186,11 @@ impl Outbox {
         inner.bytes = 0;
     }
 
+    /// The most bytes it holds.
+    pub fn limit(&self) -> usize {
+        self.limit_bytes
+    }
+
     /// Bytes queued now.
     pub fn queued_bytes(&self) -> usize {
         self.lock().bytes

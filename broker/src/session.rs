@@ -536,6 +536,9 @@ impl Session {
         let sub_key = self.next_key;
         let mut head = BytesMut::new();
         encode_message_head(self.version, &[("subscription", id)], &mut head);
+        // Queue deliveries are always tracked, so that ack:auto ones are settled as they are
+        // written: that paces a backlog to the client's socket.
+        let tracked = ack != AckMode::Auto || destination.starts_with("/queue/");
         let subscriber = Subscriber {
             session: self.id,
             key: sub_key,
@@ -543,7 +546,7 @@ impl Session {
             outbox: self.outbox.clone(),
             head: head.freeze(),
             version: self.version,
-            needs_ack: ack != AckMode::Auto,
+            needs_ack: tracked,
         };
         service.subscribe(SubscribeRequest {
             key,
@@ -668,12 +671,20 @@ impl Session {
     /// Records that a MESSAGE needing acknowledgement was written to the client.
     pub fn record_delivery(&mut self, tag: AckTag) {
         let limit = self.broker.config.max_unacked;
-        if let Some(sub) = self.subscriptions.get_mut(&tag.subscription) {
-            if sub.unacked.len() >= limit {
-                sub.unacked.pop_front();
+        let Some(sub) = self.subscriptions.get_mut(&tag.subscription) else {
+            return;
+        };
+        if sub.ack == AckMode::Auto {
+            // ack:auto on a queue: written is consumed, and the queue may send the next one.
+            if let Ok((service, key)) = self.broker.router.resolve(&sub.destination) {
+                service.settle(key, &sub.subscriber, &[tag.message_id], true);
             }
-            sub.unacked.push_back(tag.message_id);
+            return;
         }
+        if sub.unacked.len() >= limit {
+            sub.unacked.pop_front();
+        }
+        sub.unacked.push_back(tag.message_id);
     }
 
     fn hold(&mut self, tx: String, frame: Frame) -> Result<(), SessionError> {

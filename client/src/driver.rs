@@ -158,7 +158,7 @@ fn broker_error(frame: &Frame) -> ClientError {
 struct Sub {
     destination: String,
     options: SubscribeOptions,
-    messages: mpsc::Sender<Message>,
+    messages: mpsc::UnboundedSender<Message>,
     /// The newest `x-seq` delivered, for resuming a chat room.
     last_seq: u64,
 }
@@ -454,8 +454,7 @@ impl Driver {
                     }
                     sub.last_seq = seq;
                 }
-                // Waiting here when the application is slow pushes back on the broker.
-                let _ = sub.messages.send(Message { frame }).await;
+                let _ = sub.messages.send(Message { frame });
             }
             _ => {}
         }

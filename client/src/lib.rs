@@ -310,7 +310,7 @@ pub(crate) enum Request {
         id: String,
         destination: String,
         options: SubscribeOptions,
-        messages: mpsc::Sender<Message>,
+        messages: mpsc::UnboundedSender<Message>,
         done: oneshot::Sender<Result<Frame, ClientError>>,
     },
     Unsubscribe {
@@ -449,7 +449,10 @@ impl Client {
         options: SubscribeOptions,
     ) -> Result<Subscription, ClientError> {
         let id = self.id("sub");
-        let (messages, stream) = mpsc::channel(4096);
+        // Unbounded: messages can arrive before the SUBSCRIBE's receipt (a queue's backlog),
+        // and a full channel then would stop the driver from reading that receipt. The
+        // broker protects itself from a client that reads slowly.
+        let (messages, stream) = mpsc::unbounded_channel();
         let (done, wait) = oneshot::channel();
         self.request(Request::Subscribe {
             id: id.clone(),
@@ -626,7 +629,7 @@ impl Transaction {
 #[derive(Debug)]
 pub struct Subscription {
     id: String,
-    messages: mpsc::Receiver<Message>,
+    messages: mpsc::UnboundedReceiver<Message>,
     client: Client,
 }
 

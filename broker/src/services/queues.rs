@@ -57,6 +57,16 @@ struct Consumer {
     in_flight: usize,
 }
 
+impl Consumer {
+    /// Whether one more message may go to it: under its prefetch, and its outbox not half
+    /// full (so that a backlog paces itself to the socket instead of overflowing it).
+    fn has_room(&self) -> bool {
+        let outbox = &self.subscriber.outbox;
+        self.in_flight < self.prefetch
+            && (self.in_flight == 0 || outbox.queued_bytes() < outbox.limit() / 2)
+    }
+}
+
 #[derive(Debug, Default)]
 struct Queue {
     ready: VecDeque<QueuedMessage>,
@@ -171,7 +181,7 @@ impl Queues {
             let n = q.consumers.len();
             let Some(index) = (0..n)
                 .map(|i| (q.next + i) % n)
-                .find(|&i| q.consumers[i].in_flight < q.consumers[i].prefetch)
+                .find(|&i| q.consumers[i].has_room())
             else {
                 return;
             };
@@ -191,15 +201,11 @@ impl Queues {
                 return;
             }
             q.next = (index + 1) % n;
-            if consumer.subscriber.needs_ack {
-                consumer.in_flight += 1;
-                let (session, key) = (consumer.subscriber.session, consumer.subscriber.key);
-                q.unacked.insert(message.id(), (message, session, key));
-            } else {
-                // ack:auto: delivered is consumed.
-                q.bytes -= message.size();
-                self.store.remove(message.id());
-            }
+            // Every delivery waits for settling: an ACK or NACK in client modes, the write to
+            // the socket for ack:auto (the session settles those as it writes them).
+            consumer.in_flight += 1;
+            let (session, key) = (consumer.subscriber.session, consumer.subscriber.key);
+            q.unacked.insert(message.id(), (message, session, key));
         }
     }
 
@@ -251,10 +257,9 @@ impl Service for Queues {
     fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<(), SessionError> {
         check_queue_name(request.key)?;
         let max = self.limits.max_prefetch;
-        let prefetch = match (request.subscriber.needs_ack, request.prefetch) {
-            (false, _) => usize::MAX,
-            (true, Some(n)) if n > 0 => n.min(max),
-            (true, _) => max,
+        let prefetch = match request.prefetch {
+            Some(n) if n > 0 => n.min(max),
+            _ => max,
         };
         let queue = self.queue(request.key);
         let mut q = lock(&queue);

@@ -43,7 +43,7 @@ async fn publisher(
     p: usize,
     url: String,
     ledger: Arc<Mutex<Ledger>>,
-    progress: watch::Sender<usize>,
+    progress: Arc<watch::Sender<usize>>,
 ) {
     let ids: Vec<String> = (0..PER_PUBLISHER).map(|i| format!("p{p}-{i}")).collect();
     let mut done = vec![false; PER_PUBLISHER];
@@ -117,13 +117,7 @@ async fn every_receipted_message_survives_kill_9_and_none_is_invented() {
     let publishers: Vec<_> = (0..PUBLISHERS)
         .map(|p| {
             let (url, ledger, progress) = (url.clone(), ledger.clone(), progress.clone());
-            tokio::spawn(async move {
-                let sender = watch::Sender::new(0);
-                let relay = sender.subscribe();
-                drop(relay);
-                let _ = sender;
-                publisher_with(p, url, ledger, progress).await;
-            })
+            tokio::spawn(publisher(p, url, ledger, progress))
         })
         .collect();
 
@@ -208,24 +202,4 @@ async fn every_receipted_message_survives_kill_9_and_none_is_invented() {
         ledger.attempts.values().sum::<u32>(),
         duplicates
     );
-}
-
-async fn publisher_with(
-    p: usize,
-    url: String,
-    ledger: Arc<Mutex<Ledger>>,
-    progress: Arc<watch::Sender<usize>>,
-) {
-    let (tx, mut rx) = watch::channel(0usize);
-    let relay = {
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
-                let n = *rx.borrow();
-                progress.send_modify(|total| *total = (*total).max(n));
-            }
-        })
-    };
-    publisher(p, url, ledger, tx).await;
-    let _ = relay.await;
 }

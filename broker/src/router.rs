@@ -16,7 +16,7 @@ use stomp_codec::{Frame, Headers, SharedMessage, Version};
 use crate::destination::{Destination, is_pattern};
 use crate::durable::{KeptQueue, QueueStore};
 use crate::outbox::{AckTag, Mark, Outbox, Outgoing};
-use crate::services::{App, QueueLimits, Queues, Rooms, Topics, Users};
+use crate::services::{App, QueueLimits, Queues, Rooms, Topics, Users, is_user_queue};
 use crate::session::{SessionError, SessionId};
 use crate::state::now_millis;
 use crate::store::Store;
@@ -351,7 +351,7 @@ impl Router {
     /// The store cannot be read.
     pub fn open(
         store: Arc<dyn Store>,
-        queue_store: Arc<QueueStore>,
+        queue_store: QueueStore,
         kept_queues: Vec<KeptQueue>,
         limits: RouterLimits,
     ) -> Result<Router, crate::store::StoreError> {
@@ -363,7 +363,12 @@ impl Router {
             ids.clone(),
             limits.room_history,
         )?);
-        let users = Users::load(store.clone(), limits.user_queue_limit)?;
+        let queue_store = Arc::new(queue_store);
+        // One durable store for both: user queues are the ones under their own prefix.
+        let (user_queues, kept_queues): (Vec<KeptQueue>, Vec<KeptQueue>) = kept_queues
+            .into_iter()
+            .partition(|(name, _)| is_user_queue(name));
+        let users = Users::new(queue_store.clone(), user_queues, limits.user_queue_limit);
         let app = App::new(rooms.clone(), ids.clone());
         let queues = Queues::new(queue_store, kept_queues, limits.queues);
         Ok(Router {

@@ -59,7 +59,7 @@ impl Broker {
         // Durable queues live in a database of their own: every commit there is an fsync.
         let (queue_store, kept_queues) = QueueStore::open(&config.data_dir)?;
         Ok(Broker {
-            router: Router::open(store, Arc::new(queue_store), kept_queues, limits)?,
+            router: Router::open(store, queue_store, kept_queues, limits)?,
             config,
             metrics: Metrics::default(),
             next_session: AtomicU64::new(1),

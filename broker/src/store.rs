@@ -1,8 +1,8 @@
-//! Durable storage behind a trait: room history and messages waiting for offline users.
+//! Chat history storage behind a trait: what rooms keep.
 //!
 //! In: messages to keep (written behind, in batches, by one writer thread) and removals.
 //! Out: everything kept, loaded once at start. The broker's memory is the source of truth
-//! while it runs; the store makes history and waiting messages survive a restart.
+//! while it runs; the store makes history survive a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -16,7 +16,7 @@ use tracing::{error, warn};
 /// A message as kept: headers in order and the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
-    /// The room sequence number, or the waiting message's id for user queues.
+    /// The room sequence number (the message id in the durable queue store).
     pub seq: u64,
     /// The broker-assigned `message-id`.
     pub message_id: u64,
@@ -24,17 +24,6 @@ pub struct StoredMessage {
     pub headers: Vec<(String, String)>,
     /// The body.
     pub body: Bytes,
-}
-
-/// Messages waiting for one user queue, oldest first.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UserQueue {
-    /// The user.
-    pub user: String,
-    /// The queue name (`dm` for direct messages).
-    pub queue: String,
-    /// Waiting messages; `seq` is each one's id in the store.
-    pub messages: Vec<StoredMessage>,
 }
 
 /// Why the store could not be opened or read.
@@ -69,15 +58,6 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn load_rooms(&self, keep: usize) -> Result<Vec<(String, Vec<StoredMessage>)>, StoreError>;
     /// Keeps a room message; older ones past `keep` are dropped.
     fn append_room(&self, room: &str, message: StoredMessage, keep: usize);
-    /// Every waiting user message.
-    ///
-    /// # Errors
-    /// The store cannot be read.
-    fn load_user_queues(&self) -> Result<Vec<UserQueue>, StoreError>;
-    /// Keeps a message for a user who is not listening.
-    fn push_user(&self, user: &str, queue: &str, message: StoredMessage);
-    /// Forgets delivered user messages by id.
-    fn remove_user(&self, ids: Vec<u64>);
     /// Returns once everything handed over so far is written.
     fn flush(&self);
 }
@@ -88,12 +68,6 @@ enum Op {
         message: StoredMessage,
         keep: usize,
     },
-    PushUser {
-        user: String,
-        queue: String,
-        message: StoredMessage,
-    },
-    RemoveUser(Vec<u64>),
     Flush(SyncSender<()>),
 }
 
@@ -106,7 +80,8 @@ pub struct SqliteStore {
 }
 
 /// Schema changes, applied in order on start; `PRAGMA user_version` counts those done.
-const MIGRATIONS: &[&str] = &["CREATE TABLE room_messages (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE room_messages (
         room TEXT NOT NULL,
         seq INTEGER NOT NULL,
         message_id INTEGER NOT NULL,
@@ -122,7 +97,10 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE room_messages (
         headers TEXT NOT NULL,
         body BLOB NOT NULL
     );
-    CREATE INDEX user_messages_by_queue ON user_messages (user, queue, id);"];
+    CREATE INDEX user_messages_by_queue ON user_messages (user, queue, id);",
+    // Messages waiting for offline users moved to the durable queue store (queues.db).
+    "DROP TABLE user_messages;",
+];
 
 /// Most operations written in one transaction.
 const BATCH: usize = 1024;
@@ -266,24 +244,6 @@ fn write_batch(
                     params![room, to_i64(oldest_kept)],
                 )?;
             }
-            Op::PushUser {
-                user,
-                queue,
-                message,
-            } => {
-                tx.execute(
-                    "INSERT INTO user_messages (id, user, queue, message_id, headers, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![to_i64(message.seq), user, queue, to_i64(message.message_id), headers_json(&message.headers), &message.body[..]],
-                )?;
-            }
-            Op::RemoveUser(ids) => {
-                for id in ids {
-                    tx.execute(
-                        "DELETE FROM user_messages WHERE id = ?1",
-                        params![to_i64(id)],
-                    )?;
-                }
-            }
             Op::Flush(ack) => acks.push(ack),
         }
     }
@@ -351,63 +311,6 @@ impl Store for SqliteStore {
         });
     }
 
-    fn load_user_queues(&self) -> Result<Vec<UserQueue>, StoreError> {
-        let conn = self.reader()?;
-        let sqlite = |source| StoreError::Sqlite {
-            path: self.path.clone(),
-            source,
-        };
-        let mut stmt = conn
-            .prepare("SELECT user, queue, id, message_id, headers, body FROM user_messages ORDER BY user, queue, id")
-            .map_err(sqlite)?;
-        let rows = stmt
-            .query_map([], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, i64>(2)?,
-                    row.get::<_, i64>(3)?,
-                    row.get::<_, String>(4)?,
-                    row.get::<_, Vec<u8>>(5)?,
-                ))
-            })
-            .map_err(sqlite)?;
-        let mut queues: Vec<UserQueue> = Vec::new();
-        for row in rows {
-            let (user, queue, id, message_id, headers, body) = row.map_err(sqlite)?;
-            let headers = serde_json::from_str(&headers).map_err(self.corrupt("user_messages"))?;
-            let message = StoredMessage {
-                seq: u64::try_from(id).unwrap_or(0),
-                message_id: u64::try_from(message_id).unwrap_or(0),
-                headers,
-                body: Bytes::from(body),
-            };
-            match queues.last_mut() {
-                Some(q) if q.user == user && q.queue == queue => q.messages.push(message),
-                _ => queues.push(UserQueue {
-                    user,
-                    queue,
-                    messages: vec![message],
-                }),
-            }
-        }
-        Ok(queues)
-    }
-
-    fn push_user(&self, user: &str, queue: &str, message: StoredMessage) {
-        self.send(Op::PushUser {
-            user: user.to_owned(),
-            queue: queue.to_owned(),
-            message,
-        });
-    }
-
-    fn remove_user(&self, ids: Vec<u64>) {
-        if !ids.is_empty() {
-            self.send(Op::RemoveUser(ids));
-        }
-    }
-
     fn flush(&self) {
         let (ack_tx, ack_rx) = mpsc::sync_channel(1);
         self.send(Op::Flush(ack_tx));
@@ -421,7 +324,6 @@ impl Store for SqliteStore {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     rooms: Mutex<Vec<(String, StoredMessage)>>,
-    users: Mutex<Vec<(String, String, StoredMessage)>>,
 }
 
 impl Store for MemoryStore {
@@ -450,44 +352,6 @@ impl Store for MemoryStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         rooms.push((room.to_owned(), message));
-    }
-
-    fn load_user_queues(&self) -> Result<Vec<UserQueue>, StoreError> {
-        let users = self
-            .users
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut out: Vec<UserQueue> = Vec::new();
-        for (user, queue, message) in users.iter() {
-            match out
-                .iter_mut()
-                .find(|q| &q.user == user && &q.queue == queue)
-            {
-                Some(q) => q.messages.push(message.clone()),
-                None => out.push(UserQueue {
-                    user: user.clone(),
-                    queue: queue.clone(),
-                    messages: vec![message.clone()],
-                }),
-            }
-        }
-        Ok(out)
-    }
-
-    fn push_user(&self, user: &str, queue: &str, message: StoredMessage) {
-        let mut users = self
-            .users
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        users.push((user.to_owned(), queue.to_owned(), message));
-    }
-
-    fn remove_user(&self, ids: Vec<u64>) {
-        let mut users = self
-            .users
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        users.retain(|(_, _, m)| !ids.contains(&m.seq));
     }
 
     fn flush(&self) {}
@@ -544,26 +408,6 @@ mod tests {
                 .collect::<Vec<_>>(),
             [4, 5]
         );
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn user_messages_wait_until_removed() {
-        let dir = temp_dir("users");
-        let store = SqliteStore::open(&dir).unwrap();
-        store.push_user("bob", "dm", message(1, "one"));
-        store.push_user("bob", "dm", message(2, "two"));
-        store.push_user("eve", "dm", message(3, "three"));
-        store.remove_user(vec![1]);
-        store.flush();
-        let queues = store.load_user_queues().unwrap();
-        assert_eq!(queues.len(), 2);
-        assert_eq!(queues[0].user, "bob");
-        assert_eq!(
-            queues[0].messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
-            [2]
-        );
-        assert_eq!(queues[1].messages[0].body, "three".as_bytes());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -281,3 +281,27 @@ async fn a_send_receipt_names_the_message_id_and_a_redelivery_keeps_it() {
     let ids: BTreeSet<String> = [again.header("message-id").unwrap().to_owned()].into();
     assert_eq!(ids.len(), 1);
 }
+
+#[tokio::test]
+async fn a_receipted_direct_message_to_an_offline_user_survives_kill_9() {
+    let mut broker = Broker::start(&[]);
+    let alice = connect(&broker, "alice").await;
+    let receipt = alice
+        .send_with_receipt("/user/bob/queue/dm", "while you sleep")
+        .await
+        .unwrap();
+    assert!(receipt.header("message-id").is_some());
+    broker.kill();
+    let broker = Broker::restart_of(&mut broker, &[]);
+    let bob = connect(&broker, "bob").await;
+    let mut dm = bob
+        .subscribe("/user/queue/dm", SubscribeOptions::new())
+        .await
+        .unwrap();
+    let m = next(&mut dm).await;
+    assert_eq!(
+        (m.text().as_str(), m.header("x-sender"), m.destination()),
+        ("while you sleep", Some("alice"), "/user/queue/dm")
+    );
+    assert!(dm.next_within(QUIET).await.is_none(), "delivered once");
+}

@@ -10,4 +10,4 @@ pub use app::App;
 pub use queues::{QueueLimits, QueueStats, Queues};
 pub use rooms::{RoomDetail, RoomSummary, Rooms, check_room_name};
 pub use topics::Topics;
-pub use users::Users;
+pub use users::{Users, is_user_queue};

@@ -1,9 +1,10 @@
 //! User destinations: SEND to `/user/<user>/queue/<name>` reaches every session of `<user>`
-//! subscribed to `/user/queue/<name>`; while none is, messages wait and go, once, to the
-//! first such subscription.
+//! subscribed to `/user/queue/<name>`; while none is, messages wait (durably, like a queue's)
+//! and go, once, to the first such subscription.
 //!
 //! In: subscriptions (bound to the session's user) and SENDs. Out: MESSAGEs with
-//! `destination:/user/queue/<name>`; waiting messages kept in the store until delivered.
+//! `destination:/user/queue/<name>`; waiting messages kept in the durable queue store, on
+//! disk before the SEND's RECEIPT, until delivered.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -11,12 +12,27 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use stomp_codec::Headers;
 
+use crate::durable::{KeptQueue, QueueStore};
 use crate::router::{
     Fanout, Publish, PublishRequest, Published, Service, SubscribeRequest, Subscriber, deliver,
     message_headers,
 };
 use crate::session::{SessionError, check_user_name};
-use crate::store::{Store, StoreError, StoredMessage};
+use crate::store::StoredMessage;
+
+/// Store names of user queues start with this, which no queue name can (queue names have
+/// no control characters).
+const STORE_PREFIX: &str = "\u{1}user/";
+
+/// The store's name for `user`'s queue `name`.
+fn store_name(user: &str, name: &str) -> String {
+    format!("{STORE_PREFIX}{user}/{name}")
+}
+
+/// Whether a kept queue belongs to user destinations.
+pub fn is_user_queue(store_name: &str) -> bool {
+    store_name.starts_with(STORE_PREFIX)
+}
 
 #[derive(Debug, Default)]
 struct UserQueue {
@@ -28,7 +44,7 @@ struct UserQueue {
 #[derive(Debug)]
 pub struct Users {
     queues: DashMap<(String, String), UserQueue>,
-    store: Arc<dyn Store>,
+    store: Arc<QueueStore>,
     limit: usize,
 }
 
@@ -52,15 +68,18 @@ fn valid_queue_name(name: &str) -> bool {
 }
 
 impl Users {
-    /// User queues with the messages `store` kept waiting, at most `limit` per queue.
-    ///
-    /// # Errors
-    /// The store cannot be read.
-    pub fn load(store: Arc<dyn Store>, limit: usize) -> Result<Users, StoreError> {
+    /// User queues holding what the store kept for them (from [`is_user_queue`] names), at
+    /// most `limit` waiting per queue.
+    pub fn new(store: Arc<QueueStore>, kept: Vec<KeptQueue>, limit: usize) -> Users {
         let queues = DashMap::new();
-        for q in store.load_user_queues()? {
-            let waiting = q
-                .messages
+        for (name, messages) in kept {
+            let Some((user, queue)) = name
+                .strip_prefix(STORE_PREFIX)
+                .and_then(|rest| rest.split_once('/'))
+            else {
+                continue;
+            };
+            let waiting = messages
                 .into_iter()
                 .map(|m| {
                     let headers: Headers = m
@@ -72,18 +91,18 @@ impl Users {
                 })
                 .collect();
             queues.insert(
-                (q.user, q.queue),
+                (user.to_owned(), queue.to_owned()),
                 UserQueue {
                     listeners: Vec::new(),
                     waiting,
                 },
             );
         }
-        Ok(Users {
+        Users {
             queues,
             store,
             limit,
-        })
+        }
     }
 
     /// How many messages wait for `user`'s queue `name`.
@@ -111,17 +130,11 @@ impl Service for Users {
             .or_default();
         // Under the queue's entry lock: messages that waited go to this first subscription,
         // once, before anything published after it.
-        let delivered: Vec<u64> = queue
-            .waiting
-            .drain(..)
-            .map(|publish| {
-                subscriber.offer(&publish, false);
-                publish.message_id
-            })
-            .collect();
+        for publish in queue.waiting.drain(..) {
+            subscriber.offer(&publish, false);
+            self.store.remove(publish.message_id);
+        }
         queue.listeners.push(subscriber);
-        drop(queue);
-        self.store.remove_user(delivered);
         Ok(())
     }
 
@@ -156,6 +169,7 @@ impl Service for Users {
             .entry((user.to_owned(), name.to_owned()))
             .or_default();
         let mut fanout = Fanout::default();
+        let mut durable = false;
         if queue.listeners.is_empty() {
             if queue.waiting.len() >= self.limit {
                 return Err(SessionError::UserQueueFull {
@@ -163,9 +177,9 @@ impl Service for Users {
                     limit: self.limit,
                 });
             }
-            self.store.push_user(
-                user,
-                name,
+            self.store.put(
+                publish.message_id,
+                &store_name(user, name),
                 StoredMessage {
                     seq: publish.message_id,
                     message_id: publish.message_id,
@@ -176,8 +190,10 @@ impl Service for Users {
                         .collect(),
                     body: publish.body().clone(),
                 },
+                None,
             );
             queue.waiting.push_back(publish);
+            durable = true;
         } else {
             deliver(queue.listeners.iter(), &publish, &mut fanout);
         }
@@ -185,7 +201,7 @@ impl Service for Users {
             message_id: request.message_id,
             seq: None,
             fanout,
-            durable: false,
+            durable,
         })
     }
 }
@@ -204,5 +220,7 @@ mod tests {
         assert_eq!(send_target("민수/queue/dm"), Some(("민수", "dm")));
         assert_eq!(send_target("queue/dm"), None);
         assert_eq!(send_target("alice/topic/dm"), None);
+        assert!(is_user_queue(&store_name("alice", "dm")));
+        assert!(!is_user_queue("dm"));
     }
 }

@@ -4,6 +4,8 @@
 //! 4 the broker answered with an ERROR frame; 5 a timeout (a receipt, a connection, or
 //! `sub --timeout` before `--count` messages).
 
+mod bench;
+
 use std::io::{BufRead, Write as _};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -98,6 +100,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Load scenarios against any STOMP broker; each ends with one JSON line of results.
+    #[command(subcommand)]
+    Bench(bench::Scenario),
     /// Chat in a Stoa room: typed lines are sent; /join ROOM, /msg USER TEXT, /who, /quit.
     Chat {
         /// The room to start in.
@@ -306,6 +311,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Cmd::Chat { room, name } => chat(&cli.global, &room, &name).await,
+        Cmd::Bench(scenario) => {
+            let options = options(&cli.global, None).heart_beat(0, 0);
+            let result = bench::run(&cli.global.url, &options, scenario)
+                .await
+                .map_err(|e| match e {
+                    bench::BenchError::Client(e) => Failure::from(e),
+                    other => Failure {
+                        code: 5,
+                        message: other.to_string(),
+                    },
+                })?;
+            for (key, value) in result.as_object().into_iter().flatten() {
+                eprintln!("{key:>20}: {value}");
+            }
+            println!("{result}");
+            Ok(())
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
@@ -91,6 +92,11 @@ pub async fn run(
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {
         let service = app.into_make_service_with_connect_info::<SocketAddr>();
+        // Frames are written whole and in batches: Nagle's delay (with the peer's delayed
+        // ACK, tens of milliseconds) would only add latency.
+        let http = http.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let serve = axum::serve(http, service).with_graceful_shutdown(async move {
             let _ = http_stop.changed().await;
         });

@@ -21,6 +21,52 @@ pub enum Scenario {
     Queue(QueueArgs),
     /// One publisher, N subscribers on one topic: deliveries per second, all in order.
     Fanout(FanoutArgs),
+    /// R rooms of k members, every member publishing at a fixed total rate: latency.
+    Rooms(RoomsArgs),
+    /// C connections, each subscribed to a room: connect rate and broker memory each.
+    Conns(ConnsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RoomsArgs {
+    /// Rooms.
+    #[arg(long, default_value_t = 100)]
+    rooms: usize,
+    /// Members per room (each its own connection).
+    #[arg(long, default_value_t = 10)]
+    members: usize,
+    /// Deliveries per second in all (messages per second times members).
+    #[arg(long, default_value_t = 100_000)]
+    rate: u64,
+    /// Seconds to publish (per step with --step).
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Raise the rate by half each step until p99 passes 50 ms or messages are lost;
+    /// report the highest rate that stayed under.
+    #[arg(long)]
+    step: bool,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnsArgs {
+    /// Connections.
+    #[arg(long, default_value_t = 1_000)]
+    connections: usize,
+    /// Rooms the connections are spread over.
+    #[arg(long, default_value_t = 100)]
+    rooms: usize,
+    /// Connections opened at once.
+    #[arg(long, default_value_t = 256)]
+    parallel: usize,
+    /// The broker's process id, to read its resident memory from /proc.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 300.0)]
+    seconds: f64,
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +129,8 @@ pub async fn run(
     match scenario {
         Scenario::Queue(args) => queue(url, options, args).await,
         Scenario::Fanout(args) => fanout(url, options, args).await,
+        Scenario::Rooms(args) => rooms(url, options, args).await,
+        Scenario::Conns(args) => conns(url, options, args).await,
     }
 }
 
@@ -273,5 +321,290 @@ async fn fanout(
         "seconds": last.as_secs_f64(),
         "lost": lost.load(Ordering::Relaxed),
         "out_of_order": out_of_order.load(Ordering::Relaxed),
+    }))
+}
+
+/// What one member's reader saw in one step.
+#[derive(Default)]
+struct StepSeen {
+    received: u64,
+    latency: Option<hdrhistogram::Histogram<u64>>,
+}
+
+type Seen = Arc<std::sync::Mutex<Vec<StepSeen>>>;
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn rooms(
+    url: &str,
+    options: &Options,
+    args: RoomsArgs,
+) -> Result<serde_json::Value, BenchError> {
+    let tag = unique("bench");
+    let epoch = Instant::now();
+    let mut members = Vec::new();
+    let mut readers = Vec::new();
+    for room in 0..args.rooms {
+        for _ in 0..args.members {
+            let client = Client::connect(url, options.clone()).await?;
+            let mut sub = client
+                .subscribe(
+                    &format!("/topic/room.{tag}-{room}"),
+                    SubscribeOptions::new(),
+                )
+                .await?;
+            let seen: Seen = Arc::default();
+            let reader_seen = seen.clone();
+            readers.push(tokio::spawn(async move {
+                while let Some(m) = sub.next().await {
+                    let (Some(sent), Some(step)) = (m.header("x-sent"), m.header("x-step")) else {
+                        continue;
+                    };
+                    let (Ok(sent), Ok(step)) = (sent.parse::<u128>(), step.parse::<usize>()) else {
+                        continue;
+                    };
+                    let latency = epoch.elapsed().as_nanos().saturating_sub(sent);
+                    let mut seen = lock(&reader_seen);
+                    if seen.len() <= step {
+                        seen.resize_with(step + 1, StepSeen::default);
+                    }
+                    let slot = &mut seen[step];
+                    slot.received += 1;
+                    let h = slot.latency.get_or_insert_with(|| {
+                        hdrhistogram::Histogram::new_with_bounds(1_000, 60_000_000_000, 3)
+                            .expect("valid bounds")
+                    });
+                    let _ = h.record(u64::try_from(latency).unwrap_or(u64::MAX).max(1_000));
+                }
+            }));
+            members.push((room, client, seen));
+        }
+    }
+    let mut steps = Vec::new();
+    let mut rate = args.rate;
+    let mut best_under_50ms = None;
+    for step in 0.. {
+        let result = rooms_step(&members, &args, &tag, epoch, step, rate).await?;
+        let p99_ms = result["p99_ms"].as_f64().unwrap_or(f64::MAX);
+        let lost = result["lost"].as_u64().unwrap_or(u64::MAX);
+        let ok = p99_ms <= 50.0 && lost == 0;
+        if ok {
+            best_under_50ms = Some(result["deliveries_per_sec"].clone());
+        }
+        eprintln!("rooms step {step}: {result}");
+        steps.push(result);
+        if !args.step || !ok || step >= 12 {
+            break;
+        }
+        rate = rate * 3 / 2;
+    }
+    for (_, client, _) in &members {
+        let _ = client.disconnect().await;
+    }
+    for reader in readers {
+        reader.abort();
+    }
+    let last = steps.last().cloned().unwrap_or_default();
+    Ok(serde_json::json!({
+        "scenario": "rooms",
+        "broker": url,
+        "rooms": args.rooms,
+        "members": args.members,
+        "size": args.size,
+        "target_deliveries_per_sec": args.rate,
+        "deliveries_per_sec": last["deliveries_per_sec"],
+        "p50_ms": last["p50_ms"],
+        "p90_ms": last["p90_ms"],
+        "p99_ms": last["p99_ms"],
+        "p999_ms": last["p999_ms"],
+        "max_ms": last["max_ms"],
+        "lost": last["lost"],
+        "highest_rate_p99_under_50ms": best_under_50ms,
+        "steps": steps,
+    }))
+}
+
+/// Publishes at `rate` deliveries per second for `args.seconds`, then waits for the
+/// stragglers and summarises what the readers saw for this step.
+async fn rooms_step(
+    members: &[(usize, Client, Seen)],
+    args: &RoomsArgs,
+    tag: &str,
+    epoch: Instant,
+    step: usize,
+    rate: u64,
+) -> Result<serde_json::Value, BenchError> {
+    let messages_per_sec = rate as f64 / args.members as f64;
+    let per_member = messages_per_sec / members.len() as f64;
+    let interval = Duration::from_secs_f64(1.0 / per_member.max(1e-3));
+    let body = bytes::Bytes::from(vec![b'r'; args.size]);
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = tokio::time::Instant::now();
+    let end = started + Duration::from_secs_f64(args.seconds);
+    let mut tasks = Vec::new();
+    for (i, (room, client, _)) in members.iter().enumerate() {
+        let client = client.clone();
+        let destination = format!("/topic/room.{tag}-{room}");
+        let (sent, body) = (sent.clone(), body.clone());
+        // Spread the members' first sends over one interval.
+        let offset = interval.mul_f64(i as f64 / members.len() as f64);
+        tasks.push(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(started + offset, interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            loop {
+                if ticks.tick().await >= end {
+                    break;
+                }
+                let frame = Frame::new(Command::Send)
+                    .with_header("destination", &destination)
+                    .with_header("x-step", &step.to_string())
+                    .with_header("x-sent", &epoch.elapsed().as_nanos().to_string())
+                    .with_body(body.clone());
+                if client.send_frame(frame, false).await.is_err() {
+                    break;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let sent = sent.load(Ordering::Relaxed);
+    let expected = sent * args.members as u64;
+    // Wait for the deliveries to come in: until all have, or nothing more for a second.
+    let mut received = 0u64;
+    let mut last_change = Instant::now();
+    while received < expected && last_change.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now: u64 = members
+            .iter()
+            .map(|(_, _, seen)| lock(seen).get(step).map_or(0, |s| s.received))
+            .sum();
+        if now != received {
+            received = now;
+            last_change = Instant::now();
+        }
+    }
+    let mut merged = hdrhistogram::Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3)
+        .expect("valid bounds");
+    for (_, _, seen) in members {
+        if let Some(h) = lock(seen).get(step).and_then(|s| s.latency.as_ref()) {
+            let _ = merged.add(h);
+        }
+    }
+    let ms = |q: f64| merged.value_at_quantile(q) as f64 / 1e6;
+    Ok(serde_json::json!({
+        "step": step,
+        "target_deliveries_per_sec": rate,
+        "messages_sent": sent,
+        "deliveries": received,
+        "deliveries_per_sec": received as f64 / args.seconds,
+        "lost": expected.saturating_sub(received),
+        "p50_ms": ms(0.5),
+        "p90_ms": ms(0.9),
+        "p99_ms": ms(0.99),
+        "p999_ms": ms(0.999),
+        "max_ms": merged.max() as f64 / 1e6,
+    }))
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+async fn conns(
+    url: &str,
+    options: &Options,
+    args: ConnsArgs,
+) -> Result<serde_json::Value, BenchError> {
+    let tag = unique("bench");
+    let before = args.pid.and_then(rss_kib);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(args.seconds);
+    let started = Instant::now();
+    let mut connected: Vec<(usize, Client, client::Subscription)> =
+        Vec::with_capacity(args.connections);
+    let mut pending = FuturesUnordered::new();
+    let mut next = 0usize;
+    while connected.len() < args.connections {
+        while pending.len() < args.parallel && next < args.connections {
+            let room = next % args.rooms.max(1);
+            let destination = format!("/topic/room.{tag}-{room}");
+            let options = options.clone().login(format!("u{next}"));
+            pending.push(async move {
+                let client = Client::connect(url, options).await?;
+                // The subscription's receipt: CONNECT, SUBSCRIBE and RECEIPT, as a page does.
+                let sub = client
+                    .subscribe(
+                        &destination,
+                        SubscribeOptions::new().header("x-history", "0"),
+                    )
+                    .await?;
+                Ok::<_, ClientError>((room, client, sub))
+            });
+            next += 1;
+        }
+        match tokio::time::timeout_at(deadline, pending.next()).await {
+            Ok(Some(result)) => connected.push(result?),
+            Ok(None) => break,
+            Err(_) => return Err(BenchError::Timeout(args.seconds)),
+        }
+    }
+    let elapsed = started.elapsed();
+    // Let join notices settle so resident memory is measured idle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = args.pid.and_then(rss_kib);
+    // A room message still reaches every member of its room.
+    let probe_room = connected[0].0;
+    let probe_destination = format!("/topic/room.{tag}-{probe_room}");
+    connected[0]
+        .1
+        .send_with_receipt(&probe_destination, "probe")
+        .await?;
+    let mut members = 0usize;
+    let mut reached = 0usize;
+    for (_, _, sub) in connected
+        .iter_mut()
+        .filter(|(room, _, _)| *room == probe_room)
+    {
+        members += 1;
+        loop {
+            match sub.next_within(Duration::from_secs(10)).await {
+                Some(m) if m.text() == "probe" => {
+                    reached += 1;
+                    break;
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+    }
+    let per_connection_kib = match (before, after) {
+        (Some(b), Some(a)) => Some((a.saturating_sub(b)) as f64 / args.connections as f64),
+        _ => None,
+    };
+    for (_, client, _) in &connected {
+        let _ = client.disconnect().await;
+    }
+    Ok(serde_json::json!({
+        "scenario": "conns",
+        "broker": url,
+        "connections": args.connections,
+        "connects_per_sec": per_second(args.connections, elapsed),
+        "seconds": elapsed.as_secs_f64(),
+        "broker_rss_kib_before": before,
+        "broker_rss_kib_after": after,
+        "broker_kib_per_connection": per_connection_kib,
+        "probe_room_members": members,
+        "probe_reached": reached,
     }))
 }

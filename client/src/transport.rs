@@ -192,8 +192,9 @@ impl Link {
                     .starts_with("wss://")
                     .then(|| tls.client_config().map(Connector::Rustls))
                     .transpose()?;
+                // disable_nagle: frames go out whole; Nagle would hold small ones back.
                 let (socket, _) = tokio_tungstenite::connect_async_tls_with_config(
-                    request, None, false, connector,
+                    request, None, true, connector,
                 )
                 .await
                 .map_err(|e| match e {

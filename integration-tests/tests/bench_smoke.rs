@@ -1,0 +1,92 @@
+//! A short smoke run of every `stoa-cli bench` scenario against the real broker: each
+//! finishes, prints one JSON line with its figures, and loses nothing. The real runs are
+//! `scripts/bench.sh`, side by side with RabbitMQ, outside CI.
+
+// Test code: a panic is the test failing, with its message.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use integration_tests::Broker;
+
+fn bench(broker: &Broker, url: &str, args: &[&str]) -> serde_json::Value {
+    let cli = integration_tests::stoa_bin().with_file_name("stoa-cli");
+    let mut all = vec!["--url", url, "bench"];
+    all.extend_from_slice(args);
+    let out = Command::new(cli).args(&all).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8(out.stdout).unwrap();
+    let result: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    let _ = broker;
+    result
+}
+
+#[test]
+fn every_scenario_runs_and_loses_nothing() {
+    let broker = Broker::start(&[]);
+    let ws = broker.ws_url();
+    let tcp = format!("tcp://{}", broker.stomp);
+
+    let fanout = bench(
+        &broker,
+        &ws,
+        &["fanout", "--subscribers", "5", "--messages", "200"],
+    );
+    assert_eq!(fanout["deliveries"], 1000);
+    assert_eq!(
+        (fanout["lost"].as_u64(), fanout["out_of_order"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert!(fanout["deliveries_per_sec"].as_f64().unwrap() > 0.0);
+
+    let queue = bench(
+        &broker,
+        &tcp,
+        &["queue", "--publishers", "2", "--messages", "300"],
+    );
+    assert_eq!(
+        (queue["received"].as_u64(), queue["lost"].as_u64()),
+        (Some(300), Some(0))
+    );
+
+    let rooms = bench(
+        &broker,
+        &ws,
+        &[
+            "rooms",
+            "--rooms",
+            "2",
+            "--members",
+            "3",
+            "--rate",
+            "300",
+            "--seconds",
+            "1",
+        ],
+    );
+    assert_eq!(rooms["lost"], 0);
+    assert!(rooms["p99_ms"].as_f64().unwrap() > 0.0);
+    assert!(rooms["steps"][0]["messages_sent"].as_u64().unwrap() > 0);
+
+    let pid = broker.pid().to_string();
+    let conns = bench(
+        &broker,
+        &ws,
+        &[
+            "conns",
+            "--connections",
+            "50",
+            "--rooms",
+            "5",
+            "--pid",
+            &pid,
+        ],
+    );
+    assert_eq!(conns["connections"], 50);
+    assert_eq!(conns["probe_reached"], conns["probe_room_members"]);
+    assert!(conns["broker_rss_kib_after"].as_u64().unwrap() > 0);
+}

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Side by side with RabbitMQ in the same run: every scenario of `stoa-cli bench` against
+# stoa and against RabbitMQ (Web-STOMP, or STOMP for durable queues), alternating, RUNS
+# times. The broker under test is pinned to CPU 0 and the load generator to CPU 1.
+# Writes target/bench/results.jsonl, target/bench/latency.svg, and the results section of
+# docs/PERFORMANCE.md. Minutes, not hours; not part of CI (a smoke run of each scenario is).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-3}
+out=target/bench
+mkdir -p "$out"
+results="$out/results.jsonl"
+: > "$results"
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+echo "==> RabbitMQ with rabbitmq_stomp and rabbitmq_web_stomp"
+if ! command -v rabbitmq-server >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
+fi
+if ! port_open 15674 || ! port_open 61613; then
+  rabbitmq-plugins enable --offline rabbitmq_stomp rabbitmq_web_stomp >/dev/null
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+  timeout 120 rabbitmqctl await_startup >/dev/null
+  for _ in $(seq 1 120); do port_open 15674 && port_open 61613 && break; sleep 0.5; done
+fi
+rabbit_pid=$(pgrep -f beam.smp | head -1)
+
+echo "==> release build"
+cargo build --release -p broker -p client
+cli=target/release/stoa-cli
+
+echo "==> stoa"
+data=$(mktemp -d)
+target/release/stoa --http-listen 127.0.0.1:0 --stomp-listen 127.0.0.1:0 --data-dir "$data" > "$out/stoa.log" 2>&1 &
+stoa_pid=$!
+trap 'kill $stoa_pid 2>/dev/null || true; rm -rf "$data"' EXIT
+for _ in $(seq 1 100); do grep -q listening "$out/stoa.log" && break; sleep 0.1; done
+stoa_http=$(grep -o 'http=[0-9.:]*' "$out/stoa.log" | cut -d= -f2)
+stoa_stomp=$(grep -o 'stomp=[0-9.:]*' "$out/stoa.log" | cut -d= -f2)
+
+# One core each: the broker on CPU 0, the generator on CPU 1.
+taskset -a -pc 0 "$stoa_pid" >/dev/null
+taskset -a -pc 0 "$rabbit_pid" >/dev/null
+gen() { taskset -c 1 timeout 600 "$cli" --connect-timeout 120 "$@"; }
+
+# run LABEL BROKER ARGS...: one scenario, its JSON line tagged and appended.
+run() {
+  local label=$1 broker=$2; shift 2
+  local line
+  if line=$(gen "$@" 2>/dev/null | tail -1) && [ -n "$line" ]; then
+    python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["label"]=sys.argv[2]; d["target"]=sys.argv[3]; print(json.dumps(d))' "$line" "$label" "$broker" >> "$results"
+    echo "   $broker $label: ok"
+  else
+    echo "   $broker $label: FAILED" >&2
+  fi
+}
+
+stoa_ws=(--url "ws://$stoa_http/ws")
+stoa_tcp=(--url "tcp://$stoa_stomp")
+rabbit_ws=(--url ws://127.0.0.1:15674/ws --login guest --passcode guest)
+rabbit_tcp=(--url tcp://127.0.0.1:61613 --login guest --passcode guest)
+
+for run_no in $(seq 1 "$RUNS"); do
+  echo "==> run $run_no of $RUNS"
+  run fanout-100 stoa "${stoa_ws[@]}" bench fanout --subscribers 100 --messages 20000
+  run fanout-100 rabbitmq "${rabbit_ws[@]}" bench fanout --subscribers 100 --messages 2000 --seconds 300
+  run fanout-1000 stoa "${stoa_ws[@]}" bench fanout --subscribers 1000 --messages 2000
+  run fanout-1000 rabbitmq "${rabbit_ws[@]}" bench fanout --subscribers 1000 --messages 200 --seconds 300
+  run queue stoa "${stoa_tcp[@]}" bench queue --publishers 8 --messages 50000
+  run queue rabbitmq "${rabbit_tcp[@]}" bench queue --publishers 8 --messages 50000
+  run rooms-20k stoa "${stoa_ws[@]}" bench rooms --rooms 100 --members 10 --rate 20000 --seconds 5
+  run rooms-20k rabbitmq "${rabbit_ws[@]}" bench rooms --rooms 100 --members 10 --rate 20000 --seconds 5
+  run rooms-100k stoa "${stoa_ws[@]}" bench rooms --rooms 100 --members 10 --rate 100000 --seconds 5
+  run conns-5000 stoa "${stoa_ws[@]}" bench conns --connections 5000 --pid "$stoa_pid"
+  run conns-5000 rabbitmq "${rabbit_ws[@]}" bench conns --connections 5000 --pid "$rabbit_pid"
+done
+echo "==> stoa: highest room rate with p99 under 50 ms"
+run rooms-step stoa "${stoa_ws[@]}" bench rooms --rooms 100 --members 10 --rate 50000 --seconds 3 --step
+
+echo "==> report"
+python3 scripts/bench_report.py "$results" "$out/latency.svg" docs/PERFORMANCE.md
+echo "results: $results; plot: $out/latency.svg (copied to docs/latency.svg); table: docs/PERFORMANCE.md"

@@ -111,8 +111,10 @@ pub struct Config {
     #[arg(long, env = "STOA_QUEUE_MAX_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub queue_max_bytes: usize,
 
-    /// Initial read buffer per connection, in bytes (it grows for large frames, then shrinks).
-    #[arg(long, env = "STOA_READ_BUFFER_BYTES", default_value_t = 4 * 1024)]
+    /// Read size per connection, in bytes, for the STOMP read buffer and tungstenite's: small
+    /// keeps idle connections cheap; large frames just take more reads. An empty buffer is
+    /// given back between reads.
+    #[arg(long, env = "STOA_READ_BUFFER_BYTES", default_value_t = 1024)]
     pub read_buffer_bytes: usize,
 }
 

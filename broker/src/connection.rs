@@ -99,8 +99,6 @@ enum Flush {
     Slow,
 }
 
-/// A read buffer grown past this for a large frame is given back once empty.
-const READ_BUFFER_KEEP_BYTES: usize = 64 * 1024;
 /// How long a closing connection waits for the peer to read its last frames.
 pub const LINGER: Duration = Duration::from_secs(1);
 
@@ -166,7 +164,7 @@ impl<T: Transport> Connection<T> {
         Connection {
             transport,
             decoder: Decoder::new(config.limits()),
-            read_buf: BytesMut::with_capacity(config.read_buffer_bytes),
+            read_buf: BytesMut::new(),
             batch: Vec::new(),
             outbox,
             session,
@@ -268,10 +266,12 @@ impl<T: Transport> Connection<T> {
         }
     }
 
+    /// Gives the read buffer back once everything in it was handled: an idle connection
+    /// then holds none (the next read takes a fresh one), which matters with tens of
+    /// thousands of idle chat connections.
     fn reclaim_read_buffer(&mut self) {
-        let keep = self.broker.config.read_buffer_bytes;
-        if self.read_buf.is_empty() && self.read_buf.capacity() > READ_BUFFER_KEEP_BYTES.max(keep) {
-            self.read_buf = BytesMut::with_capacity(keep);
+        if self.read_buf.is_empty() && self.read_buf.capacity() > 0 {
+            self.read_buf = BytesMut::new();
         }
     }
 

@@ -539,15 +539,18 @@ async fn conns(
         while pending.len() < args.parallel && next < args.connections {
             let room = next % args.rooms.max(1);
             let destination = format!("/topic/room.{tag}-{room}");
-            let options = options.clone().login(format!("u{next}"));
+            // Distinct names make distinct room members; a login given on the command line
+            // (RabbitMQ's guest) is kept.
+            let options = match options.login {
+                Some(_) => options.clone(),
+                None => options.clone().login(format!("u{next}")),
+            };
             pending.push(async move {
                 let client = Client::connect(url, options).await?;
                 // The subscription's receipt: CONNECT, SUBSCRIBE and RECEIPT, as a page does.
                 let sub = client
-                    .subscribe(
-                        &destination,
-                        SubscribeOptions::new().header("x-history", "0"),
-                    )
+                    // No x-* headers: RabbitMQ reads them as queue arguments.
+                    .subscribe(&destination, SubscribeOptions::new())
                     .await?;
                 Ok::<_, ClientError>((room, client, sub))
             });

@@ -19,30 +19,46 @@ if ! command -v rabbitmq-server >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
 fi
-if ! port_open 15674 || ! port_open 61613; then
+# A fresh RabbitMQ: RabbitMQ 3.10 here has come out of the connection and rooms scenarios
+# with failing queue declarations (rabbit_memory_monitor gone), so those runs each get one.
+fresh_rabbit() {
+  rabbitmqctl stop >/dev/null 2>&1 || true
+  pkill -f beam.smp 2>/dev/null || true
+  pkill epmd 2>/dev/null || true
+  sleep 2
   rabbitmq-plugins enable --offline rabbitmq_stomp rabbitmq_web_stomp >/dev/null
   rabbitmq-server -detached >/dev/null 2>&1 || true
-  timeout 120 rabbitmqctl await_startup >/dev/null
-  for _ in $(seq 1 120); do port_open 15674 && port_open 61613 && break; sleep 0.5; done
-fi
-rabbit_pid=$(pgrep -f beam.smp | head -1)
+  # Wait for the STOMP ports themselves: right after -detached the node may not even be
+  # registered yet, and rabbitmqctl await_startup fails outright then.
+  for _ in $(seq 1 360); do port_open 15674 && port_open 61613 && break; sleep 0.5; done
+  rabbit_pid=$(pgrep -f beam.smp | head -1)
+  taskset -a -pc 0 "$rabbit_pid" >/dev/null
+}
+fresh_rabbit
 
 echo "==> release build"
 cargo build --release -p broker -p client
 cli=target/release/stoa-cli
 
+# start_stoa LOG: a fresh stoa on free ports, pinned to CPU 0; sets stoa_pid, stoa_http,
+# stoa_stomp.
+start_stoa() {
+  local log=$1 data
+  data=$(mktemp -d)
+  target/release/stoa --http-listen 127.0.0.1:0 --stomp-listen 127.0.0.1:0 --data-dir "$data" > "$log" 2>&1 &
+  stoa_pid=$!
+  for _ in $(seq 1 100); do grep -q listening "$log" && break; sleep 0.1; done
+  stoa_http=$(grep -o 'http=[0-9.:]*' "$log" | cut -d= -f2)
+  stoa_stomp=$(grep -o 'stomp=[0-9.:]*' "$log" | cut -d= -f2)
+  taskset -a -pc 0 "$stoa_pid" >/dev/null
+}
+
 echo "==> stoa"
-data=$(mktemp -d)
-target/release/stoa --http-listen 127.0.0.1:0 --stomp-listen 127.0.0.1:0 --data-dir "$data" > "$out/stoa.log" 2>&1 &
-stoa_pid=$!
-trap 'kill $stoa_pid 2>/dev/null || true; rm -rf "$data"' EXIT
-for _ in $(seq 1 100); do grep -q listening "$out/stoa.log" && break; sleep 0.1; done
-stoa_http=$(grep -o 'http=[0-9.:]*' "$out/stoa.log" | cut -d= -f2)
-stoa_stomp=$(grep -o 'stomp=[0-9.:]*' "$out/stoa.log" | cut -d= -f2)
+start_stoa "$out/stoa.log"
+main_stoa=$stoa_pid
+trap 'kill $main_stoa 2>/dev/null || true' EXIT
 
 # One core each: the broker on CPU 0, the generator on CPU 1.
-taskset -a -pc 0 "$stoa_pid" >/dev/null
-taskset -a -pc 0 "$rabbit_pid" >/dev/null
 gen() { taskset -c 1 timeout 600 "$cli" --connect-timeout 120 "$@"; }
 
 # run LABEL BROKER ARGS...: one scenario, its JSON line tagged and appended.
@@ -70,12 +86,17 @@ for run_no in $(seq 1 "$RUNS"); do
   run fanout-1000 rabbitmq "${rabbit_ws[@]}" bench fanout --subscribers 1000 --messages 200 --seconds 300
   run queue stoa "${stoa_tcp[@]}" bench queue --publishers 8 --messages 50000
   run queue rabbitmq "${rabbit_tcp[@]}" bench queue --publishers 8 --messages 50000
-  # Connections before rooms: RabbitMQ 3.10 here has come out of the rooms scenario with
-  # failing queue declarations (rabbit_memory_monitor gone) until restarted.
-  run conns-5000 stoa "${stoa_ws[@]}" bench conns --connections 5000 --pid "$stoa_pid"
-  run conns-5000 rabbitmq "${rabbit_ws[@]}" bench conns --connections 5000 --pid "$rabbit_pid"
   run rooms-20k stoa "${stoa_ws[@]}" bench rooms --rooms 100 --members 10 --rate 20000 --seconds 5
+  fresh_rabbit
   run rooms-20k rabbitmq "${rabbit_ws[@]}" bench rooms --rooms 100 --members 10 --rate 20000 --seconds 5
+  # Memory per connection is measured on fresh brokers: a broker that ran other scenarios
+  # reuses freed memory and would look cheaper than it is.
+  start_stoa "$out/stoa-conns.log"
+  run conns-5000 stoa --url "ws://$stoa_http/ws" bench conns --connections 5000 --pid "$stoa_pid"
+  kill "$stoa_pid"
+  fresh_rabbit
+  run conns-5000 rabbitmq "${rabbit_ws[@]}" bench conns --connections 5000 --parallel 32 --pid "$rabbit_pid"
+  fresh_rabbit
   run rooms-100k stoa "${stoa_ws[@]}" bench rooms --rooms 100 --members 10 --rate 100000 --seconds 5
 done
 echo "==> stoa: highest room rate with p99 under 50 ms"

@@ -25,8 +25,9 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 if ! port_open 15674 || ! port_open 61613; then
   rabbitmq-plugins enable --offline rabbitmq_stomp rabbitmq_web_stomp >/dev/null
   rabbitmq-server -detached >/dev/null 2>&1 || true
-  timeout 120 rabbitmqctl await_startup >/dev/null
-  for _ in $(seq 1 120); do
+  # Wait for the STOMP ports themselves: right after -detached the node may not even be
+  # registered yet, and rabbitmqctl await_startup fails outright then.
+  for _ in $(seq 1 360); do
     if port_open 15674 && port_open 61613; then break; fi
     sleep 0.5
   done

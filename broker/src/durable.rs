@@ -7,10 +7,9 @@
 //! the batch's receipts go to their clients' outboxes. At start, every message still kept.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::mpsc::{self, Receiver, SyncSender};
 
 use bytes::Bytes;
 use rusqlite::{Connection, params};
@@ -18,6 +17,7 @@ use tracing::error;
 
 use crate::outbox::{Outbox, Outgoing};
 use crate::store::{StoreError, StoredMessage};
+use crate::writer::{WriterThread, next_batch};
 
 /// A RECEIPT to send once everything before it is on disk.
 #[derive(Debug)]
@@ -55,8 +55,7 @@ pub type KeptQueue = (String, Vec<StoredMessage>);
 #[derive(Debug)]
 pub struct QueueStore {
     path: PathBuf,
-    ops: Mutex<Option<Sender<Op>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    writer: WriterThread<Op>,
 }
 
 /// Most operations in one commit.
@@ -91,31 +90,20 @@ impl QueueStore {
         )
         .map_err(sqlite)?;
         let kept = load(&conn, &path)?;
-        let (tx, rx) = mpsc::channel();
         let writer_path = path.clone();
-        let writer = std::thread::Builder::new()
-            .name("stoa-queues".into())
-            .spawn(move || write_loop(conn, rx, &writer_path))
-            .map_err(|e| StoreError::Sqlite {
-                path: path.clone(),
-                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-            })?;
-        let store = QueueStore {
-            path,
-            ops: Mutex::new(Some(tx)),
-            writer: Mutex::new(Some(writer)),
-        };
+        let writer =
+            WriterThread::spawn("stoa-queues", move |rx| write_loop(conn, rx, &writer_path))
+                .map_err(|e| StoreError::Sqlite {
+                    path: path.clone(),
+                    source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+                })?;
+        let store = QueueStore { path, writer };
         Ok((store, kept))
     }
 
     fn send(&self, op: Op) {
-        let ops = self
-            .ops
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match ops.as_ref() {
-            Some(tx) if tx.send(op).is_ok() => {}
-            _ => error!(path = %self.path.display(), "queue store writer has stopped"),
+        if !self.writer.send(op) {
+            error!(path = %self.path.display(), "queue store writer has stopped");
         }
     }
 
@@ -152,23 +140,6 @@ impl QueueStore {
         let (ack_tx, ack_rx) = mpsc::sync_channel(1);
         self.send(Op::Flush(ack_tx));
         let _ = ack_rx.recv();
-    }
-}
-
-impl Drop for QueueStore {
-    fn drop(&mut self) {
-        self.ops
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(writer) = self
-            .writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-        {
-            let _ = writer.join();
-        }
     }
 }
 
@@ -216,14 +187,7 @@ fn load(conn: &Connection, path: &Path) -> Result<Vec<KeptQueue>, StoreError> {
 }
 
 fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
+    while let Some(batch) = next_batch(&rx, BATCH) {
         let mut receipts = Vec::new();
         let mut flushes = Vec::new();
         match write_batch(&mut conn, batch, &mut receipts, &mut flushes) {

@@ -18,6 +18,7 @@ pub mod session;
 pub mod state;
 pub mod store;
 pub mod transport;
+pub mod writer;
 
 pub use config::Config;
 pub use server::run;

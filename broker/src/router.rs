@@ -19,7 +19,7 @@ use crate::outbox::{AckTag, Mark, Outbox, Outgoing};
 use crate::services::{App, QueueLimits, Queues, Rooms, Topics, Users, is_user_queue};
 use crate::session::{SessionError, SessionId};
 use crate::state::now_millis;
-use crate::store::Store;
+use crate::store::{Store, StoredMessage};
 
 /// One subscription as services see it: where to put messages and how to label them.
 #[derive(Debug, Clone)]
@@ -125,6 +125,31 @@ impl Publish {
     /// The body.
     pub fn body(&self) -> &Bytes {
         &self.body
+    }
+
+    /// The message as a store keeps it, under `seq` (a room's sequence number, or the
+    /// message id in the durable queue store).
+    pub fn to_stored(&self, seq: u64) -> StoredMessage {
+        StoredMessage {
+            seq,
+            message_id: self.message_id,
+            headers: self
+                .headers
+                .iter()
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .collect(),
+            body: self.body.clone(),
+        }
+    }
+
+    /// A message a store kept, as it was published.
+    pub fn from_stored(stored: StoredMessage) -> Publish {
+        let headers: Headers = stored
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        Publish::new(stored.message_id, headers, stored.body)
     }
 }
 

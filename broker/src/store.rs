@@ -6,12 +6,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::thread::JoinHandle;
+use std::sync::mpsc::{self, Receiver, SyncSender};
 
 use bytes::Bytes;
 use rusqlite::{Connection, params};
 use tracing::{error, warn};
+
+use crate::writer::{WriterThread, next_batch};
 
 /// A message as kept: headers in order and the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,8 +76,7 @@ enum Op {
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
-    ops: Mutex<Option<Sender<Op>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    writer: WriterThread<Op>,
 }
 
 /// Schema changes, applied in order on start; `PRAGMA user_version` counts those done.
@@ -118,30 +118,18 @@ impl SqliteStore {
         };
         let conn = open_connection(&path).map_err(sqlite)?;
         migrate(&conn).map_err(sqlite)?;
-        let (tx, rx) = mpsc::channel();
         let writer_path = path.clone();
-        let writer = std::thread::Builder::new()
-            .name("stoa-store".into())
-            .spawn(move || write_loop(conn, rx, &writer_path))
-            .map_err(|e| StoreError::Sqlite {
-                path: path.clone(),
-                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-            })?;
-        Ok(SqliteStore {
-            path,
-            ops: Mutex::new(Some(tx)),
-            writer: Mutex::new(Some(writer)),
-        })
+        let writer =
+            WriterThread::spawn("stoa-store", move |rx| write_loop(conn, rx, &writer_path))
+                .map_err(|e| StoreError::Sqlite {
+                    path: path.clone(),
+                    source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+                })?;
+        Ok(SqliteStore { path, writer })
     }
 
     fn send(&self, op: Op) {
-        let ops = self
-            .ops
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(tx) = ops.as_ref()
-            && tx.send(op).is_err()
-        {
+        if !self.writer.send(op) {
             error!(path = %self.path.display(), "store writer has stopped; a message was not kept");
         }
     }
@@ -158,24 +146,6 @@ impl SqliteStore {
             path: self.path.clone(),
             table,
             source,
-        }
-    }
-}
-
-impl Drop for SqliteStore {
-    fn drop(&mut self) {
-        // Closing the channel ends the writer after it has written everything queued.
-        self.ops
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(writer) = self
-            .writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-        {
-            let _ = writer.join();
         }
     }
 }
@@ -203,14 +173,7 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
+    while let Some(batch) = next_batch(&rx, BATCH) {
         let mut acks = Vec::new();
         if let Err(e) = write_batch(&mut conn, batch, &mut acks) {
             error!(path = %path.display(), "store write failed: {e}");

@@ -11,7 +11,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
-use stomp_codec::Headers;
 
 use crate::durable::{KeptQueue, QueueStore};
 use crate::outbox::Mark;
@@ -20,7 +19,6 @@ use crate::router::{
     message_headers,
 };
 use crate::session::{SessionError, SessionId};
-use crate::store::StoredMessage;
 
 /// Queue limits.
 #[derive(Debug, Clone, Copy)]
@@ -123,12 +121,7 @@ impl Queues {
         for (name, messages) in kept {
             let mut queue = Queue::default();
             for m in messages {
-                let headers: Headers = m
-                    .headers
-                    .iter()
-                    .map(|(n, v)| (n.as_str(), v.as_str()))
-                    .collect();
-                let publish = Arc::new(Publish::new(m.seq, headers, m.body));
+                let publish = Arc::new(Publish::from_stored(m));
                 queue.bytes += publish.body().len();
                 queue.ready.push_back(QueuedMessage {
                     publish,
@@ -326,16 +319,7 @@ impl Service for Queues {
         self.store.put(
             request.message_id,
             name,
-            StoredMessage {
-                seq: request.message_id,
-                message_id: request.message_id,
-                headers: publish
-                    .headers()
-                    .iter()
-                    .map(|(n, v)| (n.to_owned(), v.to_owned()))
-                    .collect(),
-                body: publish.body().clone(),
-            },
+            publish.to_stored(request.message_id),
             None,
         );
         q.bytes += frame.body.len();

@@ -19,7 +19,7 @@ use crate::router::{
 use crate::services::Topics;
 use crate::session::SessionError;
 use crate::state::now_millis;
-use crate::store::{Store, StoreError, StoredMessage};
+use crate::store::{Store, StoreError};
 
 /// Longest room name, in characters.
 pub const MAX_ROOM_NAME_CHARS: usize = 64;
@@ -119,15 +119,10 @@ impl Rooms {
         for (name, messages) in store.load_rooms(keep)? {
             let mut room = Room::default();
             for m in messages {
-                let headers: Headers = m
-                    .headers
-                    .iter()
-                    .map(|(n, v)| (n.as_str(), v.as_str()))
-                    .collect();
                 room.last_seq = room.last_seq.max(m.seq);
                 room.history.push_back(Kept {
                     seq: m.seq,
-                    publish: Arc::new(Publish::new(m.message_id, headers, m.body)),
+                    publish: Arc::new(Publish::from_stored(m)),
                 });
             }
             rooms.insert(name, Arc::new(Mutex::new(room)));
@@ -196,20 +191,8 @@ impl Rooms {
         while room.history.len() > self.keep {
             room.history.pop_front();
         }
-        self.store.append_room(
-            name,
-            StoredMessage {
-                seq,
-                message_id,
-                headers: publish
-                    .headers()
-                    .iter()
-                    .map(|(n, v)| (n.to_owned(), v.to_owned()))
-                    .collect(),
-                body: publish.body().clone(),
-            },
-            self.keep,
-        );
+        self.store
+            .append_room(name, publish.to_stored(seq), self.keep);
         (seq, self.deliver_live(name, room, &publish))
     }
 

@@ -10,7 +10,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use stomp_codec::Headers;
 
 use crate::durable::{KeptQueue, QueueStore};
 use crate::router::{
@@ -18,7 +17,6 @@ use crate::router::{
     message_headers,
 };
 use crate::session::{SessionError, check_user_name};
-use crate::store::StoredMessage;
 
 /// Store names of user queues start with this, which no queue name can (queue names have
 /// no control characters).
@@ -79,17 +77,7 @@ impl Users {
             else {
                 continue;
             };
-            let waiting = messages
-                .into_iter()
-                .map(|m| {
-                    let headers: Headers = m
-                        .headers
-                        .iter()
-                        .map(|(n, v)| (n.as_str(), v.as_str()))
-                        .collect();
-                    Publish::new(m.message_id, headers, m.body)
-                })
-                .collect();
+            let waiting = messages.into_iter().map(Publish::from_stored).collect();
             queues.insert(
                 (user.to_owned(), queue.to_owned()),
                 UserQueue {
@@ -180,16 +168,7 @@ impl Service for Users {
             self.store.put(
                 publish.message_id,
                 &store_name(user, name),
-                StoredMessage {
-                    seq: publish.message_id,
-                    message_id: publish.message_id,
-                    headers: publish
-                        .headers()
-                        .iter()
-                        .map(|(n, v)| (n.to_owned(), v.to_owned()))
-                        .collect(),
-                    body: publish.body().clone(),
-                },
+                publish.to_stored(publish.message_id),
                 None,
             );
             queue.waiting.push_back(publish);

@@ -1,0 +1,80 @@
+//! One background thread that owns a database connection and applies operations in order,
+//! in batches: what the two stores share.
+//!
+//! In: operations sent from any thread. Out: the thread's `run` function sees them in order;
+//! dropping the [`WriterThread`] lets it finish what was sent and joins it.
+
+use std::sync::Mutex;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::JoinHandle;
+
+/// A writer thread and the channel to it.
+pub struct WriterThread<Op> {
+    ops: Mutex<Option<Sender<Op>>>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl<Op> std::fmt::Debug for WriterThread<Op> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let running = unpoisoned(&self.handle).is_some();
+        f.debug_struct("WriterThread")
+            .field("running", &running)
+            .finish()
+    }
+}
+
+fn unpoisoned<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Each critical section is one take or one send: a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<Op: Send + 'static> WriterThread<Op> {
+    /// Starts thread `name` running `run` over the operations sent to it.
+    ///
+    /// # Errors
+    /// The OS refused the thread.
+    pub fn spawn(
+        name: &str,
+        run: impl FnOnce(Receiver<Op>) + Send + 'static,
+    ) -> std::io::Result<WriterThread<Op>> {
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || run(rx))?;
+        Ok(WriterThread {
+            ops: Mutex::new(Some(tx)),
+            handle: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Hands `op` to the thread; `false` if it has stopped.
+    pub fn send(&self, op: Op) -> bool {
+        unpoisoned(&self.ops)
+            .as_ref()
+            .is_some_and(|tx| tx.send(op).is_ok())
+    }
+}
+
+impl<Op> Drop for WriterThread<Op> {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread after everything sent before.
+        unpoisoned(&self.ops).take();
+        if let Some(handle) = unpoisoned(&self.handle).take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// The next operation and whatever else is already waiting, at most `max` in all; `None`
+/// once every sender is gone.
+pub fn next_batch<Op>(rx: &Receiver<Op>, max: usize) -> Option<Vec<Op>> {
+    let first = rx.recv().ok()?;
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}

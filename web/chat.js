@@ -378,6 +378,8 @@
   $('input').addEventListener('input', sendTyping);
   $('leave-button').addEventListener('click', () => state.active && leaveRoom(state.active.name));
   $('menu-button').addEventListener('click', () => $('sidebar').classList.toggle('open'));
+  // On a phone the member list is a drawer too.
+  $('members-button').addEventListener('click', () => $('people').classList.toggle('open'));
   setInterval(() => state.client && state.client.connected && refreshRooms(), ROOM_LIST_REFRESH_MS);
 
   // /?room=<room>&name=<nick> joins directly.

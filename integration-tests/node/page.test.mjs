@@ -124,6 +124,10 @@ test('two users chat both ways; a late joiner sees history; leave notices; escap
   const phone = await openChat(broker, 'dana', 'lobby', { width: 390, height: 844 });
   await seeMessage(phone, 'hello bob', 'alice');
   await phone.screenshot({ path: join(screenshots, 'chat-phone.png') });
+  // On a phone the members are one tap away.
+  await phone.locator('#members-button').click();
+  await phone.getByTestId('member').filter({ hasText: 'dana' }).waitFor({ state: 'visible' });
+  await phone.screenshot({ path: join(screenshots, 'chat-phone-members.png') });
 
   await Promise.all([alice, bob, carol, phone].map((p) => p.context().close()));
   await broker.stop();

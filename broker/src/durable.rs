@@ -16,7 +16,7 @@ use rusqlite::{Connection, params};
 use tracing::error;
 
 use crate::outbox::{Outbox, Outgoing};
-use crate::store::{StoreError, StoredMessage};
+use crate::store::{StoreError, StoredMessage, push_grouped, stored_message};
 use crate::writer::{WriterThread, next_batch};
 
 /// A RECEIPT to send once everything before it is on disk.
@@ -167,21 +167,14 @@ fn load(conn: &Connection, path: &Path) -> Result<Vec<KeptQueue>, StoreError> {
     let mut queues: Vec<KeptQueue> = Vec::new();
     for row in rows {
         let (queue, id, message_id, headers, body) = row.map_err(sqlite)?;
-        let headers = serde_json::from_str(&headers).map_err(|source| StoreError::Corrupt {
-            path: path.to_owned(),
-            table: "queue_messages",
-            source,
+        let message = stored_message(id, message_id, &headers, body).map_err(|source| {
+            StoreError::Corrupt {
+                path: path.to_owned(),
+                table: "queue_messages",
+                source,
+            }
         })?;
-        let message = StoredMessage {
-            seq: u64::try_from(id).unwrap_or(0),
-            message_id: u64::try_from(message_id).unwrap_or(0),
-            headers,
-            body: Bytes::from(body),
-        };
-        match queues.last_mut() {
-            Some((name, list)) if *name == queue => list.push(message),
-            _ => queues.push((queue, vec![message])),
-        }
+        push_grouped(&mut queues, queue, message);
     }
     Ok(queues)
 }

@@ -50,6 +50,34 @@ pub enum StoreError {
     },
 }
 
+/// A kept row as a message.
+pub(crate) fn stored_message(
+    seq: i64,
+    message_id: i64,
+    headers: &str,
+    body: Vec<u8>,
+) -> Result<StoredMessage, serde_json::Error> {
+    Ok(StoredMessage {
+        seq: u64::try_from(seq).unwrap_or(0),
+        message_id: u64::try_from(message_id).unwrap_or(0),
+        headers: serde_json::from_str(headers)?,
+        body: Bytes::from(body),
+    })
+}
+
+/// Appends `message` to the last group if it has the same name (rows come ordered by
+/// name), else starts a group.
+pub(crate) fn push_grouped(
+    groups: &mut Vec<(String, Vec<StoredMessage>)>,
+    name: String,
+    message: StoredMessage,
+) {
+    match groups.last_mut() {
+        Some((last, messages)) if *last == name => messages.push(message),
+        _ => groups.push((name, vec![message])),
+    }
+}
+
 /// Where kept messages go.
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Every room's newest `keep` messages, oldest first.
@@ -251,17 +279,9 @@ impl Store for SqliteStore {
         let mut rooms: Vec<(String, Vec<StoredMessage>)> = Vec::new();
         for row in rows {
             let (room, seq, message_id, headers, body) = row.map_err(sqlite)?;
-            let headers = serde_json::from_str(&headers).map_err(self.corrupt("room_messages"))?;
-            let message = StoredMessage {
-                seq: u64::try_from(seq).unwrap_or(0),
-                message_id: u64::try_from(message_id).unwrap_or(0),
-                headers,
-                body: Bytes::from(body),
-            };
-            match rooms.last_mut() {
-                Some((last, messages)) if *last == room => messages.push(message),
-                _ => rooms.push((room, vec![message])),
-            }
+            let message = stored_message(seq, message_id, &headers, body)
+                .map_err(self.corrupt("room_messages"))?;
+            push_grouped(&mut rooms, room, message);
         }
         Ok(rooms)
     }

@@ -7,6 +7,7 @@
 use std::sync::Mutex;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// A writer thread and the channel to it.
 pub struct WriterThread<Op> {
@@ -77,4 +78,66 @@ pub fn next_batch<Op>(rx: &Receiver<Op>, max: usize) -> Option<Vec<Op>> {
         }
     }
     Some(batch)
+}
+
+/// Like [`next_batch`], but unless the first operation is `urgent`, waits `linger` before
+/// taking what else arrived, so that a steady trickle is committed in a few large
+/// transactions instead of many small ones, and the thread wakes once per batch rather than
+/// once per operation. An urgent operation arriving meanwhile waits at most `linger`.
+pub fn next_batch_lingering<Op>(
+    rx: &Receiver<Op>,
+    max: usize,
+    linger: Duration,
+    urgent: impl Fn(&Op) -> bool,
+) -> Option<Vec<Op>> {
+    let first = rx.recv().ok()?;
+    if urgent(&first) {
+        return Some(vec![first]);
+    }
+    std::thread::sleep(linger);
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lingering_batch_takes_what_arrived_and_an_urgent_first_operation_goes_alone() {
+        let (tx, rx) = mpsc::channel();
+        for n in [0, 1, 2] {
+            tx.send(n).unwrap();
+        }
+        let short = Duration::from_millis(1);
+        assert_eq!(
+            next_batch_lingering(&rx, 10, short, |n| *n == 0),
+            Some(vec![0])
+        );
+        assert_eq!(
+            next_batch_lingering(&rx, 10, short, |n| *n == 0),
+            Some(vec![1, 2])
+        );
+        drop(tx);
+        assert_eq!(next_batch_lingering(&rx, 10, short, |n| *n == 0), None);
+    }
+
+    #[test]
+    fn a_lingering_batch_stops_at_max() {
+        let (tx, rx) = mpsc::channel();
+        for n in 1..=5 {
+            tx.send(n).unwrap();
+        }
+        let short = Duration::from_millis(1);
+        assert_eq!(
+            next_batch_lingering(&rx, 3, short, |_| false),
+            Some(vec![1, 2, 3])
+        );
+    }
 }

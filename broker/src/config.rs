@@ -116,6 +116,12 @@ pub struct Config {
     /// given back between reads.
     #[arg(long, env = "STOA_READ_BUFFER_BYTES", default_value_t = 1024)]
     pub read_buffer_bytes: usize,
+
+    /// Connections the kernel may hold for each listener before they are accepted (capped
+    /// by the system's net.core.somaxconn); past it, new connections wait for a SYN
+    /// retransmission, a second or more.
+    #[arg(long, env = "STOA_LISTEN_BACKLOG", default_value_t = 4096)]
+    pub listen_backlog: u32,
 }
 
 fn parse_heart_beat(value: &str) -> Result<HeartBeat, String> {
@@ -191,6 +197,7 @@ impl Config {
             ("max-subscriptions", self.max_subscriptions),
             ("outbox-bytes", self.outbox_bytes),
             ("read-buffer-bytes", self.read_buffer_bytes),
+            ("listen-backlog", self.listen_backlog as usize),
             ("room-history", self.room_history),
             ("user-queue-limit", self.user_queue_limit),
             ("queue-max-messages", self.queue_max_messages),

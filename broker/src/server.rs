@@ -67,8 +67,8 @@ pub async fn run(
         path: config.data_dir.clone(),
         source,
     })?;
-    let http = bind(config.http_listen).await?;
-    let stomp = bind(config.stomp_listen).await?;
+    let http = bind(config.http_listen, config.listen_backlog)?;
+    let stomp = bind(config.stomp_listen, config.listen_backlog)?;
     let bound = Bound {
         http: http.local_addr().map_err(|source| ServerError::Bind {
             addr: config.http_listen,
@@ -130,10 +130,18 @@ pub async fn run(
     Ok(())
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServerError::Bind { addr, source })
+fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ServerError> {
+    let bound = || {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        // As std's listeners do: a restarted broker may bind while old sockets linger.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(backlog)
+    };
+    bound().map_err(|source| ServerError::Bind { addr, source })
 }
 
 async fn accept_tcp(

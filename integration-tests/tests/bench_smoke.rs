@@ -42,6 +42,19 @@ fn every_scenario_runs_and_loses_nothing() {
         (Some(0), Some(0))
     );
     assert!(fanout["deliveries_per_sec"].as_f64().unwrap() > 0.0);
+    // The generator's own connection also speaks STOMP straight over TCP.
+    let fanout_tcp = bench(
+        &broker,
+        &tcp,
+        &["fanout", "--subscribers", "3", "--messages", "300"],
+    );
+    assert_eq!(
+        (
+            fanout_tcp["deliveries"].as_u64(),
+            fanout_tcp["lost"].as_u64()
+        ),
+        (Some(900), Some(0))
+    );
 
     let queue = bench(
         &broker,
@@ -89,4 +102,5 @@ fn every_scenario_runs_and_loses_nothing() {
     assert_eq!(conns["connections"], 50);
     assert_eq!(conns["probe_reached"], conns["probe_room_members"]);
     assert!(conns["broker_rss_kib_after"].as_u64().unwrap() > 0);
+    assert!(conns["cpu_percent_while_connecting"]["broker"].is_number());
 }

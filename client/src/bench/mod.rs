@@ -4,6 +4,10 @@
 //! In: a broker URL and a scenario's sizes. Out: throughput, latency percentiles, and the
 //! count of lost, duplicated and out-of-order messages, which are reported, never hidden.
 
+mod wire;
+
+use wire::{Target, WireError, WireReader, WireWriter, request};
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,6 +52,9 @@ pub struct RoomsArgs {
     /// Body size in bytes.
     #[arg(long, default_value_t = 64)]
     size: usize,
+    /// The broker's process id, to report its CPU use next to the generator's.
+    #[arg(long)]
+    pid: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -55,13 +62,15 @@ pub struct ConnsArgs {
     /// Connections.
     #[arg(long, default_value_t = 1_000)]
     connections: usize,
-    /// Rooms the connections are spread over.
-    #[arg(long, default_value_t = 100)]
-    rooms: usize,
+    /// Rooms the connections are spread over [default: one per 10 connections, the room
+    /// size of the rooms scenario]. Every join posts a notice to each member already in the
+    /// room, so larger rooms cost more writes per connection.
+    #[arg(long)]
+    rooms: Option<usize>,
     /// Connections opened at once.
     #[arg(long, default_value_t = 256)]
     parallel: usize,
-    /// The broker's process id, to read its resident memory from /proc.
+    /// The broker's process id, to read its resident memory and CPU use from /proc.
     #[arg(long)]
     pid: Option<u32>,
     /// Give up after this many seconds.
@@ -108,6 +117,9 @@ pub struct FanoutArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 120.0)]
     seconds: f64,
+    /// The broker's process id, to report its CPU use next to the generator's.
+    #[arg(long)]
+    pid: Option<u32>,
 }
 
 /// What a scenario failed on.
@@ -116,6 +128,9 @@ pub enum BenchError {
     /// The broker.
     #[error("{0}")]
     Client(#[from] ClientError),
+    /// The generator's own connection.
+    #[error("{0}")]
+    Wire(#[from] WireError),
     /// The time bound.
     #[error("the scenario did not finish within {0} s")]
     Timeout(f64),
@@ -139,6 +154,43 @@ fn unique(prefix: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     format!("{prefix}{:x}", nanos & 0xffff_ffff_ffff)
+}
+
+/// The lean connection's target for `url` with the command line's credentials.
+fn target(url: &str, options: &Options) -> Result<Target, BenchError> {
+    let mut target = Target::parse(url, options.login.clone(), options.passcode.clone())?;
+    target.host.clone_from(&options.host);
+    Ok(target)
+}
+
+/// Connects within the command line's timeout.
+async fn open(target: &Target, options: &Options) -> Result<(WireReader, WireWriter), BenchError> {
+    tokio::time::timeout(options.timeout, wire::connect(target))
+        .await
+        .map_err(|_| BenchError::Timeout(options.timeout.as_secs_f64()))?
+        .map_err(BenchError::from)
+}
+
+fn subscribe_frame(destination: &str) -> Frame {
+    Frame::new(Command::Subscribe)
+        .with_header("destination", destination)
+        .with_header("id", "0")
+        .with_header("ack", "auto")
+}
+
+/// Subscribes to `destination` and waits for the SUBSCRIBE's receipt.
+async fn subscribe(
+    reader: &mut WireReader,
+    writer: &mut WireWriter,
+    destination: &str,
+) -> Result<(), BenchError> {
+    // No x-* headers: RabbitMQ reads them as queue arguments.
+    Ok(request(reader, writer, subscribe_frame(destination), "subscribed").await?)
+}
+
+/// Says DISCONNECT and closes, without waiting for an answer.
+async fn hang_up(mut writer: WireWriter) {
+    let _ = writer.send(&Frame::new(Command::Disconnect)).await;
 }
 
 fn per_second(count: usize, elapsed: Duration) -> f64 {
@@ -237,36 +289,39 @@ async fn fanout(
     options: &Options,
     args: FanoutArgs,
 ) -> Result<serde_json::Value, BenchError> {
+    let target = target(url, options)?;
     let destination = format!("/topic/{}", unique("bench.fanout."));
     let body = bytes::Bytes::from(vec![b'f'; args.size]);
     let mut subscribers = Vec::new();
     for _ in 0..args.subscribers {
-        let client = Client::connect(url, options.clone()).await?;
-        let sub = client
-            .subscribe(&destination, SubscribeOptions::new())
-            .await?;
-        subscribers.push((client, sub));
+        let (mut reader, mut writer) = open(&target, options).await?;
+        subscribe(&mut reader, &mut writer, &destination).await?;
+        subscribers.push((reader, writer));
     }
-    let publisher = Client::connect(url, options.clone()).await?;
+    let (mut receipts, mut publisher) = open(&target, options).await?;
     let lost = Arc::new(AtomicU64::new(0));
     let out_of_order = Arc::new(AtomicU64::new(0));
     let delivered = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
+    let cpu = CpuMeter::start(args.pid);
     let deadline = Duration::from_secs_f64(args.seconds);
+    let end = tokio::time::Instant::now() + deadline;
     let readers: Vec<_> = subscribers
         .into_iter()
-        .map(|(client, mut sub)| {
+        .map(|(mut reader, writer)| {
             let (lost, out_of_order, delivered) =
                 (lost.clone(), out_of_order.clone(), delivered.clone());
             let total = args.messages;
             tokio::spawn(async move {
                 let mut expected = 0usize;
                 let mut got = 0usize;
-                let end = tokio::time::Instant::now() + deadline;
                 while got < total {
-                    let Ok(Some(m)) = tokio::time::timeout_at(end, sub.next()).await else {
+                    let Ok(Ok(m)) = tokio::time::timeout_at(end, reader.next()).await else {
                         break;
                     };
+                    if m.command != Command::Message {
+                        continue;
+                    }
                     got += 1;
                     let n: usize = m
                         .header("x-n")
@@ -281,34 +336,48 @@ async fn fanout(
                 delivered.fetch_add(got as u64, Ordering::Relaxed);
                 lost.fetch_add((total - got) as u64, Ordering::Relaxed);
                 let last = started.elapsed();
-                let _ = client.disconnect().await;
+                hang_up(writer).await;
                 last
             })
         })
         .collect();
-    let mut receipts = FuturesUnordered::new();
-    for n in 0..args.messages {
-        let frame = Frame::new(Command::Send)
-            .with_header("destination", &destination)
-            .with_header("x-n", &n.to_string())
-            .with_body(body.clone());
-        let with_receipt = (n + 1) % args.receipt_every == 0 || n + 1 == args.messages;
-        receipts.push(publisher.send_frame(frame, with_receipt));
-        // Fire-and-forget sends complete at once; receipted ones bound how far ahead we run.
-        while receipts.len() >= args.window * args.receipt_every.max(1) {
-            if let Some(r) = receipts.next().await {
-                r?;
+    // The publisher writes a batch of `receipt_every` SENDs at a time, the last with a
+    // receipt, and waits once `window` receipts are outstanding.
+    let publish = async {
+        let mut outstanding = 0usize;
+        let mut n = 0usize;
+        let mut digits = itoa::Buffer::new();
+        while n < args.messages {
+            let batch_end = (n + args.receipt_every.max(1)).min(args.messages);
+            for i in n..batch_end {
+                let mut frame = Frame::new(Command::Send)
+                    .with_header("destination", &destination)
+                    .with_header("x-n", digits.format(i));
+                if i + 1 == batch_end {
+                    frame = frame.with_header("receipt", digits.format(i));
+                }
+                publisher.queue(&frame.with_body(body.clone()));
+            }
+            publisher.flush().await?;
+            outstanding += 1;
+            n = batch_end;
+            while outstanding >= args.window.max(1) || (n == args.messages && outstanding > 0) {
+                if receipts.next_ok().await?.command == Command::Receipt {
+                    outstanding -= 1;
+                }
             }
         }
-    }
-    while let Some(r) = receipts.next().await {
-        r?;
-    }
+        Ok::<(), WireError>(())
+    };
+    tokio::time::timeout_at(end, publish)
+        .await
+        .map_err(|_| BenchError::Timeout(args.seconds))??;
     let mut last = Duration::ZERO;
     for reader in readers {
         last = last.max(reader.await.unwrap_or(deadline));
     }
-    let _ = publisher.disconnect().await;
+    let cpu = cpu.percent();
+    hang_up(publisher).await;
     let delivered = delivered.load(Ordering::Relaxed);
     Ok(serde_json::json!({
         "scenario": "fanout",
@@ -321,6 +390,7 @@ async fn fanout(
         "seconds": last.as_secs_f64(),
         "lost": lost.load(Ordering::Relaxed),
         "out_of_order": out_of_order.load(Ordering::Relaxed),
+        "cpu_percent": cpu,
     }))
 }
 
@@ -337,28 +407,37 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// A room member as the steps see it: its room, its writing half (lent to each step's
+/// publishing task and handed back), and what its reader saw.
+struct Member {
+    room: usize,
+    writer: Option<WireWriter>,
+    seen: Seen,
+}
+
 async fn rooms(
     url: &str,
     options: &Options,
     args: RoomsArgs,
 ) -> Result<serde_json::Value, BenchError> {
+    let target = target(url, options)?;
     let tag = unique("bench");
     let epoch = Instant::now();
     let mut members = Vec::new();
     let mut readers = Vec::new();
     for room in 0..args.rooms {
         for _ in 0..args.members {
-            let client = Client::connect(url, options.clone()).await?;
-            let mut sub = client
-                .subscribe(
-                    &format!("/topic/room.{tag}-{room}"),
-                    SubscribeOptions::new(),
-                )
-                .await?;
+            let (mut reader, mut writer) = open(&target, options).await?;
+            subscribe(
+                &mut reader,
+                &mut writer,
+                &format!("/topic/room.{tag}-{room}"),
+            )
+            .await?;
             let seen: Seen = Arc::default();
             let reader_seen = seen.clone();
             readers.push(tokio::spawn(async move {
-                while let Some(m) = sub.next().await {
+                while let Ok(m) = reader.next().await {
                     let (Some(sent), Some(step)) = (m.header("x-sent"), m.header("x-step")) else {
                         continue;
                     };
@@ -379,14 +458,18 @@ async fn rooms(
                     let _ = h.record(u64::try_from(latency).unwrap_or(u64::MAX).max(1_000));
                 }
             }));
-            members.push((room, client, seen));
+            members.push(Member {
+                room,
+                writer: Some(writer),
+                seen,
+            });
         }
     }
     let mut steps = Vec::new();
     let mut rate = args.rate;
     let mut best_under_50ms = None;
     for step in 0.. {
-        let result = rooms_step(&members, &args, &tag, epoch, step, rate).await?;
+        let result = rooms_step(&mut members, &args, &tag, epoch, step, rate).await?;
         let p99_ms = result["p99_ms"].as_f64().unwrap_or(f64::MAX);
         let lost = result["lost"].as_u64().unwrap_or(u64::MAX);
         let ok = p99_ms <= 50.0 && lost == 0;
@@ -400,8 +483,10 @@ async fn rooms(
         }
         rate = rate * 3 / 2;
     }
-    for (_, client, _) in &members {
-        let _ = client.disconnect().await;
+    for member in &mut members {
+        if let Some(writer) = member.writer.take() {
+            hang_up(writer).await;
+        }
     }
     for reader in readers {
         reader.abort();
@@ -421,6 +506,7 @@ async fn rooms(
         "p999_ms": last["p999_ms"],
         "max_ms": last["max_ms"],
         "lost": last["lost"],
+        "cpu_percent": last["cpu_percent"],
         "highest_rate_p99_under_50ms": best_under_50ms,
         "steps": steps,
     }))
@@ -429,7 +515,7 @@ async fn rooms(
 /// Publishes at `rate` deliveries per second for `args.seconds`, then waits for the
 /// stragglers and summarises what the readers saw for this step.
 async fn rooms_step(
-    members: &[(usize, Client, Seen)],
+    members: &mut [Member],
     args: &RoomsArgs,
     tag: &str,
     epoch: Instant,
@@ -442,36 +528,47 @@ async fn rooms_step(
     let body = bytes::Bytes::from(vec![b'r'; args.size]);
     let sent = Arc::new(AtomicU64::new(0));
     let started = tokio::time::Instant::now();
+    let cpu = CpuMeter::start(args.pid);
     let end = started + Duration::from_secs_f64(args.seconds);
+    let count = members.len();
     let mut tasks = Vec::new();
-    for (i, (room, client, _)) in members.iter().enumerate() {
-        let client = client.clone();
-        let destination = format!("/topic/room.{tag}-{room}");
+    for (i, member) in members.iter_mut().enumerate() {
+        let Some(mut writer) = member.writer.take() else {
+            continue;
+        };
+        let destination = format!("/topic/room.{tag}-{}", member.room);
         let (sent, body) = (sent.clone(), body.clone());
         // Spread the members' first sends over one interval.
-        let offset = interval.mul_f64(i as f64 / members.len() as f64);
-        tasks.push(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval_at(started + offset, interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            loop {
-                if ticks.tick().await >= end {
-                    break;
+        let offset = interval.mul_f64(i as f64 / count as f64);
+        tasks.push((
+            i,
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval_at(started + offset, interval);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let mut digits = itoa::Buffer::new();
+                let step = step.to_string();
+                loop {
+                    if ticks.tick().await >= end {
+                        break;
+                    }
+                    let frame = Frame::new(Command::Send)
+                        .with_header("destination", &destination)
+                        .with_header("x-step", &step)
+                        .with_header("x-sent", digits.format(epoch.elapsed().as_nanos()))
+                        .with_body(body.clone());
+                    if writer.send(&frame).await.is_err() {
+                        return None;
+                    }
+                    sent.fetch_add(1, Ordering::Relaxed);
                 }
-                let frame = Frame::new(Command::Send)
-                    .with_header("destination", &destination)
-                    .with_header("x-step", &step.to_string())
-                    .with_header("x-sent", &epoch.elapsed().as_nanos().to_string())
-                    .with_body(body.clone());
-                if client.send_frame(frame, false).await.is_err() {
-                    break;
-                }
-                sent.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
+                Some(writer)
+            }),
+        ));
     }
-    for task in tasks {
-        let _ = task.await;
+    for (i, task) in tasks {
+        members[i].writer = task.await.ok().flatten();
     }
+    let cpu = cpu.percent();
     let sent = sent.load(Ordering::Relaxed);
     let expected = sent * args.members as u64;
     // Wait for the deliveries to come in: until all have, or nothing more for a second.
@@ -481,7 +578,7 @@ async fn rooms_step(
         tokio::time::sleep(Duration::from_millis(20)).await;
         let now: u64 = members
             .iter()
-            .map(|(_, _, seen)| lock(seen).get(step).map_or(0, |s| s.received))
+            .map(|m| lock(&m.seen).get(step).map_or(0, |s| s.received))
             .sum();
         if now != received {
             received = now;
@@ -490,8 +587,11 @@ async fn rooms_step(
     }
     let mut merged = hdrhistogram::Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3)
         .expect("valid bounds");
-    for (_, _, seen) in members {
-        if let Some(h) = lock(seen).get(step).and_then(|s| s.latency.as_ref()) {
+    for member in members.iter() {
+        if let Some(h) = lock(&member.seen)
+            .get(step)
+            .and_then(|s| s.latency.as_ref())
+        {
             let _ = merged.add(h);
         }
     }
@@ -508,7 +608,53 @@ async fn rooms_step(
         "p99_ms": ms(0.99),
         "p999_ms": ms(0.999),
         "max_ms": merged.max() as f64 / 1e6,
+        "cpu_percent": cpu,
     }))
+}
+
+/// CPU time used by this process and, given its PID, the broker, from `/proc`: which of the
+/// two limited a run.
+struct CpuMeter {
+    broker: Option<u32>,
+    started: Instant,
+    broker_ticks: Option<u64>,
+    own_ticks: Option<u64>,
+}
+
+/// utime + stime of a process, in clock ticks (USER_HZ, 100 on Linux).
+fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after its closing parenthesis do not.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+impl CpuMeter {
+    fn start(broker: Option<u32>) -> CpuMeter {
+        CpuMeter {
+            broker,
+            started: Instant::now(),
+            broker_ticks: broker.and_then(|pid| cpu_ticks(&pid.to_string())),
+            own_ticks: cpu_ticks("self"),
+        }
+    }
+
+    /// Percent of one core each used since the start: `{"broker": .., "generator": ..}`.
+    fn percent(&self) -> serde_json::Value {
+        let elapsed = self.started.elapsed().as_secs_f64().max(1e-9);
+        let percent = |before: Option<u64>, now: Option<u64>| match (before, now) {
+            (Some(b), Some(n)) => {
+                serde_json::json!((n.saturating_sub(b) as f64 / 100.0 / elapsed * 100.0).round())
+            }
+            _ => serde_json::Value::Null,
+        };
+        serde_json::json!({
+            "broker": percent(self.broker_ticks, self.broker.and_then(|pid| cpu_ticks(&pid.to_string()))),
+            "generator": percent(self.own_ticks, cpu_ticks("self")),
+        })
+    }
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -527,32 +673,31 @@ async fn conns(
     options: &Options,
     args: ConnsArgs,
 ) -> Result<serde_json::Value, BenchError> {
+    let target = target(url, options)?;
     let tag = unique("bench");
     let before = args.pid.and_then(rss_kib);
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(args.seconds);
     let started = Instant::now();
-    let mut connected: Vec<(usize, Client, client::Subscription)> =
-        Vec::with_capacity(args.connections);
+    let cpu = CpuMeter::start(args.pid);
+    let rooms = args.rooms.unwrap_or(args.connections.div_ceil(10)).max(1);
+    let mut connected: Vec<(usize, WireReader, WireWriter)> = Vec::with_capacity(args.connections);
     let mut pending = FuturesUnordered::new();
     let mut next = 0usize;
     while connected.len() < args.connections {
         while pending.len() < args.parallel && next < args.connections {
-            let room = next % args.rooms.max(1);
+            let room = next % rooms;
             let destination = format!("/topic/room.{tag}-{room}");
             // Distinct names make distinct room members; a login given on the command line
             // (RabbitMQ's guest) is kept.
-            let options = match options.login {
-                Some(_) => options.clone(),
-                None => options.clone().login(format!("u{next}")),
+            let target = match target.login {
+                Some(_) => target.clone(),
+                None => target.with_login(format!("u{next}")),
             };
             pending.push(async move {
-                let client = Client::connect(url, options).await?;
-                // The subscription's receipt: CONNECT, SUBSCRIBE and RECEIPT, as a page does.
-                let sub = client
-                    // No x-* headers: RabbitMQ reads them as queue arguments.
-                    .subscribe(&destination, SubscribeOptions::new())
-                    .await?;
-                Ok::<_, ClientError>((room, client, sub))
+                let (mut reader, mut writer) = open(&target, options).await?;
+                // CONNECT, SUBSCRIBE and its RECEIPT, as a page does.
+                subscribe(&mut reader, &mut writer, &destination).await?;
+                Ok::<_, BenchError>((room, reader, writer))
             });
             next += 1;
         }
@@ -563,31 +708,32 @@ async fn conns(
         }
     }
     let elapsed = started.elapsed();
+    let cpu = cpu.percent();
     // Let join notices settle so resident memory is measured idle.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = args.pid.and_then(rss_kib);
     // A room message still reaches every member of its room.
-    let probe_room = connected[0].0;
+    let probe_room = connected.first().map_or(0, |c| c.0);
     let probe_destination = format!("/topic/room.{tag}-{probe_room}");
-    connected[0]
-        .1
-        .send_with_receipt(&probe_destination, "probe")
-        .await?;
+    if let Some((_, _, writer)) = connected.first_mut() {
+        let probe = Frame::new(Command::Send)
+            .with_header("destination", &probe_destination)
+            .with_body("probe");
+        writer.send(&probe).await?;
+    }
     let mut members = 0usize;
     let mut reached = 0usize;
-    for (_, _, sub) in connected
+    let probe_deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for (_, reader, _) in connected
         .iter_mut()
         .filter(|(room, _, _)| *room == probe_room)
     {
         members += 1;
-        loop {
-            match sub.next_within(Duration::from_secs(10)).await {
-                Some(m) if m.text() == "probe" => {
-                    reached += 1;
-                    break;
-                }
-                Some(_) => {}
-                None => break,
+        // Join notices of later members come first; the probe follows them.
+        while let Ok(Ok(m)) = tokio::time::timeout_at(probe_deadline, reader.next()).await {
+            if m.command == Command::Message && &m.body[..] == b"probe" {
+                reached += 1;
+                break;
             }
         }
     }
@@ -595,13 +741,14 @@ async fn conns(
         (Some(b), Some(a)) => Some((a.saturating_sub(b)) as f64 / args.connections as f64),
         _ => None,
     };
-    for (_, client, _) in &connected {
-        let _ = client.disconnect().await;
+    for (_, _, writer) in connected {
+        hang_up(writer).await;
     }
     Ok(serde_json::json!({
         "scenario": "conns",
         "broker": url,
         "connections": args.connections,
+        "rooms": rooms,
         "connects_per_sec": per_second(args.connections, elapsed),
         "seconds": elapsed.as_secs_f64(),
         "broker_rss_kib_before": before,
@@ -609,5 +756,6 @@ async fn conns(
         "broker_kib_per_connection": per_connection_kib,
         "probe_room_members": members,
         "probe_reached": reached,
+        "cpu_percent_while_connecting": cpu,
     }))
 }

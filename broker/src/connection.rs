@@ -114,30 +114,32 @@ enum Stop {
 }
 
 /// Serves one connection until it ends. Spawn one per accepted socket.
-pub async fn serve<T: Transport>(
+pub fn serve<T: Transport>(
     transport: T,
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
     peer: String,
     kind: &'static str,
-) {
+) -> impl Future<Output = ()> + Send {
     let id = broker.next_session_id();
     let span = tracing::info_span!("session", id = id.0, %peer, transport = kind);
+    // Built here rather than inside the future: an async fn keeps its arguments for its whole
+    // life, which held the transport twice more in every idle connection's task.
+    let mut conn = Connection::new(transport, broker, id);
     async move {
-        Metrics::add(&broker.metrics.connections_total, 1);
-        Metrics::add(&broker.metrics.connections_open, 1);
+        let metrics = &conn.broker.metrics;
+        Metrics::add(&metrics.connections_total, 1);
+        Metrics::add(&metrics.connections_open, 1);
         info!("connected");
-        let mut conn = Connection::new(transport, broker.clone(), id);
         let stop = conn.run(shutdown).await;
-        conn.finish(stop).await;
-        broker
+        Box::pin(conn.finish(stop)).await;
+        conn.broker
             .metrics
             .connections_open
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         info!("closed");
     }
     .instrument(span)
-    .await;
 }
 
 struct Connection<T> {
@@ -199,7 +201,9 @@ impl<T: Transport> Connection<T> {
                 biased;
                 _ = shutdown.changed() => return Stop::Shutdown,
                 () = self.outbox.notified() => {
-                    match self.flush_outbox().await {
+                    // Boxed, like the timer's and the final futures: an idle connection's
+                    // task then holds only what waiting needs (see docs/PERFORMANCE.md).
+                    match Box::pin(self.flush_outbox()).await {
                         Ok(()) => {}
                         Err(Flush::Slow) => return self.slow_consumer(),
                         Err(Flush::Io(e)) => {
@@ -228,7 +232,7 @@ impl<T: Transport> Connection<T> {
                     Err(TransportError::Protocol(error)) => return Stop::Reject(error.into()),
                 },
                 () = &mut timer => {
-                    if let Some(stop) = self.on_timer().await {
+                    if let Some(stop) = Box::pin(self.on_timer()).await {
                         return stop;
                     }
                     timer.as_mut().reset(self.next_check());
@@ -357,7 +361,7 @@ impl<T: Transport> Connection<T> {
                 }
             }
             self.last_write = Instant::now();
-            if self.batch.capacity() > 4096 {
+            if self.batch.len() <= crate::outbox::FEW || self.batch.capacity() > 4096 {
                 self.batch = Vec::new();
             }
         }

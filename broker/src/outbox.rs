@@ -12,6 +12,10 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+/// Batches this small leave no buffers behind (the queue here, the batch and scratch
+/// buffers of the writer).
+pub const FEW: usize = 4;
+
 /// Marks a MESSAGE delivered to a subscription that must be acknowledged: the writer records
 /// it as unacknowledged and writes the `ack` header for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +156,11 @@ impl Outbox {
         let n = inner.queue.len();
         batch.extend(inner.queue.drain(..));
         inner.bytes = 0;
+        // A connection that took only a few frames is likely idle between them, as most chat
+        // connections are: it keeps no queue. A busy one keeps its capacity.
+        if n <= FEW {
+            inner.queue = VecDeque::new();
+        }
         n
     }
 

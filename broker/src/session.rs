@@ -273,7 +273,9 @@ pub struct Session {
     state: State,
     version: Version,
     user: Arc<str>,
-    subscriptions: HashMap<u32, Subscription>,
+    /// Boxed: a map's smallest table has room for several entries, and an idle chat
+    /// connection has one subscription.
+    subscriptions: HashMap<u32, Box<Subscription>>,
     subscription_ids: HashMap<String, u32>,
     next_key: u32,
     transactions: HashMap<String, Vec<Frame>>,
@@ -559,13 +561,13 @@ impl Session {
         self.subscription_ids.insert(id.to_owned(), sub_key);
         self.subscriptions.insert(
             sub_key,
-            Subscription {
+            Box::new(Subscription {
                 id: id.to_owned(),
                 destination: destination.to_owned(),
                 subscriber,
                 ack,
                 unacked: VecDeque::new(),
-            },
+            }),
         );
         Ok(())
     }
@@ -755,7 +757,8 @@ impl Session {
 
     /// Ends the session: subscriptions leave the router, open transactions are aborted.
     pub fn close(&mut self) {
-        let subscriptions: Vec<Subscription> = self.subscriptions.drain().map(|(_, s)| s).collect();
+        let subscriptions: Vec<Box<Subscription>> =
+            self.subscriptions.drain().map(|(_, s)| s).collect();
         for sub in &subscriptions {
             self.leave(sub);
         }

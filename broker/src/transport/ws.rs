@@ -99,6 +99,10 @@ impl Transport for WsTransport {
             let message = self.message(item);
             self.socket.feed(message).await.map_err(io::Error::other)?;
         }
+        if batch.len() <= crate::outbox::FEW {
+            // What is left of the scratch block would stay allocated while idle.
+            self.scratch = BytesMut::new();
+        }
         self.socket.flush().await.map_err(io::Error::other)
     }
 

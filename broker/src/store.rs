@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::{Connection, params};
@@ -133,9 +134,11 @@ const MIGRATIONS: &[&str] = &[
 
 /// Most operations written in one transaction.
 const BATCH: usize = 1024;
-/// How long the writer collects messages before it commits them: at chat rates of
-/// thousands per second, one transaction per few milliseconds instead of one per message.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(50);
+/// How long a busy writer collects messages before it commits them: at tens of thousands
+/// of room messages per second, 20 transactions per second instead of thousands.
+const LINGER: Duration = Duration::from_millis(50);
+/// A batch at least this large means the broker is busy: the next one lingers.
+const BUSY_BATCH: usize = 64;
 
 impl SqliteStore {
     /// Opens (creating and migrating) `stoa.db` in `dir`.
@@ -210,7 +213,16 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
 
 fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path) {
     let urgent = |op: &Op| matches!(op, Op::Flush(_));
-    while let Some(batch) = next_batch_lingering(&rx, BATCH, LINGER, urgent) {
+    // Quiet rooms are committed at once; only a writer that keeps finding many messages
+    // waiting (a busy broker) lingers to gather them into fewer, larger transactions.
+    let mut busy = false;
+    while let Some(batch) = next_batch_lingering(
+        &rx,
+        BATCH,
+        if busy { LINGER } else { Duration::ZERO },
+        urgent,
+    ) {
+        busy = batch.len() >= BUSY_BATCH;
         let mut acks = Vec::new();
         if let Err(e) = write_batch(&mut conn, batch, &mut acks) {
             error!(path = %path.display(), "store write failed: {e}");

@@ -94,7 +94,9 @@ pub fn next_batch_lingering<Op>(
     if urgent(&first) {
         return Some(vec![first]);
     }
-    std::thread::sleep(linger);
+    if !linger.is_zero() {
+        std::thread::sleep(linger);
+    }
     let mut batch = vec![first];
     while batch.len() < max {
         match rx.try_recv() {

@@ -76,6 +76,10 @@ pub struct ConnsArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300.0)]
     seconds: f64,
+    /// Keep the connections open this many seconds after measuring, e.g. to inspect the
+    /// broker's memory by hand.
+    #[arg(long, default_value_t = 0.0)]
+    hold: f64,
 }
 
 #[derive(Debug, Args)]
@@ -741,6 +745,7 @@ async fn conns(
         (Some(b), Some(a)) => Some((a.saturating_sub(b)) as f64 / args.connections as f64),
         _ => None,
     };
+    tokio::time::sleep(Duration::from_secs_f64(args.hold.max(0.0))).await;
     for (_, _, writer) in connected {
         hang_up(writer).await;
     }

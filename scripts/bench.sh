@@ -80,27 +80,27 @@ rabbit_tcp=(--url tcp://127.0.0.1:61613 --login guest --passcode guest)
 
 for run_no in $(seq 1 "$RUNS"); do
   echo "==> run $run_no of $RUNS"
-  run fanout-100 stoa "${stoa_ws[@]}" bench fanout --subscribers 100 --messages 20000
-  run fanout-100 rabbitmq "${rabbit_ws[@]}" bench fanout --subscribers 100 --messages 2000 --seconds 300
-  run fanout-1000 stoa "${stoa_ws[@]}" bench fanout --subscribers 1000 --messages 2000
-  run fanout-1000 rabbitmq "${rabbit_ws[@]}" bench fanout --subscribers 1000 --messages 200 --seconds 300
+  run fanout-100 stoa "${stoa_ws[@]}" bench fanout --subscribers 100 --messages 50000 --pid "$main_stoa"
+  run fanout-100 rabbitmq "${rabbit_ws[@]}" bench fanout --subscribers 100 --messages 2000 --seconds 300 --pid "$rabbit_pid"
+  run fanout-1000 stoa "${stoa_ws[@]}" bench fanout --subscribers 1000 --messages 5000 --pid "$main_stoa"
+  run fanout-1000 rabbitmq "${rabbit_ws[@]}" bench fanout --subscribers 1000 --messages 200 --seconds 300 --pid "$rabbit_pid"
   run queue stoa "${stoa_tcp[@]}" bench queue --publishers 8 --messages 50000
   run queue rabbitmq "${rabbit_tcp[@]}" bench queue --publishers 8 --messages 50000
-  run rooms-20k stoa "${stoa_ws[@]}" bench rooms --rooms 100 --members 10 --rate 20000 --seconds 5
+  run rooms-20k stoa "${stoa_ws[@]}" bench rooms --rooms 100 --members 10 --rate 20000 --seconds 5 --pid "$main_stoa"
   fresh_rabbit
-  run rooms-20k rabbitmq "${rabbit_ws[@]}" bench rooms --rooms 100 --members 10 --rate 20000 --seconds 5
+  run rooms-20k rabbitmq "${rabbit_ws[@]}" bench rooms --rooms 100 --members 10 --rate 20000 --seconds 5 --pid "$rabbit_pid"
   # Memory per connection is measured on fresh brokers: a broker that ran other scenarios
-  # reuses freed memory and would look cheaper than it is.
+  # reuses freed memory and would look cheaper than it is. Rooms of 10, as above.
   start_stoa "$out/stoa-conns.log"
-  run conns-5000 stoa --url "ws://$stoa_http/ws" bench conns --connections 5000 --pid "$stoa_pid"
+  run conns-19000 stoa --url "ws://$stoa_http/ws" bench conns --connections 19000 --pid "$stoa_pid"
   kill "$stoa_pid"
   fresh_rabbit
   run conns-5000 rabbitmq "${rabbit_ws[@]}" bench conns --connections 5000 --parallel 32 --pid "$rabbit_pid"
   fresh_rabbit
-  run rooms-100k stoa "${stoa_ws[@]}" bench rooms --rooms 100 --members 10 --rate 100000 --seconds 5
+  run rooms-100k stoa "${stoa_ws[@]}" bench rooms --rooms 100 --members 10 --rate 100000 --seconds 5 --pid "$main_stoa"
 done
 echo "==> stoa: highest room rate with p99 under 50 ms"
-run rooms-step stoa "${stoa_ws[@]}" bench rooms --rooms 100 --members 10 --rate 50000 --seconds 3 --step
+run rooms-step stoa "${stoa_ws[@]}" bench rooms --rooms 100 --members 10 --rate 100000 --seconds 3 --step --pid "$main_stoa"
 
 echo "==> report"
 python3 scripts/bench_report.py "$results" "$out/latency.svg" docs/PERFORMANCE.md

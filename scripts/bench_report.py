@@ -43,7 +43,9 @@ metric_rows = [
     ("rooms 100 × 10 at 20,000 deliveries/s: p99", "rooms-20k", "p99_ms", "ms", False, 2),
     ("rooms 100 × 10 at 100,000 deliveries/s: p50", "rooms-100k", "p50_ms", "ms", False, 2),
     ("rooms 100 × 10 at 100,000 deliveries/s: p99", "rooms-100k", "p99_ms", "ms", False, 2),
-    ("5,000 WebSocket connections, each in a room: connects", "conns-5000", "connects_per_sec", "connects/s", True, 0),
+    ("19,000 WebSocket connections, each in a room of 10: connects", "conns-19000", "connects_per_sec", "connects/s", True, 0),
+    ("19,000 WebSocket connections: broker memory each", "conns-19000", "broker_kib_per_connection", "KiB", False, 1),
+    ("5,000 WebSocket connections, each in a room of 10: connects", "conns-5000", "connects_per_sec", "connects/s", True, 0),
     ("5,000 WebSocket connections: broker memory each", "conns-5000", "broker_kib_per_connection", "KiB", False, 1),
 ]
 lines.append("| scenario | stoa | RabbitMQ | stoa vs RabbitMQ |")
@@ -51,6 +53,19 @@ lines.append("|---|---|---|---|")
 for title, label, key, unit, higher, digits in metric_rows:
     s, r = median(label, "stoa", key), median(label, "rabbitmq", key)
     lines.append(f"| {title} ({unit}) | {fmt(s, digits)} | {fmt(r, digits)} | {ratio(s, r, higher)} |")
+
+def cpu_of(r):
+    return r.get("cpu_percent") or r.get("cpu_percent_while_connecting") or {}
+
+
+cpu_lines = ["| scenario | broker under test | its CPU | generator CPU |", "|---|---|---|---|"]
+for label, target in sorted(by):
+    b = [cpu_of(r).get("broker") for r in by[(label, target)]]
+    g = [cpu_of(r).get("generator") for r in by[(label, target)]]
+    b = [v for v in b if isinstance(v, (int, float))]
+    g = [v for v in g if isinstance(v, (int, float))]
+    if b or g:
+        cpu_lines.append(f"| {label} | {target} | {fmt(statistics.median(b)) + '%' if b else '—'} | {fmt(statistics.median(g)) + '%' if g else '—'} |")
 losses = {(r["label"], r["target"]): r.get("lost", 0) for r in rows if r.get("lost")}
 step = [r for r in rows if r["label"] == "rooms-step"]
 best = step[-1].get("highest_rate_p99_under_50ms") if step else None
@@ -103,6 +118,11 @@ section = [
     f"Highest room rate with p99 under 50 ms (stoa, stepping by 1.5×): {fmt(best) if isinstance(best, (int, float)) else '—'} deliveries/s.",
     f"Losses: {'none' if not losses else ', '.join(f'{k[1]} {k[0]}: {v}' for k, v in losses.items())}.",
     "",
+    "CPU of the broker under test and of the generator while each scenario ran (percent of one core;",
+    "the side at or near 100% is the limit of that row):",
+    "",
+    *cpu_lines,
+    "",
     "![Room latency percentiles](latency.svg)",
     "<!-- bench:end -->",
 ]
@@ -113,4 +133,4 @@ if start >= 0 and end >= 0:
 else:
     doc += "\n## Side by side with RabbitMQ (issues #6, #7)\n\n" + "\n".join(section) + "\n"
 open(doc_path, "w").write(doc)
-print("\n".join(lines))
+print("\n".join(lines + [""] + cpu_lines))

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, params};
 use tracing::{error, warn};
 
-use crate::writer::{WriterThread, next_batch_lingering};
+use crate::writer::{WriterThread, next_batch};
 
 /// A message as kept: headers in order and the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,7 +216,7 @@ fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path) {
     // Quiet rooms are committed at once; only a writer that keeps finding many messages
     // waiting (a busy broker) lingers to gather them into fewer, larger transactions.
     let mut busy = false;
-    while let Some(batch) = next_batch_lingering(
+    while let Some(batch) = next_batch(
         &rx,
         BATCH,
         if busy { LINGER } else { Duration::ZERO },

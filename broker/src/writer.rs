@@ -66,35 +66,22 @@ impl<Op> Drop for WriterThread<Op> {
     }
 }
 
-/// The next operation and whatever else is already waiting, at most `max` in all; `None`
-/// once every sender is gone.
-pub fn next_batch<Op>(rx: &Receiver<Op>, max: usize) -> Option<Vec<Op>> {
-    let first = rx.recv().ok()?;
-    let mut batch = vec![first];
-    while batch.len() < max {
-        match rx.try_recv() {
-            Ok(op) => batch.push(op),
-            Err(_) => break,
-        }
-    }
-    Some(batch)
-}
-
-/// Like [`next_batch`], but unless the first operation is `urgent`, waits `linger` before
-/// taking what else arrived, so that a steady trickle is committed in a few large
-/// transactions instead of many small ones, and the thread wakes once per batch rather than
-/// once per operation. An urgent operation arriving meanwhile waits at most `linger`.
-pub fn next_batch_lingering<Op>(
+/// The next operation and whatever else is waiting, at most `max` in all; `None` once every
+/// sender is gone.
+///
+/// With a `linger` above zero, and unless the first operation is `urgent`, the thread
+/// sleeps that long before taking the rest: a steady trickle is then committed in a few
+/// large transactions instead of many small ones, and the thread wakes once per batch
+/// rather than once per operation. An urgent operation arriving meanwhile waits at most
+/// `linger`.
+pub fn next_batch<Op>(
     rx: &Receiver<Op>,
     max: usize,
     linger: Duration,
     urgent: impl Fn(&Op) -> bool,
 ) -> Option<Vec<Op>> {
     let first = rx.recv().ok()?;
-    if urgent(&first) {
-        return Some(vec![first]);
-    }
-    if !linger.is_zero() {
+    if !linger.is_zero() && !urgent(&first) {
         std::thread::sleep(linger);
     }
     let mut batch = vec![first];
@@ -112,22 +99,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_lingering_batch_takes_what_arrived_and_an_urgent_first_operation_goes_alone() {
+    fn a_batch_takes_what_waits_and_an_urgent_first_operation_does_not_linger() {
         let (tx, rx) = mpsc::channel();
         for n in [0, 1, 2] {
             tx.send(n).unwrap();
         }
+        // 0 is urgent: no sleep, whatever the linger (a broken rule would sleep 10 s).
+        let started = std::time::Instant::now();
+        let long = Duration::from_secs(10);
+        assert_eq!(next_batch(&rx, 10, long, |n| *n == 0), Some(vec![0, 1, 2]));
+        assert!(started.elapsed() < long / 2);
+        tx.send(3).unwrap();
+        tx.send(4).unwrap();
         let short = Duration::from_millis(1);
-        assert_eq!(
-            next_batch_lingering(&rx, 10, short, |n| *n == 0),
-            Some(vec![0])
-        );
-        assert_eq!(
-            next_batch_lingering(&rx, 10, short, |n| *n == 0),
-            Some(vec![1, 2])
-        );
+        assert_eq!(next_batch(&rx, 10, short, |n| *n == 0), Some(vec![3, 4]));
         drop(tx);
-        assert_eq!(next_batch_lingering(&rx, 10, short, |n| *n == 0), None);
+        assert_eq!(next_batch(&rx, 10, short, |n| *n == 0), None);
     }
 
     #[test]
@@ -137,9 +124,6 @@ mod tests {
             tx.send(n).unwrap();
         }
         let short = Duration::from_millis(1);
-        assert_eq!(
-            next_batch_lingering(&rx, 3, short, |_| false),
-            Some(vec![1, 2, 3])
-        );
+        assert_eq!(next_batch(&rx, 3, short, |_| false), Some(vec![1, 2, 3]));
     }
 }

@@ -61,6 +61,9 @@ pub trait Transport: Send {
 
     /// Closes politely, giving the peer a moment to read what was written last.
     fn close(&mut self, kind: CloseKind) -> impl Future<Output = ()> + Send;
+
+    /// Gives back write buffers kept between writes (called after a small batch).
+    fn shrink(&mut self) {}
 }
 
 /// Writes one outgoing frame into `dst`: for a MESSAGE, the subscription's head, its `ack`
@@ -90,6 +93,9 @@ pub fn compose(item: &Outgoing, dst: &mut BytesMut) {
 
 /// Batches written per wake-up before the connection looks at its reads again.
 const MAX_BATCHES_PER_WAKE: usize = 4;
+
+/// Batches of at most this many frames leave no buffers behind.
+const FEW: usize = 4;
 
 /// Why writing the outbox stopped.
 enum Flush {
@@ -361,7 +367,14 @@ impl<T: Transport> Connection<T> {
                 }
             }
             self.last_write = Instant::now();
-            if self.batch.len() <= crate::outbox::FEW || self.batch.capacity() > 4096 {
+            if self.batch.len() <= FEW {
+                // Most chat connections write a frame now and then and are idle between:
+                // they keep no buffers, which is most of an idle connection's memory. A busy
+                // connection writes larger batches and keeps its buffers for the next one.
+                self.batch = Vec::new();
+                self.outbox.shrink();
+                self.transport.shrink();
+            } else if self.batch.capacity() > 4096 {
                 self.batch = Vec::new();
             }
         }

@@ -12,10 +12,6 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-/// Batches this small leave no buffers behind (the queue here, the batch and scratch
-/// buffers of the writer).
-pub const FEW: usize = 4;
-
 /// Marks a MESSAGE delivered to a subscription that must be acknowledged: the writer records
 /// it as unacknowledged and writes the `ack` header for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,12 +152,15 @@ impl Outbox {
         let n = inner.queue.len();
         batch.extend(inner.queue.drain(..));
         inner.bytes = 0;
-        // A connection that took only a few frames is likely idle between them, as most chat
-        // connections are: it keeps no queue. A busy one keeps its capacity.
-        if n <= FEW {
+        n
+    }
+
+    /// Gives the queue's memory back if nothing is queued.
+    pub fn shrink(&self) {
+        let mut inner = self.lock();
+        if inner.queue.is_empty() {
             inner.queue = VecDeque::new();
         }
-        n
     }
 
     /// Waits until something is queued or the outbox turned slow.
@@ -236,6 +235,18 @@ mod tests {
         outbox.take_all(&mut batch);
         assert_eq!(outbox.queued_bytes(), 0);
         assert!(outbox.offer(frame(70)));
+    }
+
+    #[test]
+    fn shrinking_frees_an_empty_queue_only() {
+        let outbox = Outbox::new(1000);
+        assert!(outbox.offer(frame(10)));
+        outbox.shrink();
+        assert!(outbox.has_queued(), "a queued frame survives shrinking");
+        outbox.take_all(&mut Vec::new());
+        assert!(outbox.lock().queue.capacity() > 0);
+        outbox.shrink();
+        assert_eq!(outbox.lock().queue.capacity(), 0);
     }
 
     #[test]

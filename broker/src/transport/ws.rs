@@ -99,11 +99,12 @@ impl Transport for WsTransport {
             let message = self.message(item);
             self.socket.feed(message).await.map_err(io::Error::other)?;
         }
-        if batch.len() <= crate::outbox::FEW {
-            // What is left of the scratch block would stay allocated while idle.
-            self.scratch = BytesMut::new();
-        }
         self.socket.flush().await.map_err(io::Error::other)
+    }
+
+    fn shrink(&mut self) {
+        // What is left of the scratch block would otherwise stay allocated while idle.
+        self.scratch = BytesMut::new();
     }
 
     async fn heart_beat(&mut self) -> io::Result<()> {

@@ -175,13 +175,6 @@ async fn open(target: &Target, options: &Options) -> Result<(WireReader, WireWri
         .map_err(BenchError::from)
 }
 
-fn subscribe_frame(destination: &str) -> Frame {
-    Frame::new(Command::Subscribe)
-        .with_header("destination", destination)
-        .with_header("id", "0")
-        .with_header("ack", "auto")
-}
-
 /// Subscribes to `destination` and waits for the SUBSCRIBE's receipt.
 async fn subscribe(
     reader: &mut WireReader,
@@ -189,7 +182,11 @@ async fn subscribe(
     destination: &str,
 ) -> Result<(), BenchError> {
     // No x-* headers: RabbitMQ reads them as queue arguments.
-    Ok(request(reader, writer, subscribe_frame(destination), "subscribed").await?)
+    let frame = Frame::new(Command::Subscribe)
+        .with_header("destination", destination)
+        .with_header("id", "0")
+        .with_header("ack", "auto");
+    Ok(request(reader, writer, frame, "subscribed").await?)
 }
 
 /// Says DISCONNECT and closes, without waiting for an answer.
@@ -627,11 +624,16 @@ struct CpuMeter {
 
 /// utime + stime of a process, in clock ticks (USER_HZ, 100 on Linux).
 fn cpu_ticks(pid: &str) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; the fields after its closing parenthesis do not.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
+    ticks_in_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// utime + stime from the text of a `/proc/PID/stat` file (fields 14 and 15).
+fn ticks_in_stat(stat: &str) -> Option<u64> {
+    // The command name may hold spaces and parentheses; the fields after its last closing
+    // parenthesis do not.
+    let mut after = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: u64 = after.next()?.parse().ok()?;
+    let stime: u64 = after.next()?.parse().ok()?;
     Some(utime + stime)
 }
 
@@ -763,4 +765,18 @@ async fn conns(
         "probe_reached": reached,
         "cpu_percent_while_connecting": cpu,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_past_a_command_name_with_spaces_and_parentheses() {
+        let stat = "4242 (my (odd) cmd) S 1 4242 4242 0 -1 4194560 100 0 0 0 \
+                    250 75 0 0 20 0 3 0 1000 2000000 300 18446744073709551615";
+        assert_eq!(ticks_in_stat(stat), Some(325));
+        assert_eq!(ticks_in_stat("4242 (cut) S 1"), None);
+        assert!(cpu_ticks("self").is_some());
+    }
 }

@@ -17,7 +17,7 @@ use rusqlite::{Connection, params};
 use tracing::error;
 
 use crate::outbox::{Outbox, Outgoing};
-use crate::store::{StoreError, StoredMessage, push_grouped, stored_message};
+use crate::store::{StoreError, StoredMessage, kept_row, push_grouped, stored_message};
 use crate::writer::{WriterThread, next_batch};
 
 /// A RECEIPT to send once everything before it is on disk.
@@ -154,17 +154,7 @@ fn load(conn: &Connection, path: &Path) -> Result<Vec<KeptQueue>, StoreError> {
             "SELECT queue, id, message_id, headers, body FROM queue_messages ORDER BY queue, id",
         )
         .map_err(sqlite)?;
-    let rows = stmt
-        .query_map([], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, i64>(1)?,
-                row.get::<_, i64>(2)?,
-                row.get::<_, String>(3)?,
-                row.get::<_, Vec<u8>>(4)?,
-            ))
-        })
-        .map_err(sqlite)?;
+    let rows = stmt.query_map([], kept_row).map_err(sqlite)?;
     let mut queues: Vec<KeptQueue> = Vec::new();
     for row in rows {
         let (queue, id, message_id, headers, body) = row.map_err(sqlite)?;

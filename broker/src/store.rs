@@ -67,6 +67,21 @@ pub(crate) fn stored_message(
     })
 }
 
+/// A kept row as selected by both stores: its group's name (room or queue), its number,
+/// `message-id`, headers as JSON, and body.
+pub(crate) type KeptRow = (String, i64, i64, String, Vec<u8>);
+
+/// Reads a [`KeptRow`] from the first five columns.
+pub(crate) fn kept_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeptRow> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+    ))
+}
+
 /// Appends `message` to the last group if it has the same name (rows come ordered by
 /// name), else starts a group.
 pub(crate) fn push_grouped(
@@ -300,15 +315,7 @@ impl Store for SqliteStore {
             )
             .map_err(sqlite)?;
         let rows = stmt
-            .query_map(params![to_i64(keep as u64)], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, i64>(1)?,
-                    row.get::<_, i64>(2)?,
-                    row.get::<_, String>(3)?,
-                    row.get::<_, Vec<u8>>(4)?,
-                ))
-            })
+            .query_map(params![to_i64(keep as u64)], kept_row)
             .map_err(sqlite)?;
         let mut rooms: Vec<(String, Vec<StoredMessage>)> = Vec::new();
         for row in rows {

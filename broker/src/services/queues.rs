@@ -143,10 +143,7 @@ impl Queues {
     }
 
     fn queue(&self, name: &str) -> Arc<Mutex<Queue>> {
-        if let Some(q) = self.queues.get(name) {
-            return q.clone();
-        }
-        self.queues.entry(name.to_owned()).or_default().clone()
+        super::shared_entry(&self.queues, name)
     }
 
     /// Every queue's figures, by name.

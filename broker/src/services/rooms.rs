@@ -137,10 +137,7 @@ impl Rooms {
     }
 
     fn room(&self, name: &str) -> Arc<Mutex<Room>> {
-        if let Some(room) = self.rooms.get(name) {
-            return room.clone();
-        }
-        self.rooms.entry(name.to_owned()).or_default().clone()
+        super::shared_entry(&self.rooms, name)
     }
 
     /// Rooms with members or kept history, by name.

@@ -360,5 +360,20 @@ mod tests {
             err.to_string(),
             "invalid setting: max-headers must be at least 1"
         );
+        let err = Config::try_parse_args(["stoa", "--listen-backlog", "0"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid setting: listen-backlog must be at least 1"
+        );
+    }
+
+    #[test]
+    fn the_listen_backlog_defaults_to_4096_and_can_be_set() {
+        assert_eq!(
+            Config::try_parse_args(["stoa"]).unwrap().listen_backlog,
+            4096
+        );
+        let c = Config::try_parse_args(["stoa", "--listen-backlog", "512"]).unwrap();
+        assert_eq!(c.listen_backlog, 512);
     }
 }

@@ -122,6 +122,18 @@ pub struct Config {
     /// retransmission, a second or more.
     #[arg(long, env = "STOA_LISTEN_BACKLOG", default_value_t = 4096)]
     pub listen_backlog: u32,
+
+    /// Threads that serve connections; by default one per CPU this process may run on
+    /// (what `taskset` or a container's cpuset allows when it starts). Give the broker's
+    /// CPU count when its CPUs are limited only after it starts.
+    #[arg(long, env = "STOA_WORKERS")]
+    pub workers: Option<usize>,
+
+    /// Most milliseconds a connection that has just written waits before its next write
+    /// when the broker is busy, so that one write carries what arrives meanwhile. The wait
+    /// follows the runtime's queueing delay: near zero when quiet. 0 turns coalescing off.
+    #[arg(long, env = "STOA_WRITE_COALESCE_MAX_MS", default_value_t = 10)]
+    pub write_coalesce_max_ms: u64,
 }
 
 fn parse_heart_beat(value: &str) -> Result<HeartBeat, String> {
@@ -209,6 +221,9 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
         }
+        if self.workers == Some(0) {
+            return Err(ConfigError::Invalid("workers must be at least 1".into()));
+        }
         if self.heart_beat_tolerance == 0 {
             return Err(ConfigError::Invalid(
                 "heart-beat-tolerance must be at least 1".into(),
@@ -230,6 +245,11 @@ impl Config {
     /// Time a client has to send CONNECT.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// The longest a busy broker lets a connection coalesce its writes.
+    pub fn write_coalesce_max(&self) -> Duration {
+        Duration::from_millis(self.write_coalesce_max_ms)
     }
 
     /// Time one batch of writes may take.
@@ -364,6 +384,26 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "invalid setting: listen-backlog must be at least 1"
+        );
+    }
+
+    #[test]
+    fn write_coalescing_is_up_to_10_ms_and_can_be_turned_off() {
+        let c = Config::try_parse_args(["stoa"]).unwrap();
+        assert_eq!(c.write_coalesce_max(), Duration::from_millis(10));
+        let c = Config::try_parse_args(["stoa", "--write-coalesce-max-ms", "0"]).unwrap();
+        assert_eq!(c.write_coalesce_max(), Duration::ZERO);
+    }
+
+    #[test]
+    fn workers_follow_the_cpus_unless_set_and_zero_is_refused() {
+        assert_eq!(Config::try_parse_args(["stoa"]).unwrap().workers, None);
+        let c = Config::try_parse_args(["stoa", "--workers", "1"]).unwrap();
+        assert_eq!(c.workers, Some(1));
+        let err = Config::try_parse_args(["stoa", "--workers", "0"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid setting: workers must be at least 1"
         );
     }
 

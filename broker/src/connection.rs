@@ -200,22 +200,24 @@ impl<T: Transport> Connection<T> {
     }
 
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Stop {
+        // One timer for the heart-beat and connect checks and for coalesced writes: an idle
+        // connection's task holds a single timer entry.
         let timer = sleep_until(self.next_check());
         tokio::pin!(timer);
+        // While set, queued frames wait for the coalescing window to pass (see pace.rs).
+        let mut flush_at: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Stop::Shutdown,
-                () = self.outbox.notified() => {
-                    // Boxed, like the timer's and the final futures: an idle connection's
-                    // task then holds only what waiting needs (see docs/PERFORMANCE.md).
-                    match Box::pin(self.flush_outbox()).await {
-                        Ok(()) => {}
-                        Err(Flush::Slow) => return self.slow_consumer(),
-                        Err(Flush::Io(e)) => {
-                            debug!("write failed: {e}");
-                            return Stop::Gone;
-                        }
+                () = self.outbox.notified(), if flush_at.is_none() => {
+                    if let Some(at) = self.hold_until() {
+                        flush_at = Some(at);
+                        timer.as_mut().reset(at.min(self.next_check()));
+                        continue;
+                    }
+                    if let Some(stop) = self.flush().await {
+                        return stop;
                     }
                 }
                 read = self.transport.read(&mut self.read_buf) => match read {
@@ -226,7 +228,7 @@ impl<T: Transport> Connection<T> {
                             return stop;
                         }
                         if connected != self.session.is_connected() {
-                            timer.as_mut().reset(self.next_check());
+                            timer.as_mut().reset(self.deadline(flush_at));
                         }
                         self.reclaim_read_buffer();
                     }
@@ -238,11 +240,50 @@ impl<T: Transport> Connection<T> {
                     Err(TransportError::Protocol(error)) => return Stop::Reject(error.into()),
                 },
                 () = &mut timer => {
-                    if let Some(stop) = Box::pin(self.on_timer()).await {
+                    let now = Instant::now();
+                    if flush_at.is_some_and(|at| now >= at) {
+                        flush_at = None;
+                        if let Some(stop) = self.flush().await {
+                            return stop;
+                        }
+                    }
+                    if now >= self.next_check()
+                        && let Some(stop) = Box::pin(self.on_timer()).await
+                    {
                         return stop;
                     }
-                    timer.as_mut().reset(self.next_check());
+                    timer.as_mut().reset(self.deadline(flush_at));
                 }
+            }
+        }
+    }
+
+    /// Until when newly queued frames wait, if the broker is busy and this connection wrote
+    /// less than the coalescing window ago (see pace.rs). Never for the first write, nor
+    /// when the outbox is refusing frames.
+    fn hold_until(&self) -> Option<Instant> {
+        let window = self.broker.pace.window();
+        let wrote = self.last_write > self.started;
+        let at = self.last_write + window;
+        (wrote && !window.is_zero() && Instant::now() < at && !self.outbox.is_slow()).then_some(at)
+    }
+
+    /// When the timer must fire next: the next check, or a coalesced write due earlier.
+    fn deadline(&self, flush_at: Option<Instant>) -> Instant {
+        let check = self.next_check();
+        flush_at.map_or(check, |at| at.min(check))
+    }
+
+    /// Writes the outbox; the reason to stop, if writing failed.
+    async fn flush(&mut self) -> Option<Stop> {
+        // Boxed, like the timer's and the final futures: an idle connection's task then
+        // holds only what waiting needs (see docs/PERFORMANCE.md).
+        match Box::pin(self.flush_outbox()).await {
+            Ok(()) => None,
+            Err(Flush::Slow) => Some(self.slow_consumer()),
+            Err(Flush::Io(e)) => {
+                debug!("write failed: {e}");
+                Some(Stop::Gone)
             }
         }
     }

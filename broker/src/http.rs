@@ -83,7 +83,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.broker.metrics.render(),
+        state.broker.metrics.render() + &state.broker.pace.render(),
     )
         .into_response()
 }

@@ -11,6 +11,7 @@ pub mod durable;
 pub mod http;
 pub mod metrics;
 pub mod outbox;
+pub mod pace;
 pub mod router;
 pub mod server;
 pub mod services;

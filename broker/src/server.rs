@@ -104,6 +104,12 @@ pub async fn run(
             warn!("http server stopped: {e}");
         }
     });
+    let pace_broker = broker.clone();
+    let pace_stop = stop_rx.clone();
+    tokio::spawn(async move {
+        let max = pace_broker.config.write_coalesce_max();
+        pace_broker.pace.probe(max, pace_stop).await;
+    });
     let tcp_task = tokio::spawn(accept_tcp(
         stomp,
         broker.clone(),

@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::config::Config;
 use crate::durable::QueueStore;
 use crate::metrics::Metrics;
+use crate::pace::Pace;
 use crate::router::{Router, RouterLimits};
 use crate::services::QueueLimits;
 use crate::session::SessionId;
@@ -25,6 +26,8 @@ pub struct Broker {
     pub router: Router,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
+    /// How long connections coalesce writes under load.
+    pub pace: Pace,
     next_session: AtomicU64,
 }
 
@@ -62,6 +65,7 @@ impl Broker {
             router: Router::open(store, queue_store, kept_queues, limits)?,
             config,
             metrics: Metrics::default(),
+            pace: Pace::default(),
             next_session: AtomicU64::new(1),
         })
     }

@@ -259,13 +259,14 @@ impl<T: Transport> Connection<T> {
     }
 
     /// Until when newly queued frames wait, if the broker is busy and this connection wrote
-    /// less than the coalescing window ago (see pace.rs). Never for the first write, nor
-    /// when the outbox is refusing frames.
+    /// less than the coalescing window ago (see pace.rs). Never for the first write, for a
+    /// reply to the client's own frames, nor when the outbox is refusing frames.
     fn hold_until(&self) -> Option<Instant> {
         let window = self.broker.pace.window();
         let wrote = self.last_write > self.started;
         let at = self.last_write + window;
-        (wrote && !window.is_zero() && Instant::now() < at && !self.outbox.is_slow()).then_some(at)
+        let hold = wrote && !window.is_zero() && Instant::now() < at;
+        (hold && !self.outbox.is_slow() && !self.outbox.has_reply()).then_some(at)
     }
 
     /// When the timer must fire next: the next check, or a coalesced write due earlier.

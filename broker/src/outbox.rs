@@ -176,6 +176,15 @@ impl Outbox {
         !self.lock().queue.is_empty()
     }
 
+    /// Whether a reply to the client's own frames (CONNECTED, RECEIPT, ERROR) is waiting:
+    /// those are never held back for coalescing.
+    pub fn has_reply(&self) -> bool {
+        self.lock()
+            .queue
+            .iter()
+            .any(|frame| matches!(frame, Outgoing::Frame(_)))
+    }
+
     /// Wakes the writer again (after it stopped with frames still queued).
     pub fn wake(&self) {
         self.notify.notify_one();

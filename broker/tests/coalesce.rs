@@ -103,7 +103,7 @@ async fn connect(addr: std::net::SocketAddr, login: &str) -> Peer {
     peer
 }
 
-/// Subscribes, waits out the window after the receipt, then publishes one message, and
+/// Subscribes, waits out the window, then publishes one message, and
 /// two more once the first arrived. Returns the bodies in arrival order and the gaps
 /// between the first and second and between the second and third arrivals.
 async fn three_messages(window: Duration) -> (Vec<String>, Duration, Duration) {
@@ -156,6 +156,28 @@ async fn a_busy_broker_holds_frames_for_the_window_and_writes_them_together() {
     assert!(
         second_to_third < WINDOW / 2,
         "the third message came {second_to_third:?} after the second, not in the same write"
+    );
+}
+
+#[tokio::test]
+async fn replies_to_the_clients_own_frames_are_not_held() {
+    let (_broker, addr) = broker_with_window(WINDOW).await;
+    let mut member = connect(addr, "member").await;
+    // Right after CONNECTED was written, so within the window: the receipt still goes out.
+    let asked = Instant::now();
+    member
+        .send(
+            Frame::new(Command::Subscribe)
+                .with_header("id", "0")
+                .with_header("destination", "/topic/news")
+                .with_header("receipt", "sub"),
+        )
+        .await;
+    assert_eq!(member.next().await.command, Command::Receipt);
+    let waited = asked.elapsed();
+    assert!(
+        waited < WINDOW - Duration::from_millis(100),
+        "the receipt was held for {waited:?}"
     );
 }
 

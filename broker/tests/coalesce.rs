@@ -85,6 +85,13 @@ async fn broker_with_window(window: Duration) -> (Arc<Broker>, std::net::SocketA
     (broker, addr)
 }
 
+fn subscribe_with_receipt() -> Frame {
+    Frame::new(Command::Subscribe)
+        .with_header("id", "0")
+        .with_header("destination", "/topic/news")
+        .with_header("receipt", "sub")
+}
+
 async fn connect(addr: std::net::SocketAddr, login: &str) -> Peer {
     let stream = TcpStream::connect(addr).await.unwrap();
     let mut peer = Peer {
@@ -109,14 +116,7 @@ async fn connect(addr: std::net::SocketAddr, login: &str) -> Peer {
 async fn three_messages(window: Duration) -> (Vec<String>, Duration, Duration) {
     let (_broker, addr) = broker_with_window(window).await;
     let mut member = connect(addr, "member").await;
-    member
-        .send(
-            Frame::new(Command::Subscribe)
-                .with_header("id", "0")
-                .with_header("destination", "/topic/news")
-                .with_header("receipt", "sub"),
-        )
-        .await;
+    member.send(subscribe_with_receipt()).await;
     assert_eq!(member.next().await.command, Command::Receipt);
     // A connection that has been quiet for longer than the window writes at once.
     tokio::time::sleep(WINDOW + Duration::from_millis(100)).await;
@@ -165,14 +165,7 @@ async fn replies_to_the_clients_own_frames_are_not_held() {
     let mut member = connect(addr, "member").await;
     // Right after CONNECTED was written, so within the window: the receipt still goes out.
     let asked = Instant::now();
-    member
-        .send(
-            Frame::new(Command::Subscribe)
-                .with_header("id", "0")
-                .with_header("destination", "/topic/news")
-                .with_header("receipt", "sub"),
-        )
-        .await;
+    member.send(subscribe_with_receipt()).await;
     assert_eq!(member.next().await.command, Command::Receipt);
     let waited = asked.elapsed();
     assert!(

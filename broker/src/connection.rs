@@ -210,12 +210,17 @@ impl<T: Transport> Connection<T> {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Stop::Shutdown,
-                () = self.outbox.notified(), if flush_at.is_none() => {
-                    if let Some(at) = self.hold_until() {
+                () = self.outbox.notified() => {
+                    if flush_at.is_some() && self.outbox.may_hold() {
+                        // More for a batch already held: it goes out when the window ends.
+                        continue;
+                    }
+                    if flush_at.is_none() && let Some(at) = self.hold_until() {
                         flush_at = Some(at);
                         timer.as_mut().reset(at.min(self.next_check()));
                         continue;
                     }
+                    flush_at = None;
                     if let Some(stop) = self.flush().await {
                         return stop;
                     }
@@ -265,8 +270,7 @@ impl<T: Transport> Connection<T> {
         let window = self.broker.pace.window();
         let wrote = self.last_write > self.started;
         let at = self.last_write + window;
-        let hold = wrote && !window.is_zero() && Instant::now() < at;
-        (hold && !self.outbox.is_slow() && !self.outbox.has_reply()).then_some(at)
+        (wrote && !window.is_zero() && Instant::now() < at && self.outbox.may_hold()).then_some(at)
     }
 
     /// When the timer must fire next: the next check, or a coalesced write due earlier.

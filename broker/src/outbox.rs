@@ -91,6 +91,8 @@ impl Mark {
 struct Inner {
     queue: VecDeque<Outgoing>,
     bytes: usize,
+    /// Replies to the client's own frames among `queue`: never held for coalescing.
+    replies: usize,
     slow: bool,
     closed: bool,
 }
@@ -136,11 +138,14 @@ impl Outbox {
             return false;
         }
         let was_empty = inner.queue.is_empty();
+        let reply = matches!(frame, Outgoing::Frame(_));
         inner.bytes += len;
+        inner.replies += usize::from(reply);
         inner.queue.push_back(frame);
         drop(inner);
-        // One wake-up per batch: the writer takes everything queued when it runs.
-        if was_empty {
+        // One wake-up per batch: the writer takes everything queued when it runs. A reply
+        // wakes it again, in case it is holding the batch back (see `may_hold`).
+        if was_empty || reply {
             self.notify.notify_one();
         }
         true
@@ -152,6 +157,7 @@ impl Outbox {
         let n = inner.queue.len();
         batch.extend(inner.queue.drain(..));
         inner.bytes = 0;
+        inner.replies = 0;
         n
     }
 
@@ -176,13 +182,11 @@ impl Outbox {
         !self.lock().queue.is_empty()
     }
 
-    /// Whether a reply to the client's own frames (CONNECTED, RECEIPT, ERROR) is waiting:
-    /// those are never held back for coalescing.
-    pub fn has_reply(&self) -> bool {
-        self.lock()
-            .queue
-            .iter()
-            .any(|frame| matches!(frame, Outgoing::Frame(_)))
+    /// Whether the writer may hold what is queued back to coalesce writes: not when a reply
+    /// to the client's own frames (CONNECTED, RECEIPT, ERROR) waits, nor once slow.
+    pub fn may_hold(&self) -> bool {
+        let inner = self.lock();
+        inner.replies == 0 && !inner.slow
     }
 
     /// Wakes the writer again (after it stopped with frames still queued).
@@ -201,6 +205,7 @@ impl Outbox {
         inner.closed = true;
         inner.queue.clear();
         inner.bytes = 0;
+        inner.replies = 0;
     }
 
     /// The most bytes it holds.
@@ -234,6 +239,26 @@ mod tests {
         let mut batch = Vec::new();
         assert_eq!(outbox.take_all(&mut batch), 2);
         assert!(!outbox.offer(frame(1)));
+    }
+
+    #[test]
+    fn a_queued_reply_forbids_holding_until_it_is_taken() {
+        let outbox = Outbox::new(1000);
+        let message = Outgoing::Message {
+            head: Bytes::from_static(b"MESSAGE\nsubscription:0\n"),
+            ack: None,
+            tail: Bytes::from_static(b"\nhi\0"),
+            text: true,
+            mark: Mark::None,
+        };
+        assert!(outbox.offer(message.clone()));
+        assert!(outbox.may_hold());
+        assert!(outbox.offer(frame(10)));
+        assert!(!outbox.may_hold());
+        let mut batch = Vec::new();
+        outbox.take_all(&mut batch);
+        assert!(outbox.offer(message));
+        assert!(outbox.may_hold());
     }
 
     #[test]

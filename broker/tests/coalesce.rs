@@ -175,6 +175,45 @@ async fn replies_to_the_clients_own_frames_are_not_held() {
 }
 
 #[tokio::test]
+async fn a_reply_sends_a_held_batch_at_once() {
+    let (_broker, addr) = broker_with_window(WINDOW).await;
+    let mut member = connect(addr, "member").await;
+    member.send(subscribe_with_receipt()).await;
+    assert_eq!(member.next().await.command, Command::Receipt);
+    tokio::time::sleep(WINDOW + Duration::from_millis(100)).await;
+    let mut publisher = connect(addr, "publisher").await;
+    let message = |body: &str| {
+        Frame::new(Command::Send)
+            .with_header("destination", "/topic/news")
+            .with_header("receipt", body)
+            .with_body(body.to_owned())
+    };
+    publisher.send(message("one")).await;
+    assert_eq!(publisher.next().await.command, Command::Receipt);
+    assert_eq!(member.next().await.body, "one".as_bytes());
+    // "two" is queued for the member (its receipt to the publisher says so) and held.
+    publisher.send(message("two")).await;
+    assert_eq!(publisher.next().await.command, Command::Receipt);
+    let asked = Instant::now();
+    member
+        .send(
+            Frame::new(Command::Unsubscribe)
+                .with_header("id", "0")
+                .with_header("receipt", "unsub"),
+        )
+        .await;
+    let held = member.next().await;
+    assert_eq!(held.body, "two".as_bytes());
+    let reply = member.next().await;
+    assert_eq!(reply.command, Command::Receipt);
+    let waited = asked.elapsed();
+    assert!(
+        waited < WINDOW - Duration::from_millis(100),
+        "the held message and the receipt came {waited:?} after the request"
+    );
+}
+
+#[tokio::test]
 async fn a_quiet_broker_writes_at_once() {
     let (bodies, first_to_second, _) = three_messages(Duration::ZERO).await;
     assert_eq!(bodies, ["one", "two", "three"]);

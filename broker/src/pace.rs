@@ -99,11 +99,10 @@ impl Pace {
                 _ = ticks.tick() => {}
             }
             let (now_busy, now) = (busy(), Instant::now());
-            let capacity =
-                now.duration_since(last_at) * u32::try_from(metrics.num_workers()).unwrap_or(1);
-            if !capacity.is_zero() {
-                let permille = now_busy.saturating_sub(last_busy).as_micros() * 1000
-                    / capacity.as_micros().max(1);
+            let workers = u128::try_from(metrics.num_workers()).unwrap_or(1);
+            let capacity_us = now.duration_since(last_at).as_micros() * workers;
+            let busy_us = now_busy.saturating_sub(last_busy).as_micros();
+            if let Some(permille) = (busy_us * 1000).checked_div(capacity_us) {
                 self.record(u64::try_from(permille).unwrap_or(1000), max);
             }
             (last_busy, last_at) = (now_busy, now);

@@ -110,17 +110,23 @@ async fn connect(addr: std::net::SocketAddr, login: &str) -> Peer {
     peer
 }
 
-/// Subscribes, waits out the window, then publishes one message, and
-/// two more once the first arrived. Returns the bodies in arrival order and the gaps
-/// between the first and second and between the second and third arrivals.
-async fn three_messages(window: Duration) -> (Vec<String>, Duration, Duration) {
+/// A member subscribed to /topic/news that has written nothing for longer than the window
+/// (so its next write goes out at once), and a publisher.
+async fn quiet_member_and_publisher(window: Duration) -> (Peer, Peer) {
     let (_broker, addr) = broker_with_window(window).await;
     let mut member = connect(addr, "member").await;
     member.send(subscribe_with_receipt()).await;
     assert_eq!(member.next().await.command, Command::Receipt);
-    // A connection that has been quiet for longer than the window writes at once.
     tokio::time::sleep(WINDOW + Duration::from_millis(100)).await;
-    let mut publisher = connect(addr, "publisher").await;
+    let publisher = connect(addr, "publisher").await;
+    (member, publisher)
+}
+
+/// Subscribes, waits out the window, then publishes one message, and
+/// two more once the first arrived. Returns the bodies in arrival order and the gaps
+/// between the first and second and between the second and third arrivals.
+async fn three_messages(window: Duration) -> (Vec<String>, Duration, Duration) {
+    let (mut member, mut publisher) = quiet_member_and_publisher(window).await;
     let message = |body: &str| {
         Frame::new(Command::Send)
             .with_header("destination", "/topic/news")
@@ -176,12 +182,7 @@ async fn replies_to_the_clients_own_frames_are_not_held() {
 
 #[tokio::test]
 async fn a_reply_sends_a_held_batch_at_once() {
-    let (_broker, addr) = broker_with_window(WINDOW).await;
-    let mut member = connect(addr, "member").await;
-    member.send(subscribe_with_receipt()).await;
-    assert_eq!(member.next().await.command, Command::Receipt);
-    tokio::time::sleep(WINDOW + Duration::from_millis(100)).await;
-    let mut publisher = connect(addr, "publisher").await;
+    let (mut member, mut publisher) = quiet_member_and_publisher(WINDOW).await;
     let message = |body: &str| {
         Frame::new(Command::Send)
             .with_header("destination", "/topic/news")

@@ -178,20 +178,33 @@ pub struct SharedMessage {
 
 impl SharedMessage {
     /// Encodes the shared headers (any `content-length` among them is ignored) and the body.
-    pub fn new<'a>(
-        version: Version,
-        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
-        body: &[u8],
-    ) -> SharedMessage {
+    ///
+    /// The shared bytes are one block of exactly their size: a chat room keeps it for as
+    /// long as it keeps the message in its history.
+    pub fn new<'a, I>(version: Version, headers: I, body: &[u8]) -> SharedMessage
+    where
+        I: IntoIterator<Item = (&'a str, &'a str)>,
+        I::IntoIter: Clone,
+    {
         let escaping = Escaping::of(version, Command::Message);
-        let mut tail = BytesMut::with_capacity(body.len() + 256);
+        let headers = headers
+            .into_iter()
+            .filter(|(name, _)| *name != "content-length");
+        let headers_len: usize = headers
+            .clone()
+            .map(|(name, value)| header_len(name, value, escaping))
+            .sum();
+        let mut digits = itoa::Buffer::new();
+        let length = digits.format(body.len());
+        let mut tail = BytesMut::with_capacity(
+            headers_len + b"content-length:\n\n".len() + length.len() + body.len() + 1,
+        );
         for (name, value) in headers {
-            if name != "content-length" {
-                put_header(&mut tail, name, value, escaping);
-            }
+            put_header(&mut tail, name, value, escaping);
         }
-        put_content_length(&mut tail, body.len());
-        tail.put_u8(b'\n');
+        tail.put_slice(b"content-length:");
+        tail.put_slice(length.as_bytes());
+        tail.put_slice(b"\n\n");
         tail.put_slice(body);
         tail.put_u8(0);
         SharedMessage {

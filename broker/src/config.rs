@@ -131,8 +131,9 @@ pub struct Config {
 
     /// Most milliseconds a connection that has just written waits before its next write
     /// when the broker is busy, so that one write carries what arrives meanwhile. The wait
-    /// follows the runtime's queueing delay: near zero when quiet. 0 turns coalescing off.
-    #[arg(long, env = "STOA_WRITE_COALESCE_MAX_MS", default_value_t = 10)]
+    /// grows with the worker threads' busy time: none below 60% busy, this much at 90%.
+    /// 0 turns coalescing off.
+    #[arg(long, env = "STOA_WRITE_COALESCE_MAX_MS", default_value_t = 20)]
     pub write_coalesce_max_ms: u64,
 }
 
@@ -388,9 +389,9 @@ mod tests {
     }
 
     #[test]
-    fn write_coalescing_is_up_to_10_ms_and_can_be_turned_off() {
+    fn write_coalescing_is_up_to_20_ms_and_can_be_turned_off() {
         let c = Config::try_parse_args(["stoa"]).unwrap();
-        assert_eq!(c.write_coalesce_max(), Duration::from_millis(10));
+        assert_eq!(c.write_coalesce_max(), Duration::from_millis(20));
         let c = Config::try_parse_args(["stoa", "--write-coalesce-max-ms", "0"]).unwrap();
         assert_eq!(c.write_coalesce_max(), Duration::ZERO);
     }

@@ -141,6 +141,16 @@ impl Publish {
         }
     }
 
+    /// The message without its encoded copies, for a room's history to keep.
+    pub fn into_kept(self) -> KeptMessage {
+        KeptMessage {
+            message_id: self.message_id,
+            headers: self.headers,
+            body: self.body,
+            text: self.text,
+        }
+    }
+
     /// A message a store kept, as it was published.
     pub fn from_stored(stored: StoredMessage) -> Publish {
         let headers: Headers = stored
@@ -152,10 +162,34 @@ impl Publish {
     }
 }
 
+/// A message as a room's history keeps it: the headers and body of a [`Publish`] without
+/// the encoded copies made for its live delivery, which a replay makes again. A room keeps
+/// thousands of these, and the encoded copy was the larger half.
+#[derive(Debug)]
+pub struct KeptMessage {
+    message_id: u64,
+    headers: PackedHeaders,
+    body: Bytes,
+    text: bool,
+}
+
+impl KeptMessage {
+    /// The message, ready to be delivered again.
+    pub fn publish(&self) -> Publish {
+        Publish {
+            message_id: self.message_id,
+            headers: self.headers.clone(),
+            body: self.body.clone(),
+            text: self.text,
+            tails: Default::default(),
+        }
+    }
+}
+
 /// Headers as a [`Publish`] keeps them: names and values back to back in one string of
 /// exactly their size, and where each name and value ends. (A [`Headers`] has room for ten
 /// headers inline: 240 bytes before any text.)
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct PackedHeaders {
     text: Box<str>,
     ends: Box<[(usize, usize)]>,
@@ -500,6 +534,20 @@ mod tests {
             let whole = SharedMessage::new(version, headers.iter(), b"hi");
             assert_eq!(&publish.tail(version), whole.tail(), "{version}");
         }
+    }
+
+    #[test]
+    fn a_kept_message_is_delivered_again_as_it_was_published() {
+        let mut headers = Headers::new();
+        headers.push("destination", "/topic/room.lobby");
+        headers.push("x-seq", "3");
+        let live = Publish::new(9, headers, Bytes::from_static(b"\xffbinary"));
+        let tail = live.tail(Version::V1_1);
+        let again = live.into_kept().publish();
+        assert_eq!(again.message_id, 9);
+        assert!(!again.is_text());
+        assert_eq!(again.tail(Version::V1_1), tail);
+        assert_eq!(again.body(), &Bytes::from_static(b"\xffbinary"));
     }
 
     #[test]

@@ -13,8 +13,8 @@ use dashmap::DashMap;
 use stomp_codec::Headers;
 
 use crate::router::{
-    Fanout, MessageIds, Publish, PublishRequest, Published, Replay, Service, SubscribeRequest,
-    Subscriber, deliver, message_headers,
+    Fanout, KeptMessage, MessageIds, Publish, PublishRequest, Published, Replay, Service,
+    SubscribeRequest, Subscriber, deliver, message_headers,
 };
 use crate::services::Topics;
 use crate::session::SessionError;
@@ -53,7 +53,7 @@ pub fn check_room_name(room: &str) -> Result<(), SessionError> {
 #[derive(Debug)]
 struct Kept {
     seq: u64,
-    publish: Arc<Publish>,
+    message: KeptMessage,
 }
 
 #[derive(Debug, Default)]
@@ -122,7 +122,7 @@ impl Rooms {
                 room.last_seq = room.last_seq.max(m.seq);
                 room.history.push_back(Kept {
                     seq: m.seq,
-                    publish: Arc::new(Publish::from_stored(m)),
+                    message: Publish::from_stored(m).into_kept(),
                 });
             }
             rooms.insert(name, Arc::new(Mutex::new(room)));
@@ -180,17 +180,18 @@ impl Rooms {
     ) -> (u64, Fanout) {
         room.last_seq += 1;
         let seq = room.last_seq;
-        let publish = Arc::new(Publish::new(message_id, headers, body));
+        let publish = Publish::new(message_id, headers, body);
+        self.store
+            .append_room(name, publish.to_stored(seq), self.keep);
+        let fanout = self.deliver_live(name, room, &publish);
         room.history.push_back(Kept {
             seq,
-            publish: publish.clone(),
+            message: publish.into_kept(),
         });
         while room.history.len() > self.keep {
             room.history.pop_front();
         }
-        self.store
-            .append_room(name, publish.to_stored(seq), self.keep);
-        (seq, self.deliver_live(name, room, &publish))
+        (seq, fanout)
     }
 
     fn deliver_live(&self, name: &str, room: &Room, publish: &Publish) -> Fanout {
@@ -236,7 +237,7 @@ impl Rooms {
             }
         };
         for kept in room.history.range(from..) {
-            subscriber.offer(&kept.publish, true);
+            subscriber.offer(&kept.message.publish(), true);
         }
     }
 

@@ -74,9 +74,9 @@ impl Subscriber {
 
 /// A published message: its shared headers and body, encoded lazily once per version.
 ///
-/// A room keeps its last 10,000 messages (by default) as `Publish`es, so every byte here is
-/// paid ten thousand times per room: the headers are packed, and the body has a block of
-/// its own rather than pinning the read buffer it arrived in.
+/// Rooms (as [`KeptMessage`]s), durable queues and offline users' queues keep messages by
+/// the thousand, so every byte here counts: the headers are packed, and the body has a
+/// block of its own rather than pinning the read buffer it arrived in.
 #[derive(Debug)]
 pub struct Publish {
     /// The broker-assigned `message-id`, the same for every subscriber.
@@ -164,7 +164,8 @@ impl Publish {
 
 /// A message as a room's history keeps it: the headers and body of a [`Publish`] without
 /// the encoded copies made for its live delivery, which a replay makes again. A room keeps
-/// thousands of these, and the encoded copy was the larger half.
+/// up to `--room-history` of these (10,000 by default); docs/PERFORMANCE.md has what
+/// leaving the copies out saved.
 #[derive(Debug)]
 pub struct KeptMessage {
     message_id: u64,

@@ -27,7 +27,12 @@ fresh_rabbit() {
   pkill epmd 2>/dev/null || true
   sleep 2
   rabbitmq-plugins enable --offline rabbitmq_stomp rabbitmq_web_stomp >/dev/null
-  taskset -c 0 rabbitmq-server -detached >/dev/null 2>&1 || true
+  # As the rabbitmq user directly rather than through Debian's wrapper, whose `su` puts the
+  # open-files soft limit back to 1,024 (PAM): past about a thousand connections the conns
+  # scenario then stalled (16 connects/s, the probe reaching nobody) and failed every run.
+  ( cd /var/lib/rabbitmq && ulimit -n "$(ulimit -Hn)" &&
+    taskset -c 0 setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups \
+      env HOME=/var/lib/rabbitmq /usr/lib/rabbitmq/bin/rabbitmq-server -detached ) >/dev/null 2>&1 || true
   # Wait for the STOMP ports themselves: right after -detached the node may not even be
   # registered yet, and rabbitmqctl await_startup fails outright then.
   for _ in $(seq 1 360); do port_open 15674 && port_open 61613 && break; sleep 0.5; done

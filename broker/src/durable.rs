@@ -17,7 +17,9 @@ use rusqlite::{Connection, params};
 use tracing::error;
 
 use crate::outbox::{Outbox, Outgoing};
-use crate::store::{StoreError, StoredMessage, kept_row, push_grouped, stored_message};
+use crate::store::{
+    StoreError, StoredMessage, kept_row, push_grouped, spawn_writer, stored_message,
+};
 use crate::writer::{WriterThread, next_batch};
 
 /// A RECEIPT to send once everything before it is on disk.
@@ -92,12 +94,9 @@ impl QueueStore {
         .map_err(sqlite)?;
         let kept = load(&conn, &path)?;
         let writer_path = path.clone();
-        let writer =
-            WriterThread::spawn("stoa-queues", move |rx| write_loop(conn, rx, &writer_path))
-                .map_err(|e| StoreError::Sqlite {
-                    path: path.clone(),
-                    source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-                })?;
+        let writer = spawn_writer("stoa-queues", &path, move |rx| {
+            write_loop(conn, rx, &writer_path);
+        })?;
         let store = QueueStore { path, writer };
         Ok((store, kept))
     }

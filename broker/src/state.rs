@@ -55,9 +55,10 @@ impl Broker {
                 max_prefetch: config.max_unacked,
             },
         };
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| StoreError::Sqlite {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StoreError::Io {
+            what: "creating the data directory",
             path: config.data_dir.clone(),
-            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            source,
         })?;
         // Durable queues live in a database of their own: every commit there is an fsync.
         let (queue_store, kept_queues) = QueueStore::open(&config.data_dir)?;
@@ -81,4 +82,27 @@ pub fn now_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn a_data_dir_that_cannot_be_made_is_an_error_that_names_it() {
+        let file = std::env::temp_dir().join(format!("stoa-not-a-dir-{}", std::process::id()));
+        std::fs::write(&file, b"a file, not a directory").unwrap();
+        let config =
+            Config::try_parse_args(["stoa", "--data-dir", file.to_str().unwrap()]).unwrap();
+        let err = Broker::with_store(config, Arc::new(MemoryStore::default())).unwrap_err();
+        std::fs::remove_file(&file).unwrap();
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!("creating the data directory {}: ", file.display())),
+            "{text}"
+        );
+    }
 }

@@ -40,6 +40,17 @@ pub enum StoreError {
         /// What SQLite said.
         source: rusqlite::Error,
     },
+    /// The operating system refused: creating the data directory, or starting the thread
+    /// that writes a database.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The directory or database file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
     /// Stored headers could not be read back.
     #[error("database {path}: corrupt headers in {table}: {source}")]
     Corrupt {
@@ -50,6 +61,19 @@ pub enum StoreError {
         /// The JSON error.
         source: serde_json::Error,
     },
+}
+
+/// Starts thread `name`, which writes the database at `path` with `run`.
+pub(crate) fn spawn_writer<Op: Send + 'static>(
+    name: &str,
+    path: &Path,
+    run: impl FnOnce(Receiver<Op>) + Send + 'static,
+) -> Result<WriterThread<Op>, StoreError> {
+    WriterThread::spawn(name, run).map_err(|source| StoreError::Io {
+        what: "starting the writer thread of",
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// A kept row as a message.
@@ -169,12 +193,9 @@ impl SqliteStore {
         let conn = open_connection(&path).map_err(sqlite)?;
         migrate(&conn).map_err(sqlite)?;
         let writer_path = path.clone();
-        let writer =
-            WriterThread::spawn("stoa-store", move |rx| write_loop(conn, rx, &writer_path))
-                .map_err(|e| StoreError::Sqlite {
-                    path: path.clone(),
-                    source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-                })?;
+        let writer = spawn_writer("stoa-store", &path, move |rx| {
+            write_loop(conn, rx, &writer_path);
+        })?;
         Ok(SqliteStore { path, writer })
     }
 

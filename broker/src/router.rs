@@ -50,18 +50,33 @@ impl Subscriber {
 
     /// Offers `publish` with a delivery header of its own (`redelivered:true`, ...).
     pub fn offer_marked(&self, publish: &Publish, mark: Mark) -> bool {
-        self.offer_tail(publish, publish.tail(self.version), mark)
+        self.offer_tail(
+            publish.message_id,
+            publish.text,
+            publish.tail(self.version),
+            mark,
+        )
     }
 
-    fn offer_tail(&self, publish: &Publish, tail: Bytes, mark: Mark) -> bool {
+    /// Replays a message a room kept (`x-replay:true`), encoded for this subscriber.
+    pub fn offer_kept(&self, kept: &KeptMessage) -> bool {
+        self.offer_tail(
+            kept.message_id,
+            kept.text,
+            encode_tail(self.version, &kept.headers, &kept.body),
+            Mark::Replay,
+        )
+    }
+
+    fn offer_tail(&self, message_id: u64, text: bool, tail: Bytes, mark: Mark) -> bool {
         self.outbox.offer(Outgoing::Message {
             head: self.head.clone(),
             ack: self.needs_ack.then_some(AckTag {
                 subscription: self.key,
-                message_id: publish.message_id,
+                message_id,
             }),
             tail,
-            text: publish.text,
+            text,
             mark,
         })
     }
@@ -108,12 +123,8 @@ impl Publish {
             Version::V1_1 => &self.tails[1],
             Version::V1_2 => &self.tails[2],
         };
-        slot.get_or_init(|| {
-            SharedMessage::new(version, self.headers.iter(), &self.body)
-                .tail()
-                .clone()
-        })
-        .clone()
+        slot.get_or_init(|| encode_tail(version, &self.headers, &self.body))
+            .clone()
     }
 
     /// Whether the body is UTF-8 (the frame goes out as WebSocket text).
@@ -163,9 +174,9 @@ impl Publish {
 }
 
 /// A message as a room's history keeps it: the headers and body of a [`Publish`] without
-/// the encoded copies made for its live delivery, which a replay makes again. A room keeps
-/// up to `--room-history` of these (10,000 by default); docs/PERFORMANCE.md has what
-/// leaving the copies out saved.
+/// the encoded copies made for its live delivery; a replay encodes it again
+/// ([`Subscriber::offer_kept`]). A room keeps up to `--room-history` of these (10,000 by
+/// default); docs/PERFORMANCE.md has what leaving the copies out saved.
 #[derive(Debug)]
 pub struct KeptMessage {
     message_id: u64,
@@ -174,23 +185,17 @@ pub struct KeptMessage {
     text: bool,
 }
 
-impl KeptMessage {
-    /// The message, ready to be delivered again.
-    pub fn publish(&self) -> Publish {
-        Publish {
-            message_id: self.message_id,
-            headers: self.headers.clone(),
-            body: self.body.clone(),
-            text: self.text,
-            tails: Default::default(),
-        }
-    }
+/// The shared part of a MESSAGE (headers, body, NUL) as `version` writes it.
+fn encode_tail(version: Version, headers: &PackedHeaders, body: &[u8]) -> Bytes {
+    SharedMessage::new(version, headers.iter(), body)
+        .tail()
+        .clone()
 }
 
 /// Headers as a [`Publish`] keeps them: names and values back to back in one string of
 /// exactly their size, and where each name and value ends. (A [`Headers`] has room for ten
 /// headers inline: 240 bytes before any text.)
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct PackedHeaders {
     text: Box<str>,
     ends: Box<[(usize, usize)]>,
@@ -289,7 +294,7 @@ pub fn deliver<'a>(
                 tail
             }
         };
-        if sub.offer_tail(publish, tail, Mark::None) {
+        if sub.offer_tail(publish.message_id, publish.text, tail, Mark::None) {
             fanout.delivered += 1;
         } else {
             fanout.refused += 1;
@@ -538,17 +543,46 @@ mod tests {
     }
 
     #[test]
-    fn a_kept_message_is_delivered_again_as_it_was_published() {
+    fn a_kept_message_is_replayed_as_it_was_published() {
         let mut headers = Headers::new();
         headers.push("destination", "/topic/room.lobby");
         headers.push("x-seq", "3");
         let live = Publish::new(9, headers, Bytes::from_static(b"\xffbinary"));
         let tail = live.tail(Version::V1_1);
-        let again = live.into_kept().publish();
-        assert_eq!(again.message_id, 9);
-        assert!(!again.is_text());
-        assert_eq!(again.tail(Version::V1_1), tail);
-        assert_eq!(again.body(), &Bytes::from_static(b"\xffbinary"));
+        let kept = live.into_kept();
+
+        let outbox = Arc::new(Outbox::new(1 << 16));
+        let subscriber = Subscriber {
+            session: SessionId(1),
+            key: 4,
+            user: Arc::from("reader"),
+            outbox: outbox.clone(),
+            head: Bytes::from_static(b"MESSAGE\nsubscription:s\n"),
+            version: Version::V1_1,
+            needs_ack: true,
+        };
+        assert!(subscriber.offer_kept(&kept));
+        let mut batch = Vec::new();
+        outbox.take_all(&mut batch);
+        let [
+            Outgoing::Message {
+                ack,
+                tail: replayed,
+                text,
+                mark,
+                ..
+            },
+        ] = &batch[..]
+        else {
+            panic!("one message queued: {batch:?}");
+        };
+        assert_eq!(replayed, &tail);
+        assert!(!text, "a binary body stays binary");
+        assert!(matches!(mark, Mark::Replay));
+        assert_eq!(
+            ack.as_ref().map(|a| (a.subscription, a.message_id)),
+            Some((4, 9))
+        );
     }
 
     #[test]

@@ -237,7 +237,7 @@ impl Rooms {
             }
         };
         for kept in room.history.range(from..) {
-            subscriber.offer(&kept.message.publish(), true);
+            subscriber.offer_kept(&kept.message);
         }
     }
 

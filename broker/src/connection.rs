@@ -211,14 +211,16 @@ impl<T: Transport> Connection<T> {
                 biased;
                 _ = shutdown.changed() => return Stop::Shutdown,
                 () = self.outbox.notified() => {
-                    if flush_at.is_some() && self.outbox.may_hold() {
-                        // More for a batch already held: it goes out when the window ends.
-                        continue;
-                    }
-                    if flush_at.is_none() && let Some(at) = self.hold_until() {
-                        flush_at = Some(at);
-                        timer.as_mut().reset(at.min(self.next_check()));
-                        continue;
+                    if self.outbox.may_hold() {
+                        if flush_at.is_some() {
+                            // More for a batch already held: it goes out when the window ends.
+                            continue;
+                        }
+                        if let Some(at) = self.hold_until() {
+                            flush_at = Some(at);
+                            timer.as_mut().reset(at.min(self.next_check()));
+                            continue;
+                        }
                     }
                     flush_at = None;
                     if let Some(stop) = self.flush().await {
@@ -264,13 +266,13 @@ impl<T: Transport> Connection<T> {
     }
 
     /// Until when newly queued frames wait, if the broker is busy and this connection wrote
-    /// less than the coalescing window ago (see pace.rs). Never for the first write, for a
-    /// reply to the client's own frames, nor when the outbox is refusing frames.
+    /// less than the coalescing window ago (see pace.rs). Never for the first write; the
+    /// caller has checked that the outbox allows holding (no reply queued, not slow).
     fn hold_until(&self) -> Option<Instant> {
         let window = self.broker.pace.window();
         let wrote = self.last_write > self.started;
         let at = self.last_write + window;
-        (wrote && !window.is_zero() && Instant::now() < at && self.outbox.may_hold()).then_some(at)
+        (wrote && !window.is_zero() && Instant::now() < at).then_some(at)
     }
 
     /// When the timer must fire next: the next check, or a coalesced write due earlier.

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::{Connection, params};
@@ -171,7 +170,7 @@ fn load(conn: &Connection, path: &Path) -> Result<Vec<KeptQueue>, StoreError> {
 
 fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path) {
     // Group commit needs no lingering: publishers waiting for receipts keep it busy.
-    while let Some(batch) = next_batch(&rx, BATCH, Duration::ZERO, |_| false) {
+    while let Some(batch) = next_batch(&rx, BATCH, None, |_| false) {
         let mut receipts = Vec::new();
         let mut flushes = Vec::new();
         match write_batch(&mut conn, batch, &mut receipts, &mut flushes) {

@@ -140,16 +140,7 @@ impl Publish {
     /// The message as a store keeps it, under `seq` (a room's sequence number, or the
     /// message id in the durable queue store).
     pub fn to_stored(&self, seq: u64) -> StoredMessage {
-        StoredMessage {
-            seq,
-            message_id: self.message_id,
-            headers: self
-                .headers
-                .iter()
-                .map(|(n, v)| (n.to_owned(), v.to_owned()))
-                .collect(),
-            body: self.body.clone(),
-        }
+        self.headers.to_stored(seq, self.message_id, &self.body)
     }
 
     /// The message without its encoded copies, for a room's history to keep.
@@ -185,6 +176,28 @@ pub struct KeptMessage {
     text: bool,
 }
 
+impl KeptMessage {
+    /// The broker-assigned `message-id`.
+    pub fn message_id(&self) -> u64 {
+        self.message_id
+    }
+
+    /// The `(name, value)` pairs in order.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.headers.iter()
+    }
+
+    /// The body.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The message as a store keeps it, under `seq`.
+    pub fn to_stored(&self, seq: u64) -> StoredMessage {
+        self.headers.to_stored(seq, self.message_id, &self.body)
+    }
+}
+
 /// The shared part of a MESSAGE (headers, body, NUL) as `version` writes it.
 fn encode_tail(version: Version, headers: &PackedHeaders, body: &[u8]) -> Bytes {
     SharedMessage::new(version, headers.iter(), body)
@@ -215,6 +228,18 @@ impl PackedHeaders {
         PackedHeaders {
             text: text.into_boxed_str(),
             ends: ends.into_boxed_slice(),
+        }
+    }
+
+    fn to_stored(&self, seq: u64, message_id: u64, body: &Bytes) -> StoredMessage {
+        StoredMessage {
+            seq,
+            message_id,
+            headers: self
+                .iter()
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .collect(),
+            body: body.clone(),
         }
     }
 

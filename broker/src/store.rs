@@ -4,17 +4,23 @@
 //! Out: everything kept, loaded once at start. The broker's memory is the source of truth
 //! while it runs; the store makes history survive a restart.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rusqlite::{Connection, params};
 use tracing::{error, warn};
 
+use crate::router::KeptMessage;
 use crate::writer::{WriterThread, next_batch};
+
+mod chunk;
+
+pub use chunk::ChunkError;
+use chunk::{ChunkWriter, read_chunk};
 
 /// A message as kept: headers in order and the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +56,16 @@ pub enum StoreError {
         path: PathBuf,
         /// What the OS said.
         source: std::io::Error,
+    },
+    /// A stored run of room messages could not be read back.
+    #[error("database {path}: corrupt messages of room {room}: {source}")]
+    Chunk {
+        /// The database file.
+        path: PathBuf,
+        /// The room.
+        room: String,
+        /// What was wrong.
+        source: ChunkError,
     },
     /// Stored headers could not be read back.
     #[error("database {path}: corrupt headers in {table}: {source}")]
@@ -126,58 +142,92 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// The store cannot be read.
     fn load_rooms(&self, keep: usize) -> Result<Vec<(String, Vec<StoredMessage>)>, StoreError>;
-    /// Keeps a room message; older ones past `keep` are dropped.
-    fn append_room(&self, room: &str, message: StoredMessage, keep: usize);
+    /// Keeps a room's message `seq` (its history's own copy, shared); older ones past
+    /// `keep` are dropped.
+    fn append_room(&self, room: &Arc<str>, seq: u64, message: &Arc<KeptMessage>, keep: usize);
     /// Returns once everything handed over so far is written.
     fn flush(&self);
 }
 
 enum Op {
     Room {
-        room: String,
-        message: StoredMessage,
+        room: Arc<str>,
+        seq: u64,
+        message: Arc<KeptMessage>,
         keep: usize,
     },
     Flush(SyncSender<()>),
 }
 
 /// SQLite in WAL mode, written by one thread in batched transactions.
+///
+/// A room's messages are kept in chunks ([`chunk`]): each transaction writes one row per
+/// room it has messages for, and drops a room's oldest rows once every message in them is
+/// past `keep`.
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
     writer: WriterThread<Op>,
 }
 
+/// A schema change.
+enum Migration {
+    Sql(&'static str),
+    /// A change SQL alone cannot make, run in the same transaction as the version bump.
+    Code(fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>),
+}
+
 /// Schema changes, applied in order on start; `PRAGMA user_version` counts those done.
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE room_messages (
-        room TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        message_id INTEGER NOT NULL,
-        headers TEXT NOT NULL,
-        body BLOB NOT NULL,
-        PRIMARY KEY (room, seq)
-    ) WITHOUT ROWID;
-    CREATE TABLE user_messages (
-        id INTEGER PRIMARY KEY,
-        user TEXT NOT NULL,
-        queue TEXT NOT NULL,
-        message_id INTEGER NOT NULL,
-        headers TEXT NOT NULL,
-        body BLOB NOT NULL
-    );
-    CREATE INDEX user_messages_by_queue ON user_messages (user, queue, id);",
+const MIGRATIONS: &[Migration] = &[
+    Migration::Sql(
+        "CREATE TABLE room_messages (
+            room TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            message_id INTEGER NOT NULL,
+            headers TEXT NOT NULL,
+            body BLOB NOT NULL,
+            PRIMARY KEY (room, seq)
+        ) WITHOUT ROWID;
+        CREATE TABLE user_messages (
+            id INTEGER PRIMARY KEY,
+            user TEXT NOT NULL,
+            queue TEXT NOT NULL,
+            message_id INTEGER NOT NULL,
+            headers TEXT NOT NULL,
+            body BLOB NOT NULL
+        );
+        CREATE INDEX user_messages_by_queue ON user_messages (user, queue, id);",
+    ),
     // Messages waiting for offline users moved to the durable queue store (queues.db).
-    "DROP TABLE user_messages;",
+    Migration::Sql("DROP TABLE user_messages;"),
+    // Room messages in chunks, one row per room per transaction. Rows are appended in id
+    // order, which is also each room's seq order; the writer finds a room's rows by id.
+    Migration::Sql(
+        "CREATE TABLE room_chunks (
+            id INTEGER PRIMARY KEY,
+            room TEXT NOT NULL,
+            first_seq INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL,
+            messages BLOB NOT NULL
+        );",
+    ),
+    Migration::Code(room_messages_into_chunks),
 ];
 
-/// Most operations written in one transaction.
-const BATCH: usize = 1024;
+/// Most operations written in one transaction: enough for a linger's worth at well over
+/// 100,000 room messages per second.
+const BATCH: usize = 8192;
 /// How long a busy writer collects messages before it commits them: at tens of thousands
 /// of room messages per second, 20 transactions per second instead of thousands.
 const LINGER: Duration = Duration::from_millis(50);
 /// A batch at least this large means the broker is busy: the next one lingers.
 const BUSY_BATCH: usize = 64;
+/// Most messages per chunk when older rows are moved into chunks.
+const MIGRATED_CHUNK: usize = 1024;
+
+/// Where each room's rows are, oldest first: their ids and last seqs. The writer thread's
+/// own, so that dropping a room's oldest rows needs no index in the database.
+type ChunkIndex = HashMap<Arc<str>, VecDeque<(i64, u64)>>;
 
 impl SqliteStore {
     /// Opens (creating and migrating) `stoa.db` in `dir`.
@@ -190,11 +240,12 @@ impl SqliteStore {
             path: path.clone(),
             source,
         };
-        let conn = open_connection(&path).map_err(sqlite)?;
-        migrate(&conn).map_err(sqlite)?;
+        let mut conn = open_connection(&path).map_err(sqlite)?;
+        migrate(&mut conn).map_err(sqlite)?;
+        let index = chunk_index(&conn).map_err(sqlite)?;
         let writer_path = path.clone();
         let writer = spawn_writer("stoa-store", &path, move |rx| {
-            write_loop(conn, rx, &writer_path);
+            write_loop(conn, index, rx, &writer_path);
         })?;
         Ok(SqliteStore { path, writer })
     }
@@ -211,14 +262,6 @@ impl SqliteStore {
             source,
         })
     }
-
-    fn corrupt(&self, table: &'static str) -> impl Fn(serde_json::Error) -> StoreError + '_ {
-        move |source| StoreError::Corrupt {
-            path: self.path.clone(),
-            table,
-            source,
-        }
-    }
 }
 
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
@@ -227,40 +270,101 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     // only the last commits before a power loss can be lost.
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    // Each room appends at its own end of the table: keep those pages cached (16 MiB), and
-    // copy the log back less often, since the same hot pages are rewritten between copies.
+    // Rows are appended at the table's end and the oldest deleted: keep those pages cached
+    // (16 MiB). The log is copied back every 1,000 pages (SQLite's default): with chunks the
+    // log no longer rewrites the same hot pages, and 8,000-page copies held the writer
+    // thread, which shares the broker's cores, for tens of milliseconds each.
     conn.pragma_update(None, "cache_size", -16_384)?;
-    conn.pragma_update(None, "wal_autocheckpoint", 8_000)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(conn)
 }
 
-fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let done: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
     let done = usize::try_from(done).unwrap_or(0);
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
-        conn.execute_batch(&format!(
-            "BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;",
-            i + 1
-        ))?;
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(done) {
+        let tx = conn.transaction()?;
+        match migration {
+            Migration::Sql(sql) => tx.execute_batch(sql)?,
+            Migration::Code(run) => run(&tx)?,
+        }
+        tx.pragma_update(None, "user_version", to_i64(i as u64 + 1))?;
+        tx.commit()?;
     }
     Ok(())
 }
 
-fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path) {
+/// Moves every row of the one-message-per-row table into chunks, room by room.
+fn room_messages_into_chunks(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    let mut select = tx.prepare(
+        "SELECT room, seq, message_id, headers, body FROM room_messages ORDER BY room, seq",
+    )?;
+    let mut insert = tx.prepare(
+        "INSERT INTO room_chunks (room, first_seq, last_seq, messages) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    let mut current: Option<(String, ChunkWriter, usize)> = None;
+    let mut rows = select.query([])?;
+    while let Some(row) = rows.next()? {
+        let (room, seq, message_id, headers, body) = kept_row(row)?;
+        let headers: Vec<(String, String)> = serde_json::from_str(&headers).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e))
+        })?;
+        let full = current
+            .as_ref()
+            .is_some_and(|(name, _, n)| *name != room || *n == MIGRATED_CHUNK);
+        if full && let Some((name, chunk, _)) = current.take() {
+            insert_chunk(&mut insert, &name, &chunk)?;
+        }
+        let (_, chunk, n) = current.get_or_insert_with(|| (room, ChunkWriter::new(), 0));
+        chunk.push(
+            u64::try_from(seq).unwrap_or(0),
+            u64::try_from(message_id).unwrap_or(0),
+            headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+            &body,
+        );
+        *n += 1;
+    }
+    if let Some((name, chunk, _)) = current {
+        insert_chunk(&mut insert, &name, &chunk)?;
+    }
+    tx.execute_batch("DROP TABLE room_messages;")
+}
+
+fn insert_chunk(
+    insert: &mut rusqlite::Statement<'_>,
+    room: &str,
+    chunk: &ChunkWriter,
+) -> rusqlite::Result<()> {
+    let (first, last) = chunk.seqs();
+    insert.execute(params![room, to_i64(first), to_i64(last), chunk.bytes()])?;
+    Ok(())
+}
+
+fn chunk_index(conn: &Connection) -> rusqlite::Result<ChunkIndex> {
+    let mut index = ChunkIndex::new();
+    let mut stmt = conn.prepare("SELECT id, room, last_seq FROM room_chunks ORDER BY id")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let (id, room, last_seq): (i64, String, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
+        index
+            .entry(Arc::from(room))
+            .or_default()
+            .push_back((id, u64::try_from(last_seq).unwrap_or(0)));
+    }
+    Ok(index)
+}
+
+fn write_loop(mut conn: Connection, mut index: ChunkIndex, rx: Receiver<Op>, path: &Path) {
     let urgent = |op: &Op| matches!(op, Op::Flush(_));
     // Quiet rooms are committed at once; only a writer that keeps finding many messages
-    // waiting (a busy broker) lingers to gather them into fewer, larger transactions.
-    let mut busy = false;
-    while let Some(batch) = next_batch(
-        &rx,
-        BATCH,
-        if busy { LINGER } else { Duration::ZERO },
-        urgent,
-    ) {
-        busy = batch.len() >= BUSY_BATCH;
+    // waiting (a busy broker) gathers them into fewer, larger transactions, one every
+    // LINGER however long each takes to write.
+    let mut gather_until = None;
+    while let Some(batch) = next_batch(&rx, BATCH, gather_until, urgent) {
+        let busy = batch.len() >= BUSY_BATCH;
+        gather_until = busy.then(|| Instant::now() + LINGER);
         let mut acks = Vec::new();
-        if let Err(e) = write_batch(&mut conn, batch, &mut acks) {
+        if let Err(e) = write_batch(&mut conn, &mut index, batch, &mut acks) {
             error!(path = %path.display(), "store write failed: {e}");
         }
         for ack in acks {
@@ -269,55 +373,82 @@ fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path) {
     }
 }
 
+/// One room's messages in a batch.
+struct RoomRun {
+    room: Arc<str>,
+    chunk: ChunkWriter,
+    keep: usize,
+}
+
 fn write_batch(
     conn: &mut Connection,
+    index: &mut ChunkIndex,
     batch: Vec<Op>,
     acks: &mut Vec<SyncSender<()>>,
 ) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    // Each room is trimmed once per batch, below the oldest message it still keeps.
-    let mut trims: HashMap<String, u64> = HashMap::new();
-    {
-        let mut insert = tx.prepare_cached(
-            "INSERT OR REPLACE INTO room_messages (room, seq, message_id, headers, body) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
-        for op in batch {
-            match op {
-                Op::Room {
-                    room,
-                    message,
-                    keep,
-                } => {
-                    insert.execute(params![
+    let mut runs: Vec<RoomRun> = Vec::new();
+    let mut run_of: HashMap<Arc<str>, usize> = HashMap::new();
+    for op in batch {
+        match op {
+            Op::Room {
+                room,
+                seq,
+                message,
+                keep,
+            } => {
+                let i = *run_of.entry(room.clone()).or_insert_with(|| {
+                    runs.push(RoomRun {
                         room,
-                        to_i64(message.seq),
-                        to_i64(message.message_id),
-                        headers_json(&message.headers),
-                        &message.body[..]
-                    ])?;
-                    let below = message.seq.saturating_sub(keep as u64);
-                    let oldest = trims.entry(room).or_insert(below);
-                    *oldest = (*oldest).max(below);
+                        chunk: ChunkWriter::new(),
+                        keep,
+                    });
+                    runs.len() - 1
+                });
+                if let Some(run) = runs.get_mut(i) {
+                    run.chunk
+                        .push(seq, message.message_id(), message.headers(), message.body());
                 }
-                Op::Flush(ack) => acks.push(ack),
             }
-        }
-        let mut trim =
-            tx.prepare_cached("DELETE FROM room_messages WHERE room = ?1 AND seq <= ?2")?;
-        for (room, below) in &trims {
-            trim.execute(params![room, to_i64(*below)])?;
+            Op::Flush(ack) => acks.push(ack),
         }
     }
-    tx.commit()
+    let tx = conn.transaction()?;
+    // Per run: the new row's id and last seq, and how many of the room's oldest rows went.
+    let mut written = Vec::with_capacity(runs.len());
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO room_chunks (room, first_seq, last_seq, messages) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let mut delete = tx.prepare_cached("DELETE FROM room_chunks WHERE id = ?1")?;
+        for run in &runs {
+            insert_chunk(&mut insert, &run.room, &run.chunk)?;
+            let (_, last) = run.chunk.seqs();
+            let id = tx.last_insert_rowid();
+            // A row goes once every message in it is older than the newest `keep`.
+            let below = last.saturating_sub(run.keep as u64);
+            let mut dropped = 0;
+            for &(old, old_last) in index.get(&run.room).into_iter().flatten() {
+                if old_last > below {
+                    break;
+                }
+                delete.execute(params![old])?;
+                dropped += 1;
+            }
+            written.push((id, last, dropped));
+        }
+    }
+    tx.commit()?;
+    // Committed: now the index may follow (on an error it still matches the database).
+    for (run, (id, last, dropped)) in runs.into_iter().zip(written) {
+        let rows = index.entry(run.room).or_default();
+        rows.drain(..dropped);
+        rows.push_back((id, last));
+    }
+    Ok(())
 }
 
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-fn headers_json(headers: &[(String, String)]) -> String {
-    // Serialising strings to JSON cannot fail.
-    serde_json::to_string(headers).unwrap_or_else(|_| "[]".to_owned())
 }
 
 impl Store for SqliteStore {
@@ -328,30 +459,42 @@ impl Store for SqliteStore {
             source,
         };
         let mut stmt = conn
-            .prepare(
-                "SELECT room, seq, message_id, headers, body FROM (
-                   SELECT *, ROW_NUMBER() OVER (PARTITION BY room ORDER BY seq DESC) AS newest
-                   FROM room_messages)
-                 WHERE newest <= ?1 ORDER BY room, seq",
-            )
+            .prepare("SELECT room, messages FROM room_chunks ORDER BY id")
             .map_err(sqlite)?;
-        let rows = stmt
-            .query_map(params![to_i64(keep as u64)], kept_row)
-            .map_err(sqlite)?;
-        let mut rooms: Vec<(String, Vec<StoredMessage>)> = Vec::new();
-        for row in rows {
-            let (room, seq, message_id, headers, body) = row.map_err(sqlite)?;
-            let message = stored_message(seq, message_id, &headers, body)
-                .map_err(self.corrupt("room_messages"))?;
-            push_grouped(&mut rooms, room, message);
+        let mut rows = stmt.query([]).map_err(sqlite)?;
+        let mut rooms: BTreeMap<String, VecDeque<StoredMessage>> = BTreeMap::new();
+        while let Some(row) = rows.next().map_err(sqlite)? {
+            let room: String = row.get(0).map_err(sqlite)?;
+            let chunk: Vec<u8> = row.get(1).map_err(sqlite)?;
+            let messages = read_chunk(&Bytes::from(chunk)).map_err(|source| StoreError::Chunk {
+                path: self.path.clone(),
+                room: room.clone(),
+                source,
+            })?;
+            let kept = rooms.entry(room).or_default();
+            for message in messages {
+                // Seqs only grow; should a room ever have numbered again from lower, the
+                // later messages are the room's history.
+                while kept.back().is_some_and(|last| last.seq >= message.seq) {
+                    kept.pop_back();
+                }
+                kept.push_back(message);
+                if kept.len() > keep {
+                    kept.pop_front();
+                }
+            }
         }
-        Ok(rooms)
+        Ok(rooms
+            .into_iter()
+            .map(|(room, kept)| (room, Vec::from(kept)))
+            .collect())
     }
 
-    fn append_room(&self, room: &str, message: StoredMessage, keep: usize) {
+    fn append_room(&self, room: &Arc<str>, seq: u64, message: &Arc<KeptMessage>, keep: usize) {
         self.send(Op::Room {
-            room: room.to_owned(),
-            message,
+            room: room.clone(),
+            seq,
+            message: message.clone(),
             keep,
         });
     }
@@ -391,12 +534,12 @@ impl Store for MemoryStore {
         Ok(out)
     }
 
-    fn append_room(&self, room: &str, message: StoredMessage, _keep: usize) {
+    fn append_room(&self, room: &Arc<str>, seq: u64, message: &Arc<KeptMessage>, _keep: usize) {
         let mut rooms = self
             .rooms
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        rooms.push((room.to_owned(), message));
+        rooms.push((room.to_string(), message.to_stored(seq)));
     }
 
     fn flush(&self) {}
@@ -405,6 +548,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::router::Publish;
 
     fn message(seq: u64, body: &str) -> StoredMessage {
         StoredMessage {
@@ -418,6 +562,10 @@ mod tests {
         }
     }
 
+    fn kept(seq: u64, body: &str) -> Arc<KeptMessage> {
+        Arc::new(Publish::from_stored(message(seq, body)).into_kept())
+    }
+
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("stoa-store-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -425,34 +573,147 @@ mod tests {
         dir
     }
 
+    fn seqs(messages: &[StoredMessage]) -> Vec<u64> {
+        messages.iter().map(|m| m.seq).collect()
+    }
+
+    fn rows(store: &SqliteStore) -> i64 {
+        let conn = store.reader().unwrap();
+        conn.query_row("SELECT count(*) FROM room_chunks", [], |r| r.get(0))
+            .unwrap()
+    }
+
     #[test]
-    fn room_history_survives_reopening_and_is_trimmed_to_keep() {
+    fn room_history_survives_reopening_newest_first_kept() {
         let dir = temp_dir("rooms");
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("방"));
         {
             let store = SqliteStore::open(&dir).unwrap();
             for seq in 1..=5 {
-                store.append_room("a", message(seq, &format!("m{seq}")), 3);
+                store.append_room(&a, seq, &kept(seq, &format!("m{seq}")), 3);
             }
-            store.append_room("방", message(1, "안녕"), 3);
+            store.append_room(&b, 1, &kept(1, "안녕"), 3);
             store.flush();
+        }
+        let store = SqliteStore::open(&dir).unwrap();
+        let rooms = store.load_rooms(3).unwrap();
+        assert_eq!(rooms.len(), 2);
+        let (name, loaded) = &rooms[0];
+        assert_eq!(name, "a");
+        assert_eq!(seqs(loaded), [3, 4, 5]);
+        assert_eq!(
+            loaded[2],
+            message(5, "m5"),
+            "headers, id and body as published"
+        );
+        assert_eq!(rooms[1].0, "방");
+        assert_eq!(rooms[1].1[0].body, "안녕".as_bytes());
+        // Loading fewer than kept takes the newest.
+        assert_eq!(seqs(&store.load_rooms(2).unwrap()[0].1), [4, 5]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_rooms_oldest_rows_go_once_all_their_messages_are_past_keep() {
+        let dir = temp_dir("trim");
+        let room: Arc<str> = Arc::from("a");
+        let store = SqliteStore::open(&dir).unwrap();
+        // A flush after each message: one row each, and the table never holds more than the
+        // three kept.
+        for seq in 1..=50 {
+            store.append_room(&room, seq, &kept(seq, "x"), 3);
+            store.flush();
+            assert!(rows(&store) <= 3, "{} rows after seq {seq}", rows(&store));
+        }
+        // Many at once: a few rows, the newest three messages in them, the old rows gone.
+        for seq in 51..=2000 {
+            store.append_room(&room, seq, &kept(seq, "y"), 3);
+        }
+        store.flush();
+        assert!(rows(&store) <= 4, "{} rows", rows(&store));
+        drop(store);
+        let store = SqliteStore::open(&dir).unwrap();
+        assert_eq!(seqs(&store.load_rooms(3).unwrap()[0].1), [1998, 1999, 2000]);
+        // The reopened writer knows the rows it found: it goes on dropping them.
+        for seq in 2001..=2010 {
+            store.append_room(&room, seq, &kept(seq, "z"), 3);
+            store.flush();
+        }
+        assert!(rows(&store) <= 3, "{} rows", rows(&store));
+        assert_eq!(seqs(&store.load_rooms(3).unwrap()[0].1), [2008, 2009, 2010]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rows_of_the_one_message_per_row_schema_move_into_chunks() {
+        let dir = temp_dir("chunks");
+        {
+            // The schema as it was at version 2, with history in it.
+            let mut conn = open_connection(&dir.join("stoa.db")).unwrap();
+            let tx = conn.transaction().unwrap();
+            for migration in &MIGRATIONS[..2] {
+                let Migration::Sql(sql) = migration else {
+                    panic!("versions 1 and 2 are SQL");
+                };
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 2).unwrap();
+            for (room, seq) in [("a", 1), ("a", 2), ("b", 7), ("a", 3)] {
+                let headers = r#"[["destination","/topic/room.x"],["x-seq","?"]]"#;
+                tx.execute(
+                    "INSERT INTO room_messages VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        room,
+                        seq,
+                        100 + seq,
+                        headers,
+                        format!("{room}{seq}").as_bytes()
+                    ],
+                )
+                .unwrap();
+            }
+            tx.commit().unwrap();
         }
         let store = SqliteStore::open(&dir).unwrap();
         let rooms = store.load_rooms(10).unwrap();
         assert_eq!(rooms.len(), 2);
-        let (name, kept) = &rooms[0];
-        assert_eq!(name, "a");
-        assert_eq!(kept.iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4, 5]);
-        assert_eq!(kept[2], message(5, "m5"));
-        assert_eq!(rooms[1].1[0].body, "안녕".as_bytes());
-        // Loading fewer than kept takes the newest.
-        assert_eq!(
-            store.load_rooms(2).unwrap()[0]
-                .1
-                .iter()
-                .map(|m| m.seq)
-                .collect::<Vec<_>>(),
-            [4, 5]
+        assert_eq!(seqs(&rooms[0].1), [1, 2, 3]);
+        assert_eq!(rooms[0].1[2].body, &b"a3"[..]);
+        assert_eq!(rooms[0].1[2].message_id, 103);
+        assert_eq!(rooms[0].1[2].headers[1], ("x-seq".into(), "?".into()));
+        assert_eq!((rooms[1].0.as_str(), seqs(&rooms[1].1)), ("b", vec![7]));
+        let conn = store.reader().unwrap();
+        let old: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'room_messages'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old, 0, "the old table is gone");
+        // The moved rows are the writer's to drop like any other.
+        let a: Arc<str> = Arc::from("a");
+        store.append_room(&a, 4, &kept(4, "a4"), 1);
+        store.flush();
+        assert_eq!(rows(&store), 2, "a's moved row dropped, b's kept");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_row_is_an_error_that_names_its_room() {
+        let dir = temp_dir("damaged");
+        let store = SqliteStore::open(&dir).unwrap();
+        store.append_room(&Arc::from("lobby"), 1, &kept(1, "x"), 3);
+        store.flush();
+        let conn = store.reader().unwrap();
+        conn.execute("UPDATE room_chunks SET messages = x'01ff'", [])
+            .unwrap();
+        let err = store.load_rooms(3).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Chunk { room, source: ChunkError::Truncated(0), .. } if room == "lobby"),
+            "{err}"
         );
+        assert!(err.to_string().contains("room lobby"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

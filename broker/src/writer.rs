@@ -7,7 +7,7 @@
 use std::sync::Mutex;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::Instant;
 
 /// A writer thread and the channel to it.
 pub struct WriterThread<Op> {
@@ -69,20 +69,27 @@ impl<Op> Drop for WriterThread<Op> {
 /// The next operation and whatever else is waiting, at most `max` in all; `None` once every
 /// sender is gone.
 ///
-/// With a `linger` above zero, and unless the first operation is `urgent`, the thread
-/// sleeps that long before taking the rest: a steady trickle is then committed in a few
-/// large transactions instead of many small ones, and the thread wakes once per batch
-/// rather than once per operation. An urgent operation arriving meanwhile waits at most
-/// `linger`.
+/// With `gather_until` set, and unless the first operation is `urgent`, the thread sleeps
+/// until then before taking the rest: a steady stream is then committed in a few large
+/// transactions instead of many small ones, and the thread wakes once per batch rather than
+/// once per operation. The caller sets it one linger after it took its previous batch, so the
+/// time spent writing that batch counts towards the wait: however fast operations come, a
+/// batch of `max` every linger is taken. An urgent operation arriving meanwhile waits until
+/// `gather_until` at most.
 pub fn next_batch<Op>(
     rx: &Receiver<Op>,
     max: usize,
-    linger: Duration,
+    gather_until: Option<Instant>,
     urgent: impl Fn(&Op) -> bool,
 ) -> Option<Vec<Op>> {
     let first = rx.recv().ok()?;
-    if !linger.is_zero() && !urgent(&first) {
-        std::thread::sleep(linger);
+    if let Some(until) = gather_until
+        && !urgent(&first)
+    {
+        let wait = until.saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
     }
     let mut batch = vec![first];
     while batch.len() < max {
@@ -97,6 +104,7 @@ pub fn next_batch<Op>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn a_batch_takes_what_waits_and_an_urgent_first_operation_does_not_linger() {
@@ -104,17 +112,41 @@ mod tests {
         for n in [0, 1, 2] {
             tx.send(n).unwrap();
         }
-        // 0 is urgent: no sleep, whatever the linger (a broken rule would sleep 10 s).
-        let started = std::time::Instant::now();
+        // 0 is urgent: no sleep, whatever the deadline (a broken rule would sleep 10 s).
+        let started = Instant::now();
         let long = Duration::from_secs(10);
-        assert_eq!(next_batch(&rx, 10, long, |n| *n == 0), Some(vec![0, 1, 2]));
+        let later = Some(started + long);
+        assert_eq!(next_batch(&rx, 10, later, |n| *n == 0), Some(vec![0, 1, 2]));
         assert!(started.elapsed() < long / 2);
         tx.send(3).unwrap();
         tx.send(4).unwrap();
-        let short = Duration::from_millis(1);
-        assert_eq!(next_batch(&rx, 10, short, |n| *n == 0), Some(vec![3, 4]));
+        let soon = Some(Instant::now() + Duration::from_millis(1));
+        assert_eq!(next_batch(&rx, 10, soon, |n| *n == 0), Some(vec![3, 4]));
         drop(tx);
-        assert_eq!(next_batch(&rx, 10, short, |n| *n == 0), None);
+        assert_eq!(next_batch(&rx, 10, soon, |n| *n == 0), None);
+    }
+
+    #[test]
+    fn a_batch_gathers_until_its_deadline_and_not_after_it() {
+        let (tx, rx) = mpsc::channel();
+        let linger = Duration::from_millis(30);
+        tx.send(1).unwrap();
+        let started = Instant::now();
+        assert_eq!(
+            next_batch(&rx, 10, Some(started + linger), |_| false),
+            Some(vec![1])
+        );
+        assert!(started.elapsed() >= linger, "gathered until the deadline");
+        // A deadline already past (the previous batch took longer than a linger to write)
+        // takes what waits at once: a fixed sleep per batch would cap the writer at `max`
+        // operations per linger plus write time, and it would fall ever further behind.
+        tx.send(2).unwrap();
+        let long = Duration::from_secs(10);
+        let started = Instant::now();
+        let past = started.checked_sub(long);
+        assert!(past.is_some());
+        assert_eq!(next_batch(&rx, 10, past, |_| false), Some(vec![2]));
+        assert!(started.elapsed() < long / 2);
     }
 
     #[test]
@@ -123,7 +155,7 @@ mod tests {
         for n in 1..=5 {
             tx.send(n).unwrap();
         }
-        let short = Duration::from_millis(1);
-        assert_eq!(next_batch(&rx, 3, short, |_| false), Some(vec![1, 2, 3]));
+        let soon = Some(Instant::now() + Duration::from_millis(1));
+        assert_eq!(next_batch(&rx, 3, soon, |_| false), Some(vec![1, 2, 3]));
     }
 }

@@ -53,11 +53,14 @@ pub fn check_room_name(room: &str) -> Result<(), SessionError> {
 #[derive(Debug)]
 struct Kept {
     seq: u64,
-    message: KeptMessage,
+    /// Shared with the store until it is written.
+    message: Arc<KeptMessage>,
 }
 
 #[derive(Debug, Default)]
 struct Room {
+    /// The room's name as the store takes it with each message; set on the first.
+    name: Arc<str>,
     last_seq: u64,
     history: VecDeque<Kept>,
     subscribers: Vec<Subscriber>,
@@ -122,7 +125,7 @@ impl Rooms {
                 room.last_seq = room.last_seq.max(m.seq);
                 room.history.push_back(Kept {
                     seq: m.seq,
-                    message: Publish::from_stored(m).into_kept(),
+                    message: Arc::new(Publish::from_stored(m).into_kept()),
                 });
             }
             rooms.insert(name, Arc::new(Mutex::new(room)));
@@ -181,13 +184,13 @@ impl Rooms {
         room.last_seq += 1;
         let seq = room.last_seq;
         let publish = Publish::new(message_id, headers, body);
-        self.store
-            .append_room(name, publish.to_stored(seq), self.keep);
         let fanout = self.deliver_live(name, room, &publish);
-        room.history.push_back(Kept {
-            seq,
-            message: publish.into_kept(),
-        });
+        let kept = Arc::new(publish.into_kept());
+        if room.name.is_empty() {
+            room.name = Arc::from(name);
+        }
+        self.store.append_room(&room.name, seq, &kept, self.keep);
+        room.history.push_back(Kept { seq, message: kept });
         while room.history.len() > self.keep {
             room.history.pop_front();
         }

@@ -67,10 +67,33 @@ trap 'kill $main_stoa 2>/dev/null || true' EXIT
 # One core each: the broker on CPU 0, the generator on CPU 1.
 gen() { taskset -c 1 timeout 600 "$cli" --connect-timeout 120 "$@"; }
 
+# cpu_ticks PID: its utime + stime in clock ticks (0 once it is gone).
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+# settle: waits (at most 60 s) until neither broker used more than 5% of a core over half a
+# second. Both share CPU 0: a broker still busy after its scenario (RabbitMQ closing a
+# thousand connections, say) would otherwise take the core from the next one measured.
+settle() {
+  local pids=("$main_stoa") start=$SECONDS before after busy
+  [ -n "${rabbit_pid:-}" ] && pids+=("$rabbit_pid")
+  for _ in $(seq 1 120); do
+    busy=0
+    for pid in "${pids[@]}"; do
+      before=$(cpu_ticks "$pid"); sleep 0.5; after=$(cpu_ticks "$pid")
+      # Clock ticks are hundredths of a second: over 2 in 0.5 s is over 5% of a core.
+      [ $((after - before)) -gt 2 ] && busy=1
+    done
+    [ "$busy" = 0 ] && break
+  done
+  [ $((SECONDS - start)) -gt 2 ] && echo "   (waited $((SECONDS - start)) s for the brokers to go idle)"
+  return 0
+}
+
 # run LABEL BROKER ARGS...: one scenario, its JSON line tagged and appended.
 run() {
   local label=$1 broker=$2; shift 2
   local line
+  settle
   if line=$(gen "$@" 2>/dev/null | tail -1) && [ -n "$line" ]; then
     python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["label"]=sys.argv[2]; d["target"]=sys.argv[3]; print(json.dumps(d))' "$line" "$label" "$broker" >> "$results"
     echo "   $broker $label: ok"

@@ -395,29 +395,39 @@ async fn fanout(
     }))
 }
 
-/// How many messages one member's reader received in each step.
-type Seen = Arc<std::sync::Mutex<Vec<u64>>>;
-
-/// Every reader's latencies, one histogram per step. A step makes its histogram before it
-/// starts publishing: one per member, made by the readers as the first messages came in,
-/// took about 150 KB each (150 MB to zero in rooms of 100 × 10) and held the generator's core for the first ~150 ms of every step.
-type Latencies = Arc<std::sync::Mutex<Vec<hdrhistogram::Histogram<u64>>>>;
-
-/// An empty histogram of end-to-end latencies: 1 µs to 60 s, three significant digits.
-fn latency_histogram() -> hdrhistogram::Histogram<u64> {
-    hdrhistogram::Histogram::new_with_bounds(1_000, 60_000_000_000, 3).expect("valid bounds")
+/// What every reader together saw in one step: deliveries and their latencies.
+///
+/// A step makes its tally before it starts publishing. (One histogram per member, made by
+/// the readers as the first messages came in, took about 150 KB each, 150 MB to zero in
+/// rooms of 100 × 10, and held the generator's core for the first ~150 ms of every step.)
+struct StepTally {
+    received: u64,
+    latency: hdrhistogram::Histogram<u64>,
 }
+
+impl StepTally {
+    fn new() -> StepTally {
+        StepTally {
+            received: 0,
+            // 1 µs to 60 s, three significant digits.
+            latency: hdrhistogram::Histogram::new_with_bounds(1_000, 60_000_000_000, 3)
+                .expect("valid bounds"),
+        }
+    }
+}
+
+/// The tallies of the steps so far, shared by every reader.
+type Tallies = Arc<std::sync::Mutex<Vec<StepTally>>>;
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A room member as the steps see it: its room, its writing half (lent to each step's
-/// publishing task and handed back), and what its reader saw.
+/// A room member as the steps see it: its room, and its writing half (lent to each step's
+/// publishing task and handed back).
 struct Member {
     room: usize,
     writer: Option<WireWriter>,
-    seen: Seen,
 }
 
 async fn rooms(
@@ -430,7 +440,7 @@ async fn rooms(
     let epoch = Instant::now();
     let mut members = Vec::new();
     let mut readers = Vec::new();
-    let latencies = Latencies::default();
+    let tallies = Tallies::default();
     for room in 0..args.rooms {
         for _ in 0..args.members {
             let (mut reader, mut writer) = open(&target, options).await?;
@@ -440,9 +450,7 @@ async fn rooms(
                 &format!("/topic/room.{tag}-{room}"),
             )
             .await?;
-            let seen: Seen = Arc::default();
-            let reader_seen = seen.clone();
-            let latencies = latencies.clone();
+            let tallies = tallies.clone();
             readers.push(tokio::spawn(async move {
                 while let Ok(m) = reader.next().await {
                     let (Some(sent), Some(step)) = (m.header("x-sent"), m.header("x-step")) else {
@@ -452,22 +460,16 @@ async fn rooms(
                         continue;
                     };
                     let latency = epoch.elapsed().as_nanos().saturating_sub(sent);
-                    {
-                        let mut seen = lock(&reader_seen);
-                        if seen.len() <= step {
-                            seen.resize(step + 1, 0);
-                        }
-                        seen[step] += 1;
-                    }
-                    if let Some(h) = lock(&latencies).get_mut(step) {
-                        let _ = h.record(u64::try_from(latency).unwrap_or(u64::MAX).max(1_000));
+                    if let Some(tally) = lock(&tallies).get_mut(step) {
+                        tally.received += 1;
+                        let latency = u64::try_from(latency).unwrap_or(u64::MAX).max(1_000);
+                        let _ = tally.latency.record(latency);
                     }
                 }
             }));
             members.push(Member {
                 room,
                 writer: Some(writer),
-                seen,
             });
         }
     }
@@ -475,8 +477,8 @@ async fn rooms(
     let mut rate = args.rate;
     let mut best_under_50ms = None;
     for step in 0.. {
-        lock(&latencies).push(latency_histogram());
-        let result = rooms_step(&mut members, &latencies, &args, &tag, epoch, step, rate).await?;
+        lock(&tallies).push(StepTally::new());
+        let result = rooms_step(&mut members, &tallies, &args, &tag, epoch, step, rate).await?;
         let p99_ms = result["p99_ms"].as_f64().unwrap_or(f64::MAX);
         let lost = result["lost"].as_u64().unwrap_or(u64::MAX);
         let ok = p99_ms <= 50.0 && lost == 0;
@@ -523,7 +525,7 @@ async fn rooms(
 /// stragglers and summarises what the readers saw for this step.
 async fn rooms_step(
     members: &mut [Member],
-    latencies: &Latencies,
+    tallies: &Tallies,
     args: &RoomsArgs,
     tag: &str,
     epoch: Instant,
@@ -584,20 +586,16 @@ async fn rooms_step(
     let mut last_change = Instant::now();
     while received < expected && last_change.elapsed() < Duration::from_secs(1) {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let now: u64 = members
-            .iter()
-            .map(|m| lock(&m.seen).get(step).copied().unwrap_or(0))
-            .sum();
+        let now = lock(tallies).get(step).map_or(0, |t| t.received);
         if now != received {
             received = now;
             last_change = Instant::now();
         }
     }
-    let merged = lock(latencies)
+    let latency = lock(tallies)
         .get(step)
-        .cloned()
-        .unwrap_or_else(latency_histogram);
-    let ms = |q: f64| merged.value_at_quantile(q) as f64 / 1e6;
+        .map_or_else(|| StepTally::new().latency, |t| t.latency.clone());
+    let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1e6;
     Ok(serde_json::json!({
         "step": step,
         "target_deliveries_per_sec": rate,
@@ -609,7 +607,7 @@ async fn rooms_step(
         "p90_ms": ms(0.9),
         "p99_ms": ms(0.99),
         "p999_ms": ms(0.999),
-        "max_ms": merged.max() as f64 / 1e6,
+        "max_ms": latency.max() as f64 / 1e6,
         "cpu_percent": cpu,
     }))
 }

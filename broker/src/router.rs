@@ -183,7 +183,7 @@ impl KeptMessage {
     }
 
     /// The `(name, value)` pairs in order.
-    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+    pub fn headers(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + '_ {
         self.headers.iter()
     }
 
@@ -244,16 +244,18 @@ impl PackedHeaders {
     }
 
     /// The `(name, value)` pairs in order.
-    fn iter(&self) -> impl Iterator<Item = (&str, &str)> + Clone + '_ {
-        let starts = std::iter::once(0).chain(self.ends.iter().map(|&(_, end)| end));
-        starts
-            .zip(self.ends.iter())
-            .map(|(start, &(name_end, end))| {
-                // The offsets were taken between whole strings pushed above.
-                let name = self.text.get(start..name_end).unwrap_or_default();
-                let value = self.text.get(name_end..end).unwrap_or_default();
-                (name, value)
-            })
+    fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + Clone + '_ {
+        self.ends.iter().enumerate().map(|(i, &(name_end, end))| {
+            // A header starts where the one before it ended.
+            let start = i
+                .checked_sub(1)
+                .and_then(|before| self.ends.get(before))
+                .map_or(0, |&(_, end)| end);
+            // The offsets were taken between whole strings pushed above.
+            let name = self.text.get(start..name_end).unwrap_or_default();
+            let value = self.text.get(name_end..end).unwrap_or_default();
+            (name, value)
+        })
     }
 }
 

@@ -302,7 +302,7 @@ fn room_messages_into_chunks(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result
     let mut insert = tx.prepare(
         "INSERT INTO room_chunks (room, first_seq, last_seq, messages) VALUES (?1, ?2, ?3, ?4)",
     )?;
-    let mut current: Option<(String, ChunkWriter, usize)> = None;
+    let mut current: Option<(String, ChunkWriter)> = None;
     let mut rows = select.query([])?;
     while let Some(row) = rows.next()? {
         let (room, seq, message_id, headers, body) = kept_row(row)?;
@@ -311,20 +311,19 @@ fn room_messages_into_chunks(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result
         })?;
         let full = current
             .as_ref()
-            .is_some_and(|(name, _, n)| *name != room || *n == MIGRATED_CHUNK);
-        if full && let Some((name, chunk, _)) = current.take() {
+            .is_some_and(|(name, chunk)| *name != room || chunk.len() == MIGRATED_CHUNK);
+        if full && let Some((name, chunk)) = current.take() {
             insert_chunk(&mut insert, &name, &chunk)?;
         }
-        let (_, chunk, n) = current.get_or_insert_with(|| (room, ChunkWriter::new(), 0));
+        let (_, chunk) = current.get_or_insert_with(|| (room, ChunkWriter::new()));
         chunk.push(
             u64::try_from(seq).unwrap_or(0),
             u64::try_from(message_id).unwrap_or(0),
             headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
             &body,
         );
-        *n += 1;
     }
-    if let Some((name, chunk, _)) = current {
+    if let Some((name, chunk)) = current {
         insert_chunk(&mut insert, &name, &chunk)?;
     }
     tx.execute_batch("DROP TABLE room_messages;")
@@ -375,7 +374,6 @@ fn write_loop(mut conn: Connection, mut index: ChunkIndex, rx: Receiver<Op>, pat
 
 /// One room's messages in a batch.
 struct RoomRun {
-    room: Arc<str>,
     chunk: ChunkWriter,
     keep: usize,
 }
@@ -386,8 +384,7 @@ fn write_batch(
     batch: Vec<Op>,
     acks: &mut Vec<SyncSender<()>>,
 ) -> rusqlite::Result<()> {
-    let mut runs: Vec<RoomRun> = Vec::new();
-    let mut run_of: HashMap<Arc<str>, usize> = HashMap::new();
+    let mut runs: HashMap<Arc<str>, RoomRun> = HashMap::new();
     for op in batch {
         match op {
             Op::Room {
@@ -395,52 +392,46 @@ fn write_batch(
                 seq,
                 message,
                 keep,
-            } => {
-                let i = *run_of.entry(room.clone()).or_insert_with(|| {
-                    runs.push(RoomRun {
-                        room,
-                        chunk: ChunkWriter::new(),
-                        keep,
-                    });
-                    runs.len() - 1
-                });
-                if let Some(run) = runs.get_mut(i) {
-                    run.chunk
-                        .push(seq, message.message_id(), message.headers(), message.body());
-                }
-            }
+            } => runs
+                .entry(room)
+                .or_insert_with(|| RoomRun {
+                    chunk: ChunkWriter::new(),
+                    keep,
+                })
+                .chunk
+                .push(seq, message.message_id(), message.headers(), message.body()),
             Op::Flush(ack) => acks.push(ack),
         }
     }
     let tx = conn.transaction()?;
-    // Per run: the new row's id and last seq, and how many of the room's oldest rows went.
+    // Per room: the new row's id and last seq, and how many of its oldest rows went.
     let mut written = Vec::with_capacity(runs.len());
     {
         let mut insert = tx.prepare_cached(
             "INSERT INTO room_chunks (room, first_seq, last_seq, messages) VALUES (?1, ?2, ?3, ?4)",
         )?;
         let mut delete = tx.prepare_cached("DELETE FROM room_chunks WHERE id = ?1")?;
-        for run in &runs {
-            insert_chunk(&mut insert, &run.room, &run.chunk)?;
+        for (room, run) in runs {
+            insert_chunk(&mut insert, &room, &run.chunk)?;
             let (_, last) = run.chunk.seqs();
             let id = tx.last_insert_rowid();
             // A row goes once every message in it is older than the newest `keep`.
             let below = last.saturating_sub(run.keep as u64);
             let mut dropped = 0;
-            for &(old, old_last) in index.get(&run.room).into_iter().flatten() {
+            for &(old, old_last) in index.get(&room).into_iter().flatten() {
                 if old_last > below {
                     break;
                 }
                 delete.execute(params![old])?;
                 dropped += 1;
             }
-            written.push((id, last, dropped));
+            written.push((room, id, last, dropped));
         }
     }
     tx.commit()?;
     // Committed: now the index may follow (on an error it still matches the database).
-    for (run, (id, last, dropped)) in runs.into_iter().zip(written) {
-        let rows = index.entry(run.room).or_default();
+    for (room, id, last, dropped) in written {
+        let rows = index.entry(room).or_default();
         rows.drain(..dropped);
         rows.push_back((id, last));
     }
@@ -644,36 +635,38 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A database of the schema as it was at version 2, holding `messages` (room, seq).
+    fn version_2_database(dir: &Path, messages: impl IntoIterator<Item = (&'static str, i64)>) {
+        let mut conn = open_connection(&dir.join("stoa.db")).unwrap();
+        let tx = conn.transaction().unwrap();
+        for migration in &MIGRATIONS[..2] {
+            let Migration::Sql(sql) = migration else {
+                panic!("versions 1 and 2 are SQL");
+            };
+            tx.execute_batch(sql).unwrap();
+        }
+        tx.pragma_update(None, "user_version", 2).unwrap();
+        for (room, seq) in messages {
+            let headers = r#"[["destination","/topic/room.x"],["x-seq","?"]]"#;
+            tx.execute(
+                "INSERT INTO room_messages VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    room,
+                    seq,
+                    100 + seq,
+                    headers,
+                    format!("{room}{seq}").as_bytes()
+                ],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
     #[test]
     fn rows_of_the_one_message_per_row_schema_move_into_chunks() {
         let dir = temp_dir("chunks");
-        {
-            // The schema as it was at version 2, with history in it.
-            let mut conn = open_connection(&dir.join("stoa.db")).unwrap();
-            let tx = conn.transaction().unwrap();
-            for migration in &MIGRATIONS[..2] {
-                let Migration::Sql(sql) = migration else {
-                    panic!("versions 1 and 2 are SQL");
-                };
-                tx.execute_batch(sql).unwrap();
-            }
-            tx.pragma_update(None, "user_version", 2).unwrap();
-            for (room, seq) in [("a", 1), ("a", 2), ("b", 7), ("a", 3)] {
-                let headers = r#"[["destination","/topic/room.x"],["x-seq","?"]]"#;
-                tx.execute(
-                    "INSERT INTO room_messages VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![
-                        room,
-                        seq,
-                        100 + seq,
-                        headers,
-                        format!("{room}{seq}").as_bytes()
-                    ],
-                )
-                .unwrap();
-            }
-            tx.commit().unwrap();
-        }
+        version_2_database(&dir, [("a", 1), ("a", 2), ("b", 7), ("a", 3)]);
         let store = SqliteStore::open(&dir).unwrap();
         let rooms = store.load_rooms(10).unwrap();
         assert_eq!(rooms.len(), 2);
@@ -696,6 +689,26 @@ mod tests {
         store.append_room(&a, 4, &kept(4, "a4"), 1);
         store.flush();
         assert_eq!(rows(&store), 2, "a's moved row dropped, b's kept");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_long_history_moves_into_chunks_of_at_most_migrated_chunk() {
+        let dir = temp_dir("long");
+        let n = i64::try_from(MIGRATED_CHUNK).unwrap() + 5;
+        version_2_database(&dir, (1..=n).map(|seq| ("c", seq)));
+        let store = SqliteStore::open(&dir).unwrap();
+        let conn = store.reader().unwrap();
+        let spans: Vec<(i64, i64)> = conn
+            .prepare("SELECT first_seq, last_seq FROM room_chunks ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(spans, [(1, n - 5), (n - 4, n)]);
+        let rooms = store.load_rooms(usize::MAX).unwrap();
+        assert_eq!(seqs(&rooms[0].1), (1..=n as u64).collect::<Vec<_>>());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

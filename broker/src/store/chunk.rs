@@ -34,6 +34,7 @@ pub enum ChunkError {
 #[derive(Debug)]
 pub struct ChunkWriter {
     bytes: Vec<u8>,
+    messages: usize,
     first_seq: u64,
     last_seq: u64,
 }
@@ -43,6 +44,7 @@ impl ChunkWriter {
     pub fn new() -> ChunkWriter {
         ChunkWriter {
             bytes: vec![FORMAT],
+            messages: 0,
             first_seq: 0,
             last_seq: 0,
         }
@@ -53,29 +55,27 @@ impl ChunkWriter {
         &mut self,
         seq: u64,
         message_id: u64,
-        headers: impl Iterator<Item = (&'a str, &'a str)>,
+        headers: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
         body: &[u8],
     ) {
-        if self.bytes.len() == 1 {
+        if self.messages == 0 {
             self.first_seq = seq;
         }
+        self.messages += 1;
         self.last_seq = seq;
         self.bytes.extend_from_slice(&seq.to_le_bytes());
         self.bytes.extend_from_slice(&message_id.to_le_bytes());
-        // The count goes before the headers: written once they are counted.
-        let count_at = self.bytes.len();
-        put_len(&mut self.bytes, 0);
-        let mut count = 0;
+        put_len(&mut self.bytes, headers.len());
         for (name, value) in headers {
             put_bytes(&mut self.bytes, name.as_bytes());
             put_bytes(&mut self.bytes, value.as_bytes());
-            count += 1;
-        }
-        let count = u32::try_from(count).unwrap_or(u32::MAX).to_le_bytes();
-        if let Some(slot) = self.bytes.get_mut(count_at..count_at + 4) {
-            slot.copy_from_slice(&count);
         }
         put_bytes(&mut self.bytes, body);
+    }
+
+    /// How many messages it holds.
+    pub fn len(&self) -> usize {
+        self.messages
     }
 
     /// The seq of the first and of the last message.
@@ -165,15 +165,24 @@ impl Reader<'_> {
         usize::try_from(len).ok()
     }
 
-    fn slice(&mut self) -> Option<Bytes> {
+    /// The range of the next length-prefixed field.
+    fn field(&mut self) -> Option<std::ops::Range<usize>> {
         let len = self.len()?;
-        let range = self.take(len)?;
+        self.take(len)
+    }
+
+    fn slice(&mut self) -> Option<Bytes> {
+        let range = self.field()?;
         Some(self.chunk.slice(range))
     }
 
     fn text(&mut self, message: usize) -> Result<String, ChunkError> {
-        let bytes = self.slice().ok_or(ChunkError::Truncated(message))?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| ChunkError::NotUtf8(message))
+        let bytes = self
+            .field()
+            .and_then(|range| self.chunk.get(range))
+            .ok_or(ChunkError::Truncated(message))?;
+        let text = std::str::from_utf8(bytes).map_err(|_| ChunkError::NotUtf8(message))?;
+        Ok(text.to_owned())
     }
 }
 
@@ -203,7 +212,7 @@ mod tests {
             (8, &[], b""),
             (9, &[("x-event", "join")], &[0, 159, 146, 150]),
         ]);
-        assert_eq!(chunk.seqs(), (7, 9));
+        assert_eq!((chunk.seqs(), chunk.len()), ((7, 9), 3));
         let read = read_chunk(&Bytes::copy_from_slice(chunk.bytes())).unwrap();
         assert_eq!(read.len(), 3);
         assert_eq!((read[0].seq, read[0].message_id), (7, 107));

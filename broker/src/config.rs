@@ -82,7 +82,8 @@ pub struct Config {
     #[arg(long, env = "STOA_HEART_BEAT_TOLERANCE", default_value_t = 3)]
     pub heart_beat_tolerance: u32,
 
-    /// Milliseconds a new connection has to send CONNECT.
+    /// Milliseconds a new connection has to send CONNECT; on the HTTP port, also the time
+    /// each request's head may take (a silent or idle HTTP connection is closed after it).
     #[arg(long, env = "STOA_CONNECT_TIMEOUT_MS", default_value_t = 30_000)]
     pub connect_timeout_ms: u64,
 

@@ -9,10 +9,15 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
+use axum::Router;
+use axum::extract::connect_info::IntoMakeServiceWithConnectInfo;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
+use tower_service::Service as _;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
@@ -89,21 +94,12 @@ pub async fn run(
         shutdown: stop_rx.clone(),
         tracker: tracker.clone(),
     });
-    let mut http_stop = stop_rx.clone();
-    let http_task = tokio::spawn(async move {
-        let service = app.into_make_service_with_connect_info::<SocketAddr>();
-        // Frames are written whole and in batches: Nagle's delay (with the peer's delayed
-        // ACK, tens of milliseconds) would only add latency.
-        let http = http.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let serve = axum::serve(http, service).with_graceful_shutdown(async move {
-            let _ = http_stop.changed().await;
-        });
-        if let Err(e) = serve.await {
-            warn!("http server stopped: {e}");
-        }
-    });
+    let http_task = tokio::spawn(serve_http(
+        http,
+        app,
+        stop_rx.clone(),
+        broker.config.connect_timeout(),
+    ));
     let pace_broker = broker.clone();
     let pace_stop = stop_rx.clone();
     tokio::spawn(async move {
@@ -134,6 +130,62 @@ pub async fn run(
     let store_broker = broker.clone();
     let _ = tokio::task::spawn_blocking(move || store_broker.router.flush_store()).await;
     Ok(())
+}
+
+/// Serves HTTP/1.1 (the page, the API and WebSocket upgrades) until `stop` changes; then
+/// each connection finishes the request in hand and closes. A connection has `head_timeout`
+/// to send each request's head, its first included: a silent socket, a request that never
+/// ends or an idle keep-alive does not hold a file descriptor for ever.
+async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    mut stop: watch::Receiver<bool>,
+    head_timeout: std::time::Duration,
+) {
+    let mut make_service: IntoMakeServiceWithConnectInfo<Router, SocketAddr> =
+        app.into_make_service_with_connect_info();
+    let connections = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    debug!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        // Frames are written whole and in batches: Nagle's delay (with the peer's delayed
+        // ACK, tens of milliseconds) would only add latency.
+        let _ = stream.set_nodelay(true);
+        // Infallible: the router with the peer's address for `ConnectInfo`.
+        let Ok(service) = make_service.call(peer).await;
+        let mut stop = stop.clone();
+        connections.spawn(async move {
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(head_timeout);
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+                .with_upgrades();
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                _ = stop.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = served {
+                debug!(%peer, "http connection ended: {e}");
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
 }
 
 fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ServerError> {

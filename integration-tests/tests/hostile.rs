@@ -462,3 +462,63 @@ async fn a_client_that_never_connects_is_dropped_with_an_error() {
     conn.expect_error_then_close("no CONNECT within 300 ms")
         .await;
 }
+
+/// Reads from a raw HTTP connection until the broker closes it; what it said before.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut said = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut said),
+    );
+    match read.await {
+        Ok(Ok(_)) => said,
+        Ok(Err(e)) => panic!("reading until the close failed: {e}"),
+        Err(_) => panic!("still open after 10 s; it said {said:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_http_connection_gets_the_connect_timeout_for_each_request_head() {
+    use tokio::io::AsyncWriteExt;
+    let broker = Broker::start(&["--connect-timeout-ms", "300"]);
+    let started = std::time::Instant::now();
+    // Nothing at all; half a request head; a whole request, then an idle keep-alive.
+    let mut silent = tokio::net::TcpStream::connect(broker.http).await.unwrap();
+    let mut half = tokio::net::TcpStream::connect(broker.http).await.unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: stoa\r\n")
+        .await
+        .unwrap();
+    let mut idle = tokio::net::TcpStream::connect(broker.http).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: stoa\r\n\r\n")
+        .await
+        .unwrap();
+    // A WebSocket session is past its request head: it stays, as silent as the others.
+    let mut member = Conn::open(&broker, Transport::Ws).await;
+    member.login("carol").await;
+    member.subscribe("0", "/topic/watched").await;
+
+    assert_eq!(read_until_closed(&mut silent).await, b"");
+    assert_eq!(read_until_closed(&mut half).await, b"");
+    let answered = String::from_utf8(read_until_closed(&mut idle).await).unwrap();
+    assert!(
+        answered.starts_with("HTTP/1.1 200") && answered.ends_with("ok\n"),
+        "the request before the idle time was answered: {answered:?}"
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(300),
+        "closed before the timeout: {:?}",
+        started.elapsed()
+    );
+
+    let mut sender = Conn::open(&broker, Transport::Tcp).await;
+    sender.login("dave").await;
+    sender
+        .send_with_receipt(
+            &frame("SEND", &[("destination", "/topic/watched")]).with_body("still here"),
+            "s1",
+        )
+        .await;
+    let got = member.expect_frame().await;
+    assert_eq!(got.body.as_ref(), b"still here");
+}

@@ -47,9 +47,11 @@ cli=target/release/stoa-cli
 
 # start_stoa LOG: a fresh stoa on free ports, pinned to CPU 0; sets stoa_pid, stoa_http,
 # stoa_stomp.
+data_dirs=()
 start_stoa() {
   local log=$1 data
   data=$(mktemp -d)
+  data_dirs+=("$data")
   # Started on CPU 0, so that it sizes its runtime to the one core it has.
   taskset -c 0 target/release/stoa --http-listen 127.0.0.1:0 --stomp-listen 127.0.0.1:0 --data-dir "$data" > "$log" 2>&1 &
   stoa_pid=$!
@@ -62,7 +64,10 @@ start_stoa() {
 echo "==> stoa"
 start_stoa "$out/stoa.log"
 main_stoa=$stoa_pid
-trap 'kill $main_stoa 2>/dev/null || true' EXIT
+# stop_stoa PID: stops one of the stoas this script started and waits for it to exit.
+stop_stoa() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# The brokers' data directories go with the script, however it ends.
+trap 'stop_stoa $main_stoa; rm -rf "${data_dirs[@]}"' EXIT
 
 # One core each: the broker on CPU 0, the generator on CPU 1.
 gen() { taskset -c 1 timeout 600 "$cli" --connect-timeout 120 "$@"; }
@@ -122,7 +127,12 @@ for run_no in $(seq 1 "$RUNS"); do
   # reuses freed memory and would look cheaper than it is. Rooms of 10, as above.
   start_stoa "$out/stoa-conns.log"
   run conns-19000 stoa --url "ws://$stoa_http/ws" bench conns --connections 19000 --pid "$stoa_pid"
-  kill "$stoa_pid"
+  stop_stoa "$stoa_pid"
+  # The same with one connection per room: each join notice reaches only its joiner. The
+  # difference is what DESIGN.md's join notices to the other members cost.
+  start_stoa "$out/stoa-conns-alone.log"
+  run conns-19000-alone stoa --url "ws://$stoa_http/ws" bench conns --connections 19000 --rooms 19000 --pid "$stoa_pid"
+  stop_stoa "$stoa_pid"
   fresh_rabbit
   run conns-5000 rabbitmq "${rabbit_ws[@]}" bench conns --connections 5000 --parallel 32 --pid "$rabbit_pid"
   fresh_rabbit

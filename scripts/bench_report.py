@@ -45,6 +45,7 @@ metric_rows = [
     ("rooms 100 × 10 at 100,000 deliveries/s: p99", "rooms-100k", "p99_ms", "ms", False, 2),
     ("19,000 WebSocket connections, each in a room of 10: connects", "conns-19000", "connects_per_sec", "connects/s", True, 0),
     ("19,000 WebSocket connections: broker memory each", "conns-19000", "broker_kib_per_connection", "KiB", False, 1),
+    ("19,000 WebSocket connections, one per room (no join notice to others): connects", "conns-19000-alone", "connects_per_sec", "connects/s", True, 0),
     ("5,000 WebSocket connections, each in a room of 10: connects", "conns-5000", "connects_per_sec", "connects/s", True, 0),
     ("5,000 WebSocket connections: broker memory each", "conns-5000", "broker_kib_per_connection", "KiB", False, 1),
 ]

@@ -144,30 +144,20 @@ async fn serve_http(
 ) {
     let mut make_service: IntoMakeServiceWithConnectInfo<Router, SocketAddr> =
         app.into_make_service_with_connect_info();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout);
     let connections = TaskTracker::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.changed() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    debug!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, peer)) = next_accepted(&listener, &mut stop).await {
         // Frames are written whole and in batches: Nagle's delay (with the peer's delayed
         // ACK, tens of milliseconds) would only add latency.
         let _ = stream.set_nodelay(true);
         // Infallible: the router with the peer's address for `ConnectInfo`.
         let Ok(service) = make_service.call(peer).await;
         let mut stop = stop.clone();
+        let builder = builder.clone();
         connections.spawn(async move {
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(head_timeout);
             let connection = builder
                 .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
                 .with_upgrades();
@@ -208,18 +198,28 @@ async fn accept_tcp(
     mut stop: watch::Receiver<bool>,
     tracker: TaskTracker,
 ) {
+    while let Some((stream, peer)) = next_accepted(&listener, &mut stop).await {
+        spawn_tcp(stream, peer, &broker, &stop, &tracker);
+    }
+}
+
+/// The next accepted connection, or `None` once `stop` changes. A failed accept (out of
+/// file descriptors and the like) is retried after 10 ms: the connections we have are
+/// still served meanwhile.
+async fn next_accepted(
+    listener: &TcpListener,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, SocketAddr)> {
     loop {
-        let accepted = tokio::select! {
-            _ = stop.changed() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => spawn_tcp(stream, peer, &broker, &stop, &tracker),
-            // Out of file descriptors and the like: keep serving the connections we have.
-            Err(e) => {
-                debug!("accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
+        tokio::select! {
+            _ = stop.changed() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(e) => {
+                    debug!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            },
         }
     }
 }

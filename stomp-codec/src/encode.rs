@@ -194,17 +194,15 @@ impl SharedMessage {
             .clone()
             .map(|(name, value)| header_len(name, value, escaping))
             .sum();
-        let mut digits = itoa::Buffer::new();
-        let length = digits.format(body.len());
+        let length_digits = itoa::Buffer::new().format(body.len()).len();
         let mut tail = BytesMut::with_capacity(
-            headers_len + b"content-length:\n\n".len() + length.len() + body.len() + 1,
+            headers_len + b"content-length:\n\n".len() + length_digits + body.len() + 1,
         );
         for (name, value) in headers {
             put_header(&mut tail, name, value, escaping);
         }
-        tail.put_slice(b"content-length:");
-        tail.put_slice(length.as_bytes());
-        tail.put_slice(b"\n\n");
+        put_content_length(&mut tail, body.len());
+        tail.put_u8(b'\n');
         tail.put_slice(body);
         tail.put_u8(0);
         SharedMessage {
@@ -345,5 +343,25 @@ mod tests {
             shared.encoded_len(&[("subscription", "s:1"), ("ack", "42")])
         );
         assert_eq!(got.freeze(), encode_to_bytes(&whole, Version::V1_1));
+    }
+
+    #[test]
+    fn a_shared_part_is_allocated_at_exactly_its_size() {
+        // Escaped headers and bodies of one to five length digits: the block a room's
+        // history keeps has no spare room.
+        for body_len in [0, 9, 10, 999, 12_345] {
+            for version in [Version::V1_0, Version::V1_2] {
+                let body = vec![b'x'; body_len];
+                let shared = SharedMessage::new(
+                    version,
+                    [("destination", "/topic/a:b\\c\nd"), ("x-seq", "12")],
+                    &body,
+                );
+                let tail = shared.tail().clone();
+                drop(shared);
+                let block = tail.try_into_mut().expect("the only handle to the block");
+                assert_eq!(block.capacity(), block.len(), "{version} body {body_len}");
+            }
+        }
     }
 }

@@ -99,9 +99,29 @@ pub struct Config {
     #[arg(long, env = "STOA_ROOM_HISTORY", default_value_t = 10_000)]
     pub room_history: usize,
 
+    /// Bytes of messages kept per chat room (as counted in memory: headers, body and a
+    /// little bookkeeping); past it, the room's oldest kept messages go first.
+    #[arg(long, env = "STOA_ROOM_HISTORY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub room_history_bytes: usize,
+
+    /// Bytes of messages kept by all chat rooms together; past it, the oldest kept messages
+    /// of all rooms go first, down to 15/16 of it.
+    #[arg(long, env = "STOA_HISTORY_TOTAL_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub history_total_bytes: usize,
+
+    /// Bytes of room messages handed to the history store and not yet taken by its writer;
+    /// past it, connections are not read until the store catches up (back-pressure).
+    #[arg(long, env = "STOA_STORE_PENDING_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub store_pending_bytes: usize,
+
     /// Messages that may wait for one offline user's queue (`/user/<user>/queue/<name>`).
     #[arg(long, env = "STOA_USER_QUEUE_LIMIT", default_value_t = 10_000)]
     pub user_queue_limit: usize,
+
+    /// Bytes of bodies that may wait for one offline user's queue; a SEND past it (or past
+    /// --user-queue-limit) gets ERROR.
+    #[arg(long, env = "STOA_USER_QUEUE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub user_queue_bytes: usize,
 
     /// Most messages (ready and unacknowledged) one durable queue holds; a SEND past it
     /// gets ERROR "queue ... is full".
@@ -213,7 +233,11 @@ impl Config {
             ("read-buffer-bytes", self.read_buffer_bytes),
             ("listen-backlog", self.listen_backlog as usize),
             ("room-history", self.room_history),
+            ("room-history-bytes", self.room_history_bytes),
+            ("history-total-bytes", self.history_total_bytes),
+            ("store-pending-bytes", self.store_pending_bytes),
             ("user-queue-limit", self.user_queue_limit),
+            ("user-queue-bytes", self.user_queue_bytes),
             ("queue-max-messages", self.queue_max_messages),
             ("queue-max-bytes", self.queue_max_bytes),
             ("max-unacked", self.max_unacked),

@@ -56,6 +56,14 @@ pub trait Transport: Send {
     /// Writes every frame of `batch`, then flushes once.
     fn write(&mut self, batch: &[Outgoing]) -> impl Future<Output = io::Result<()>> + Send;
 
+    /// Like `write`, reading and dropping whatever the peer sends meanwhile: when the
+    /// connection ends, a peer still busy writing (and not reading until it is done) must
+    /// not hold back its last frames, its ERROR above all.
+    fn write_discarding(
+        &mut self,
+        batch: &[Outgoing],
+    ) -> impl Future<Output = io::Result<()>> + Send;
+
     /// Writes one heart-beat EOL.
     fn heart_beat(&mut self) -> impl Future<Output = io::Result<()>> + Send;
 
@@ -99,14 +107,23 @@ const FEW: usize = 4;
 
 /// Why writing the outbox stopped.
 enum Flush {
-    /// The socket broke or the write timed out.
+    /// The socket broke.
     Io(io::Error),
+    /// A batch could not be written in time: the client reads nothing.
+    TimedOut,
     /// A producer was refused: the client does not read fast enough.
     Slow,
 }
 
 /// How long a closing connection waits for the peer to read its last frames.
 pub const LINGER: Duration = Duration::from_secs(1);
+
+/// How often the broker beats on a connection whose negotiated interval is `interval`: a
+/// quarter early, so that a client checking at the interval plus a little (stompit allows
+/// about 100 ms) never sees a beat late when the machine is busy.
+pub fn beat_every(interval: Duration) -> Duration {
+    interval - interval / 4
+}
 
 enum Stop {
     /// DISCONNECT: flush, then close.
@@ -206,6 +223,9 @@ impl<T: Transport> Connection<T> {
         tokio::pin!(timer);
         // While set, queued frames wait for the coalescing window to pass (see pace.rs).
         let mut flush_at: Option<Instant> = None;
+        // While set, nothing is read: the history store is behind, and a client that keeps
+        // publishing would otherwise grow what waits for it without bound.
+        let mut paused = false;
         loop {
             tokio::select! {
                 biased;
@@ -223,11 +243,11 @@ impl<T: Transport> Connection<T> {
                         }
                     }
                     flush_at = None;
-                    if let Some(stop) = self.flush().await {
+                    if let Some(stop) = self.flush(Some(MAX_BATCHES_PER_WAKE)).await {
                         return stop;
                     }
                 }
-                read = self.transport.read(&mut self.read_buf) => match read {
+                read = self.transport.read(&mut self.read_buf), if !paused => match read {
                     Ok(true) => {
                         self.last_read = Instant::now();
                         let connected = self.session.is_connected();
@@ -238,6 +258,7 @@ impl<T: Transport> Connection<T> {
                             timer.as_mut().reset(self.deadline(flush_at));
                         }
                         self.reclaim_read_buffer();
+                        paused = self.broker.router.store_pending().is_over();
                     }
                     Ok(false) => return Stop::Gone,
                     Err(TransportError::Io(e)) => {
@@ -246,11 +267,16 @@ impl<T: Transport> Connection<T> {
                     }
                     Err(TransportError::Protocol(error)) => return Stop::Reject(error.into()),
                 },
+                () = self.broker.router.store_pending().until_under(), if paused => {
+                    paused = false;
+                    // The client was not read meanwhile: its silence is the broker's doing.
+                    self.last_read = Instant::now();
+                }
                 () = &mut timer => {
                     let now = Instant::now();
                     if flush_at.is_some_and(|at| now >= at) {
                         flush_at = None;
-                        if let Some(stop) = self.flush().await {
+                        if let Some(stop) = self.flush(Some(MAX_BATCHES_PER_WAKE)).await {
                             return stop;
                         }
                     }
@@ -281,13 +307,19 @@ impl<T: Transport> Connection<T> {
         flush_at.map_or(check, |at| at.min(check))
     }
 
-    /// Writes the outbox; the reason to stop, if writing failed.
-    async fn flush(&mut self) -> Option<Stop> {
+    /// Writes the outbox, at most `batches` batches (all of it if `None`); the reason to
+    /// stop, if writing failed.
+    async fn flush(&mut self, batches: Option<usize>) -> Option<Stop> {
         // Boxed, like the timer's and the final futures: an idle connection's task then
         // holds only what waiting needs (see docs/PERFORMANCE.md).
-        match Box::pin(self.flush_outbox()).await {
+        match Box::pin(self.flush_outbox(batches)).await {
             Ok(()) => None,
             Err(Flush::Slow) => Some(self.slow_consumer()),
+            Err(Flush::TimedOut) => {
+                Metrics::add(&self.broker.metrics.slow_consumers, 1);
+                let ms = self.broker.config.write_timeout_ms;
+                Some(Stop::Reject(SessionError::WriteTimeout(ms).into()))
+            }
             Err(Flush::Io(e)) => {
                 debug!("write failed: {e}");
                 Some(Stop::Gone)
@@ -295,9 +327,14 @@ impl<T: Transport> Connection<T> {
         }
     }
 
-    /// Decodes and handles every whole frame in the read buffer.
+    /// Decodes and handles every whole frame in the read buffer, until one ends the
+    /// connection. A subscription cut as a slow consumer ends it too, before the next frame
+    /// is acted on: the cut came first, and its ERROR is the one the client gets.
     fn process_frames(&mut self) -> Option<Stop> {
         loop {
+            if self.outbox.is_slow() {
+                return Some(self.slow_consumer());
+            }
             let frame = match self.decoder.decode(&mut self.read_buf) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return None,
@@ -312,8 +349,8 @@ impl<T: Transport> Connection<T> {
                     receive_interval_ms,
                 }) => {
                     self.decoder.set_version(version);
-                    self.send_every =
-                        (send_interval_ms > 0).then(|| Duration::from_millis(send_interval_ms));
+                    self.send_every = (send_interval_ms > 0)
+                        .then(|| beat_every(Duration::from_millis(send_interval_ms)));
                     self.expect_every = (receive_interval_ms > 0)
                         .then(|| Duration::from_millis(receive_interval_ms));
                     info!(user = self.session.user(), %version, "stomp session open");
@@ -367,27 +404,25 @@ impl<T: Transport> Connection<T> {
     }
 
     fn slow_consumer(&self) -> Stop {
+        Stop::Reject(self.slow_consumer_error())
+    }
+
+    fn slow_consumer_error(&self) -> Rejected {
         Metrics::add(&self.broker.metrics.slow_consumers, 1);
-        Stop::Reject(SessionError::SlowConsumer(self.broker.config.outbox_bytes).into())
+        SessionError::SlowConsumer(self.broker.config.outbox_bytes).into()
     }
 
     /// Writes what is queued, batch by batch, recording deliveries that await an ACK. A write
     /// races the outbox: if a producer is refused while the socket is full, this stops at
     /// once rather than when the write times out.
-    async fn flush_outbox(&mut self) -> Result<(), Flush> {
-        // A few batches at most, so that reads are served too under a constant flood.
-        for _ in 0..MAX_BATCHES_PER_WAKE {
-            if self.outbox.is_slow() {
-                return Err(Flush::Slow);
-            }
-            self.batch.clear();
-            if self.outbox.take_all(&mut self.batch) == 0 {
+    async fn flush_outbox(&mut self, batches: Option<usize>) -> Result<(), Flush> {
+        // A few batches at most while the connection is open, so that reads are served too
+        // under a constant flood; everything when it ends.
+        let mut left = batches;
+        while left != Some(0) {
+            left = left.map(|n| n - 1);
+            if !self.take_batch()? {
                 return Ok(());
-            }
-            for item in &self.batch {
-                if let Outgoing::Message { ack: Some(tag), .. } = item {
-                    self.session.record_delivery(*tag);
-                }
             }
             // The pinned write borrows the batch: keep it to this block.
             {
@@ -403,7 +438,7 @@ impl<T: Transport> Connection<T> {
                                 result.map_err(Flush::Io)?;
                                 break;
                             }
-                            Err(_) => return Err(Flush::Io(io::Error::new(io::ErrorKind::TimedOut, "write timed out"))),
+                            Err(_) => return Err(Flush::TimedOut),
                         },
                         // More was queued meanwhile (the next round takes it), or a refusal.
                         () = outbox.notified() => {
@@ -432,8 +467,41 @@ impl<T: Transport> Connection<T> {
         Ok(())
     }
 
+    /// Takes the next batch from the outbox, recording its MESSAGEs that wait for an ACK
+    /// (or, `ack:auto` on a queue, are consumed once written); `false` when nothing waits.
+    fn take_batch(&mut self) -> Result<bool, Flush> {
+        if self.outbox.is_slow() {
+            return Err(Flush::Slow);
+        }
+        self.batch.clear();
+        if self.outbox.take_all(&mut self.batch) == 0 {
+            return Ok(false);
+        }
+        for item in &self.batch {
+            if let Outgoing::Message { ack: Some(tag), .. } = item {
+                self.session.record_delivery(*tag);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes out everything queued, dropping whatever the client sends meanwhile (the
+    /// connection is ending: nothing more is read).
+    async fn write_out(&mut self) -> Result<(), Flush> {
+        let timeout = self.broker.config.write_timeout();
+        while self.take_batch()? {
+            match tokio::time::timeout(timeout, self.transport.write_discarding(&self.batch)).await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(Flush::Io(e)),
+                Err(_) => return Err(Flush::TimedOut),
+            }
+        }
+        Ok(())
+    }
+
     async fn finish(&mut self, stop: Stop) {
-        let (error, kind) = match stop {
+        let (mut error, kind) = match stop {
             // The peer left or the socket broke: there is no one to write to.
             Stop::Gone => {
                 self.outbox.close();
@@ -457,19 +525,47 @@ impl<T: Transport> Connection<T> {
             ),
             Stop::Reject(rejected) => (Some(rejected), CloseKind::Error),
         };
-        let slow = error
-            .as_ref()
-            .is_some_and(|r| matches!(r.error, SessionError::SlowConsumer(_)));
-        // A slow consumer's backlog is what it cannot take: skip it and send only the ERROR
-        // (after any frame already half written, which stays whole). Otherwise replies to
-        // earlier frames (a DISCONNECT's RECEIPT) go out first.
-        let flushed = slow || self.flush_outbox().await.is_ok();
-        if let (true, Some(rejected)) = (flushed, &error) {
+        // Nothing is queued from here on. After DISCONNECT everything queued goes out, a
+        // replay included, so that its RECEIPT does too; after an error only the frames
+        // queued (RECEIPTs of earlier frames), then the ERROR; to a client cut for not
+        // reading, only the ERROR (after any frame already half written, which stays whole).
+        self.outbox.seal();
+        if error.is_some() {
+            self.outbox.drop_backlogs();
+        }
+        let cut = error.as_ref().is_some_and(|r| r.error.is_slow_consumer());
+        let writable = cut
+            || match self.write_out().await {
+                Ok(()) => true,
+                // The outbox overflowed before the end (the DISCONNECT came in the read
+                // that overflowed it, say), or the client stopped reading: skip the rest,
+                // and say why the connection ends.
+                Err(Flush::Slow) => {
+                    error = Some(self.slow_consumer_error());
+                    true
+                }
+                Err(Flush::TimedOut) => {
+                    Metrics::add(&self.broker.metrics.slow_consumers, 1);
+                    let ms = self.broker.config.write_timeout_ms;
+                    error = Some(SessionError::WriteTimeout(ms).into());
+                    true
+                }
+                Err(Flush::Io(e)) => {
+                    debug!("final write failed: {e}");
+                    false
+                }
+            };
+        let kind = if error.is_some() && kind == CloseKind::Normal {
+            CloseKind::Error
+        } else {
+            kind
+        };
+        if let (true, Some(rejected)) = (writable, &error) {
             info!(error = %rejected.error, "sending ERROR");
             let frame = rejected.error.to_error_frame(rejected.receipt.as_deref());
             let bytes = encode_to_bytes(&frame, self.session.version());
             let error_frame = [Outgoing::Frame(bytes)];
-            let write = self.transport.write(&error_frame);
+            let write = self.transport.write_discarding(&error_frame);
             if matches!(
                 tokio::time::timeout(self.broker.config.write_timeout(), write).await,
                 Ok(Ok(()))

@@ -62,6 +62,18 @@ pub struct QueueStore {
 
 /// Most operations in one commit.
 const BATCH: usize = 4096;
+/// Most bytes of bodies in one commit (the message that passes it included).
+const BATCH_BYTES: usize = 16 << 20;
+
+impl Op {
+    /// What it weighs in a batch: its body.
+    fn weight(&self) -> usize {
+        match self {
+            Op::Put { message, .. } => message.body.len(),
+            _ => 0,
+        }
+    }
+}
 
 impl QueueStore {
     /// Opens (creating) `queues.db` in `dir` and returns it with every message kept there.
@@ -170,7 +182,7 @@ fn load(conn: &Connection, path: &Path) -> Result<Vec<KeptQueue>, StoreError> {
 
 fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path) {
     // Group commit needs no lingering: publishers waiting for receipts keep it busy.
-    while let Some(batch) = next_batch(&rx, BATCH, None, |_| false) {
+    while let Some(batch) = next_batch(&rx, (BATCH, BATCH_BYTES), Op::weight, None, |_| false) {
         let mut receipts = Vec::new();
         let mut flushes = Vec::new();
         match write_batch(&mut conn, batch, &mut receipts, &mut flushes) {

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Path, State, WebSocketUpgrade};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use tokio::sync::watch;
@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::connection;
 use crate::services::check_room_name;
 use crate::state::Broker;
-use crate::transport::ws::{WsTransport, choose_subprotocol};
+use crate::transport::ws::{self, WsTransport};
 
 /// The chat page and its assets, embedded in the binary: no files needed at run time.
 const INDEX_HTML: &str = include_str!("../../web/index.html");
@@ -118,38 +118,39 @@ fn json_response(status: StatusCode, body: String) -> Response {
 async fn websocket(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    mut ws: WebSocketUpgrade,
+    mut request: Request,
 ) -> Response {
-    let chosen = {
-        let offered = ws.requested_protocols().filter_map(|p| p.to_str().ok());
-        choose_subprotocol(offered)
+    let upgrade = match ws::accept(&mut request) {
+        Ok(upgrade) => upgrade,
+        Err(refused) => return refused.response(),
     };
-    // Echo the chosen subprotocol: a browser that offered some and gets none back fails the
-    // handshake. A client that offered none (Spring's default) is accepted without one.
-    if let Some(version) = chosen {
-        ws.set_selected_protocol(HeaderValue::from_static(version.subprotocol()));
-    }
     let config = &state.broker.config;
     // One STOMP frame may arrive in several messages, or several frames in one: the
     // decoder enforces the frame limit; a message may hold at most one frame's worth more.
     let max_message = config.max_frame_bytes.saturating_add(64 * 1024);
-    let ws = ws
-        .read_buffer_size(config.read_buffer_bytes)
-        .write_buffer_size(64 * 1024)
-        .max_message_size(max_message)
-        .max_frame_size(max_message);
+    let ws_config = ws::config(config.read_buffer_bytes, max_message);
     let AppState {
         broker,
         shutdown,
         tracker,
     } = state;
-    ws.on_upgrade(move |socket| {
-        tracker.track_future(connection::serve(
-            WsTransport::new(socket, max_message),
+    let on_upgrade = upgrade.on_upgrade;
+    tracker.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(%peer, "websocket upgrade failed: {e}");
+                return;
+            }
+        };
+        connection::serve(
+            WsTransport::new(ws::open(upgraded, ws_config).await, max_message),
             broker,
             shutdown,
             peer.to_string(),
             "ws",
-        ))
-    })
+        )
+        .await;
+    });
+    upgrade.response
 }

@@ -1,13 +1,16 @@
 //! The bounded per-connection queue of frames waiting to be written.
 //!
 //! In: encoded frames offered by any task (the router fanning out a publish, the session
-//! answering its own client). Out: batches taken by the connection's writer, which writes
-//! them all and flushes once. Never blocks a producer: when the queued bytes would pass the
-//! limit, the offer is refused and the outbox turns *slow*, which closes the connection with
-//! ERROR "slow consumer".
+//! answering its own client), and [`Backlog`]s (replays) that make their frames when the
+//! writer reaches them. Out: batches taken by the connection's writer, which writes them all
+//! and flushes once. Never blocks a producer: when the queued bytes would pass the limit,
+//! the offer is refused and the outbox turns *slow*, which closes the connection with ERROR
+//! "slow consumer".
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -87,13 +90,63 @@ impl Mark {
     }
 }
 
+/// Frames made on demand and written at the pace of the client's socket: a room's replay, the
+/// direct messages that waited for their user. A backlog sits in the outbox in order with
+/// the frames around it; the writer pulls a batch from it whenever it reaches it, so however
+/// long it is, it never counts against the outbox's limit.
+pub trait Backlog: Send + fmt::Debug {
+    /// The connection-local number of the subscription it delivers to.
+    fn subscription(&self) -> u32;
+
+    /// Appends the next frames to `batch`, about `max_bytes` of them (at least one if any
+    /// is left); `false` once nothing is left.
+    fn fill(&mut self, batch: &mut Vec<Outgoing>, max_bytes: usize) -> bool;
+}
+
+/// Moves frames made from `items` into `batch` until about `max_bytes` were made (at least
+/// one if any is left); whether any is left: the usual [`Backlog::fill`].
+pub fn fill_from<T>(
+    items: &mut VecDeque<T>,
+    batch: &mut Vec<Outgoing>,
+    max_bytes: usize,
+    mut frame: impl FnMut(T) -> Outgoing,
+) -> bool {
+    let mut bytes = 0;
+    while bytes < max_bytes {
+        let Some(item) = items.pop_front() else {
+            break;
+        };
+        let made = frame(item);
+        bytes += made.len();
+        batch.push(made);
+    }
+    !items.is_empty()
+}
+
+/// About how many bytes the writer pulls from a backlog per batch.
+pub const BACKLOG_BATCH_BYTES: usize = 64 * 1024;
+
+#[derive(Debug)]
+enum Entry {
+    Frame(Outgoing),
+    Backlog(Box<dyn Backlog>),
+}
+
 #[derive(Debug, Default)]
 struct Inner {
-    queue: VecDeque<Outgoing>,
+    queue: VecDeque<Entry>,
+    /// Bytes of the frames in `queue` (backlogs count nothing).
     bytes: usize,
     /// Replies to the client's own frames among `queue`: never held for coalescing.
     replies: usize,
-    slow: bool,
+    /// Backlogs in `queue`, and the one the writer may be filling from.
+    backlogs: usize,
+    /// The subscription of the backlog the writer is filling from, outside the lock.
+    filling: Option<u32>,
+    /// Whether that backlog was cancelled meanwhile.
+    filling_cancelled: bool,
+    /// No more offers (the connection is ending); what is queued may still be written.
+    sealed: bool,
     closed: bool,
 }
 
@@ -103,15 +156,20 @@ pub struct Outbox {
     inner: Mutex<Inner>,
     notify: Notify,
     limit_bytes: usize,
+    /// Set once an offer was refused: read without the lock before every frame handled.
+    slow: AtomicBool,
 }
 
 impl Outbox {
-    /// An empty outbox that holds at most `limit_bytes` of frames.
+    /// An empty outbox that holds at most `limit_bytes` of frames, or one frame of any size
+    /// when it holds none (a message as large as the frame limit allows must not cut off
+    /// every subscriber).
     pub fn new(limit_bytes: usize) -> Outbox {
         Outbox {
             inner: Mutex::new(Inner::default()),
             notify: Notify::new(),
             limit_bytes,
+            slow: AtomicBool::new(false),
         }
     }
 
@@ -128,11 +186,11 @@ impl Outbox {
     pub fn offer(&self, frame: Outgoing) -> bool {
         let len = frame.len();
         let mut inner = self.lock();
-        if inner.slow || inner.closed {
+        if inner.sealed || inner.closed || self.is_slow() {
             return false;
         }
-        if inner.bytes + len > self.limit_bytes {
-            inner.slow = true;
+        if inner.bytes > 0 && inner.bytes + len > self.limit_bytes {
+            self.slow.store(true, Ordering::Release);
             drop(inner);
             self.notify.notify_one();
             return false;
@@ -141,7 +199,7 @@ impl Outbox {
         let reply = matches!(frame, Outgoing::Frame(_));
         inner.bytes += len;
         inner.replies += usize::from(reply);
-        inner.queue.push_back(frame);
+        inner.queue.push_back(Entry::Frame(frame));
         drop(inner);
         // One wake-up per batch: the writer takes everything queued when it runs. A reply
         // wakes it again, in case it is holding the batch back (see `may_hold`).
@@ -151,14 +209,105 @@ impl Outbox {
         true
     }
 
-    /// Moves every queued frame into `batch` (appending) and returns how many.
-    pub fn take_all(&self, batch: &mut Vec<Outgoing>) -> usize {
+    /// Queues a backlog after everything queued so far; frames offered later follow it.
+    /// Hands it back when it is refused (the connection is ending or slow), so that the
+    /// caller can keep what it holds.
+    ///
+    /// A backlog is dropped outside this outbox's lock, whenever it goes: it may hand
+    /// messages back to a service, whose lock is taken before this one when it offers.
+    pub fn offer_backlog<B: Backlog + 'static>(&self, backlog: B) -> Result<(), B> {
         let mut inner = self.lock();
-        let n = inner.queue.len();
-        batch.extend(inner.queue.drain(..));
-        inner.bytes = 0;
-        inner.replies = 0;
-        n
+        if inner.sealed || inner.closed || self.is_slow() {
+            return Err(backlog);
+        }
+        inner.backlogs += 1;
+        inner.queue.push_back(Entry::Backlog(Box::new(backlog)));
+        drop(inner);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Moves the next batch into `batch` (appending) and returns how many frames it took:
+    /// every queued frame up to the first backlog, or, when a backlog is first, a batch
+    /// pulled from it.
+    pub fn take_all(&self, batch: &mut Vec<Outgoing>) -> usize {
+        let start = batch.len();
+        let mut finished: Vec<Box<dyn Backlog>> = Vec::new();
+        let mut inner = self.lock();
+        loop {
+            match inner.queue.pop_front() {
+                None => break,
+                Some(Entry::Frame(frame)) => {
+                    inner.bytes -= frame.len();
+                    inner.replies -= usize::from(matches!(frame, Outgoing::Frame(_)));
+                    batch.push(frame);
+                }
+                Some(Entry::Backlog(backlog)) if batch.len() > start => {
+                    inner.queue.push_front(Entry::Backlog(backlog));
+                    break;
+                }
+                Some(Entry::Backlog(mut backlog)) => {
+                    // Filled without the lock: a room's replay locks the room, and the
+                    // room's publishers hold that lock when they offer here.
+                    inner.filling = Some(backlog.subscription());
+                    drop(inner);
+                    let more = backlog.fill(batch, BACKLOG_BATCH_BYTES);
+                    inner = self.lock();
+                    inner.filling = None;
+                    let cancelled = std::mem::take(&mut inner.filling_cancelled);
+                    if more && !cancelled && !inner.closed {
+                        inner.queue.push_front(Entry::Backlog(backlog));
+                    } else {
+                        inner.backlogs -= 1;
+                        finished.push(backlog);
+                    }
+                    if batch.len() > start {
+                        break;
+                    }
+                }
+            }
+        }
+        drop(inner);
+        drop(finished);
+        batch.len() - start
+    }
+
+    /// Drops the backlogs of subscription `key` that have not finished (after UNSUBSCRIBE).
+    pub fn cancel(&self, key: u32) {
+        let mut inner = self.lock();
+        if inner.backlogs == 0 {
+            return;
+        }
+        let before = inner.queue.len();
+        let (kept, dropped): (VecDeque<Entry>, VecDeque<Entry>) = std::mem::take(&mut inner.queue)
+            .into_iter()
+            .partition(|e| !matches!(e, Entry::Backlog(b) if b.subscription() == key));
+        inner.queue = kept;
+        inner.backlogs -= before - inner.queue.len();
+        if inner.filling == Some(key) {
+            inner.filling_cancelled = true;
+        }
+        drop(inner);
+        drop(dropped);
+    }
+
+    /// Drops every unfinished backlog (the connection ends on an error: what was queued
+    /// behind them still goes out, then the ERROR).
+    pub fn drop_backlogs(&self) {
+        let mut inner = self.lock();
+        if inner.backlogs == 0 {
+            return;
+        }
+        let (kept, dropped): (VecDeque<Entry>, VecDeque<Entry>) = std::mem::take(&mut inner.queue)
+            .into_iter()
+            .partition(|e| matches!(e, Entry::Frame(_)));
+        inner.queue = kept;
+        inner.backlogs -= dropped.len();
+        if inner.filling.is_some() {
+            inner.filling_cancelled = true;
+        }
+        drop(inner);
+        drop(dropped);
     }
 
     /// Gives the queue's memory back if nothing is queued.
@@ -177,16 +326,17 @@ impl Outbox {
         self.notify.notified().await;
     }
 
-    /// Whether frames are waiting.
+    /// Whether frames or backlogs are waiting.
     pub fn has_queued(&self) -> bool {
         !self.lock().queue.is_empty()
     }
 
     /// Whether the writer may hold what is queued back to coalesce writes: not when a reply
-    /// to the client's own frames (CONNECTED, RECEIPT, ERROR) waits, nor once slow.
+    /// to the client's own frames (CONNECTED, RECEIPT, ERROR) waits, nor while a backlog
+    /// is being written, nor once slow.
     pub fn may_hold(&self) -> bool {
         let inner = self.lock();
-        inner.replies == 0 && !inner.slow
+        inner.replies == 0 && inner.backlogs == 0 && !self.is_slow()
     }
 
     /// Wakes the writer again (after it stopped with frames still queued).
@@ -196,16 +346,25 @@ impl Outbox {
 
     /// Whether a producer was refused because the limit was reached.
     pub fn is_slow(&self) -> bool {
-        self.lock().slow
+        self.slow.load(Ordering::Acquire)
+    }
+
+    /// Refuses every later offer; what is queued may still be written (the connection is
+    /// ending and its last frames go out).
+    pub fn seal(&self) {
+        self.lock().sealed = true;
     }
 
     /// Refuses every later offer and drops what is queued (the connection is gone).
     pub fn close(&self) {
         let mut inner = self.lock();
         inner.closed = true;
-        inner.queue.clear();
+        let dropped = std::mem::take(&mut inner.queue);
         inner.bytes = 0;
         inner.replies = 0;
+        inner.backlogs = 0;
+        drop(inner);
+        drop(dropped);
     }
 
     /// The most bytes it holds.
@@ -213,7 +372,7 @@ impl Outbox {
         self.limit_bytes
     }
 
-    /// Bytes queued now.
+    /// Bytes queued now (frames; backlogs count nothing).
     pub fn queued_bytes(&self) -> usize {
         self.lock().bytes
     }
@@ -239,6 +398,115 @@ mod tests {
         let mut batch = Vec::new();
         assert_eq!(outbox.take_all(&mut batch), 2);
         assert!(!outbox.offer(frame(1)));
+    }
+
+    #[test]
+    fn an_empty_outbox_takes_one_frame_of_any_size() {
+        let outbox = Outbox::new(100);
+        assert!(outbox.offer(frame(500)), "a frame over the limit, alone");
+        assert!(!outbox.offer(frame(1)), "nothing more behind it");
+        assert!(outbox.is_slow());
+    }
+
+    /// A backlog of `count` frames of `size` bytes, noting when it is dropped.
+    #[derive(Debug)]
+    struct Counting {
+        key: u32,
+        left: usize,
+        size: usize,
+        dropped: std::sync::Arc<AtomicBool>,
+    }
+
+    impl Backlog for Counting {
+        fn subscription(&self) -> u32 {
+            self.key
+        }
+
+        fn fill(&mut self, batch: &mut Vec<Outgoing>, max_bytes: usize) -> bool {
+            let mut bytes = 0;
+            while self.left > 0 && (bytes == 0 || bytes + self.size <= max_bytes) {
+                batch.push(frame(self.size));
+                bytes += self.size;
+                self.left -= 1;
+            }
+            self.left > 0
+        }
+    }
+
+    impl Drop for Counting {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn counting(key: u32, left: usize, size: usize) -> (Counting, std::sync::Arc<AtomicBool>) {
+        let dropped = std::sync::Arc::new(AtomicBool::new(false));
+        let backlog = Counting {
+            key,
+            left,
+            size,
+            dropped: dropped.clone(),
+        };
+        (backlog, dropped)
+    }
+
+    fn lens(batch: &[Outgoing]) -> Vec<usize> {
+        batch.iter().map(Outgoing::len).collect()
+    }
+
+    #[test]
+    fn a_backlog_goes_out_in_order_a_batch_at_a_time_and_counts_nothing() {
+        let outbox = Outbox::new(100);
+        assert!(outbox.offer(frame(10)));
+        // Far more than the limit, made as the writer gets to it.
+        let (backlog, dropped) = counting(0, 100, BACKLOG_BATCH_BYTES / 4);
+        outbox.offer_backlog(backlog).unwrap();
+        assert!(outbox.offer(frame(20)), "frames after it still count alone");
+        assert!(!outbox.may_hold(), "no coalescing while a backlog waits");
+        let mut batch = Vec::new();
+        assert_eq!(outbox.take_all(&mut batch), 1, "the frame before it, alone");
+        assert_eq!(lens(&batch), [10]);
+        let mut taken = 0;
+        loop {
+            batch.clear();
+            assert!(outbox.take_all(&mut batch) > 0);
+            if lens(&batch) == [20] {
+                break;
+            }
+            assert_eq!(batch.len(), 4, "a batch's worth from the backlog");
+            taken += batch.len();
+        }
+        assert_eq!(taken, 100, "all of it, then the frame behind it");
+        assert!(dropped.load(Ordering::SeqCst));
+        assert!(!outbox.has_queued());
+        assert!(!outbox.is_slow());
+    }
+
+    #[test]
+    fn a_cancelled_backlog_goes_and_the_others_stay() {
+        let outbox = Outbox::new(100);
+        let (first, first_dropped) = counting(1, 3, 10);
+        let (second, second_dropped) = counting(2, 3, 10);
+        outbox.offer_backlog(first).unwrap();
+        outbox.offer_backlog(second).unwrap();
+        outbox.cancel(1);
+        assert!(first_dropped.load(Ordering::SeqCst));
+        assert!(!second_dropped.load(Ordering::SeqCst));
+        let mut batch = Vec::new();
+        assert_eq!(outbox.take_all(&mut batch), 3);
+        outbox.drop_backlogs();
+        assert!(second_dropped.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_sealed_outbox_refuses_offers_and_keeps_what_it_holds() {
+        let outbox = Outbox::new(100);
+        assert!(outbox.offer(frame(10)));
+        outbox.seal();
+        assert!(!outbox.offer(frame(10)));
+        assert!(outbox.offer_backlog(counting(0, 1, 1).0).is_err());
+        assert!(!outbox.is_slow(), "a refusal after the seal is no slowness");
+        assert_eq!(outbox.take_all(&mut Vec::new()), 1);
     }
 
     #[test]

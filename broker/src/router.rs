@@ -16,7 +16,9 @@ use stomp_codec::{Frame, Headers, SharedMessage, Version};
 use crate::destination::{Destination, is_pattern};
 use crate::durable::{KeptQueue, QueueStore};
 use crate::outbox::{AckTag, Mark, Outbox, Outgoing};
-use crate::services::{App, QueueLimits, Queues, Rooms, Topics, Users, is_user_queue};
+use crate::services::{
+    App, HistoryLimits, QueueLimits, Queues, Rooms, Topics, Users, is_user_queue,
+};
 use crate::session::{SessionError, SessionId};
 use crate::state::now_millis;
 use crate::store::{Store, StoredMessage};
@@ -58,32 +60,92 @@ impl Subscriber {
         )
     }
 
-    /// Replays a message a room kept (`x-replay:true`), encoded for this subscriber.
-    pub fn offer_kept(&self, kept: &KeptMessage) -> bool {
-        self.offer_tail(
-            kept.message_id,
-            kept.text,
-            encode_tail(self.version, &kept.headers, &kept.body),
-            Mark::Replay,
-        )
-    }
-
     fn offer_tail(&self, message_id: u64, text: bool, tail: Bytes, mark: Mark) -> bool {
-        self.outbox.offer(Outgoing::Message {
-            head: self.head.clone(),
-            ack: self.needs_ack.then_some(AckTag {
-                subscription: self.key,
-                message_id,
-            }),
-            tail,
-            text,
+        self.outbox.offer(message_frame(
+            self.key,
+            &self.head,
+            self.needs_ack,
+            (message_id, text, tail),
             mark,
-        })
+        ))
     }
 
     /// Whether this is subscription `key` of `session`.
     pub fn is(&self, session: SessionId, key: u32) -> bool {
         self.session == session && self.key == key
+    }
+
+    /// How its deliveries are labelled, for a [`Backlog`](crate::outbox::Backlog) that makes
+    /// them later.
+    pub fn stamp(&self) -> Stamp {
+        Stamp {
+            key: self.key,
+            head: self.head.clone(),
+            version: self.version,
+            needs_ack: self.needs_ack,
+        }
+    }
+}
+
+/// A subscription's labels without its outbox: what a backlog keeps to make the frames it
+/// delivers (holding the outbox itself would make a cycle, the backlog sitting in it).
+#[derive(Debug, Clone)]
+pub struct Stamp {
+    key: u32,
+    head: Bytes,
+    version: Version,
+    needs_ack: bool,
+}
+
+impl Stamp {
+    /// The subscription's connection-local number.
+    pub fn key(&self) -> u32 {
+        self.key
+    }
+
+    /// `publish` as a MESSAGE of this subscription.
+    pub fn publish(&self, publish: &Publish, mark: Mark) -> Outgoing {
+        let tail = publish.tail(self.version);
+        message_frame(
+            self.key,
+            &self.head,
+            self.needs_ack,
+            (publish.message_id, publish.text, tail),
+            mark,
+        )
+    }
+
+    /// A kept message replayed to this subscription (`x-replay:true`).
+    pub fn kept(&self, kept: &KeptMessage) -> Outgoing {
+        let tail = encode_tail(self.version, &kept.headers, &kept.body);
+        message_frame(
+            self.key,
+            &self.head,
+            self.needs_ack,
+            (kept.message_id, kept.text, tail),
+            Mark::Replay,
+        )
+    }
+}
+
+/// A MESSAGE for subscription `key`: its head, its `ack` header if it needs one, and the
+/// shared part (`message_id`, whether UTF-8, and the encoded tail).
+fn message_frame(
+    key: u32,
+    head: &Bytes,
+    needs_ack: bool,
+    (message_id, text, tail): (u64, bool, Bytes),
+    mark: Mark,
+) -> Outgoing {
+    Outgoing::Message {
+        head: head.clone(),
+        ack: needs_ack.then_some(AckTag {
+            subscription: key,
+            message_id,
+        }),
+        tail,
+        text,
+        mark,
     }
 }
 
@@ -166,7 +228,7 @@ impl Publish {
 
 /// A message as a room's history keeps it: the headers and body of a [`Publish`] without
 /// the encoded copies made for its live delivery; a replay encodes it again
-/// ([`Subscriber::offer_kept`]). A room keeps up to `--room-history` of these (10,000 by
+/// ([`Stamp::kept`]). A room keeps up to `--room-history` of these (10,000 by
 /// default); docs/PERFORMANCE.md has what leaving the copies out saved.
 #[derive(Debug)]
 pub struct KeptMessage {
@@ -195,6 +257,15 @@ impl KeptMessage {
     /// The message as a store keeps it, under `seq`.
     pub fn to_stored(&self, seq: u64) -> StoredMessage {
         self.headers.to_stored(seq, self.message_id, &self.body)
+    }
+
+    /// Bytes it takes in memory: headers and body, their bookkeeping, and the message
+    /// itself. What `--room-history-bytes` and `--history-total-bytes` count.
+    pub fn size(&self) -> usize {
+        std::mem::size_of::<KeptMessage>()
+            + self.headers.text.len()
+            + std::mem::size_of_val(&*self.headers.ends)
+            + self.body.len()
     }
 }
 
@@ -379,6 +450,21 @@ pub struct PublishRequest<'a> {
     pub message_id: u64,
 }
 
+impl PublishRequest<'_> {
+    /// The SEND as a message delivered to `destination` (the SEND's own, or where a user
+    /// destination delivers it), with `extra` headers before `x-sender` and `x-timestamp`.
+    pub fn message(&self, destination: &str, extra: &[(&str, &str)]) -> Publish {
+        let headers = message_headers(
+            destination,
+            self.message_id,
+            &self.frame.headers,
+            self.user,
+            extra,
+        );
+        Publish::new(self.message_id, headers, self.frame.body.clone())
+    }
+}
+
 /// What a SEND became, for its RECEIPT.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Published {
@@ -449,10 +535,12 @@ impl Default for MessageIds {
 /// Settings the services need.
 #[derive(Debug, Clone, Copy)]
 pub struct RouterLimits {
-    /// Messages kept per room.
-    pub room_history: usize,
+    /// What rooms keep.
+    pub history: HistoryLimits,
     /// Messages waiting per offline user queue.
     pub user_queue_limit: usize,
+    /// Bytes of bodies waiting per offline user queue.
+    pub user_queue_bytes: usize,
     /// Durable queue limits.
     pub queues: QueueLimits,
 }
@@ -492,14 +580,18 @@ impl Router {
             store.clone(),
             topics.clone(),
             ids.clone(),
-            limits.room_history,
+            limits.history,
         )?);
         let queue_store = Arc::new(queue_store);
         // One durable store for both: user queues are the ones under their own prefix.
         let (user_queues, kept_queues): (Vec<KeptQueue>, Vec<KeptQueue>) = kept_queues
             .into_iter()
             .partition(|(name, _)| is_user_queue(name));
-        let users = Users::new(queue_store.clone(), user_queues, limits.user_queue_limit);
+        let users = Users::new(
+            queue_store.clone(),
+            user_queues,
+            (limits.user_queue_limit, limits.user_queue_bytes),
+        );
         let app = App::new(rooms.clone(), ids.clone());
         let queues = Queues::new(queue_store, kept_queues, limits.queues);
         Ok(Router {
@@ -534,6 +626,11 @@ impl Router {
                 Err(SessionError::UnsupportedDestination(destination.to_owned()))
             }
         }
+    }
+
+    /// Room messages handed to the history store and not yet taken by its writer.
+    pub fn store_pending(&self) -> &crate::writer::Pending {
+        self.store.pending()
     }
 
     /// Waits until everything handed to the store is written (at shutdown).
@@ -588,7 +685,7 @@ mod tests {
             version: Version::V1_1,
             needs_ack: true,
         };
-        assert!(subscriber.offer_kept(&kept));
+        assert!(outbox.offer(subscriber.stamp().kept(&kept)));
         let mut batch = Vec::new();
         outbox.take_all(&mut batch);
         let [

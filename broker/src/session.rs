@@ -103,13 +103,17 @@ pub enum SessionError {
         "invalid user destination {0:?}: subscribe to /user/queue/<name>, send to /user/<user>/queue/<name>"
     )]
     InvalidUserDestination(String),
-    /// Too many messages waiting for an offline user.
-    #[error("{destination} already holds {limit} messages waiting for their user")]
+    /// Too many messages (or bytes) waiting for an offline user.
+    #[error(
+        "{destination} is full: at most {messages} messages and {bytes} bytes wait for their user"
+    )]
     UserQueueFull {
         /// The SEND's destination.
         destination: String,
-        /// The configured limit.
-        limit: usize,
+        /// The configured message limit.
+        messages: usize,
+        /// The configured byte limit.
+        bytes: usize,
     },
     /// Nothing answers this `/app` destination.
     #[error("no application handles {0:?}: subscribe to /app/rooms or /app/room.<room>.members")]
@@ -171,6 +175,9 @@ pub enum SessionError {
     /// The client did not read fast enough.
     #[error("slow consumer: more than {0} bytes waiting to be sent")]
     SlowConsumer(usize),
+    /// The client read nothing while one batch of frames was being written to it.
+    #[error("slow consumer: nothing could be written for {0} ms")]
+    WriteTimeout(u64),
     /// No bytes for longer than the heart-beat tolerance.
     #[error("heart-beat timeout: nothing received for {0} ms")]
     HeartBeatTimeout(u64),
@@ -189,6 +196,15 @@ pub enum SessionError {
 }
 
 impl SessionError {
+    /// Whether the client was cut for not reading: what is queued for it goes, only the
+    /// ERROR is sent.
+    pub fn is_slow_consumer(&self) -> bool {
+        matches!(
+            self,
+            SessionError::SlowConsumer(_) | SessionError::WriteTimeout(_)
+        )
+    }
+
     /// The ERROR frame sent just before the connection closes.
     pub fn to_error_frame(&self, receipt: Option<&str>) -> Frame {
         let message = self.to_string();
@@ -593,6 +609,8 @@ impl Session {
             .ok_or_else(|| SessionError::UnknownSubscription(id.to_owned()))?;
         if let Some(sub) = self.subscriptions.remove(&key) {
             self.leave(&sub);
+            // A replay still on its way to it stops here.
+            self.outbox.cancel(key);
         }
         Ok(())
     }

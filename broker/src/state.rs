@@ -13,7 +13,7 @@ use crate::durable::QueueStore;
 use crate::metrics::Metrics;
 use crate::pace::Pace;
 use crate::router::{Router, RouterLimits};
-use crate::services::QueueLimits;
+use crate::services::{HistoryLimits, QueueLimits};
 use crate::session::SessionId;
 use crate::store::{SqliteStore, Store, StoreError};
 
@@ -37,7 +37,10 @@ impl Broker {
     /// # Errors
     /// The store cannot be opened or read.
     pub fn open(config: Config) -> Result<Broker, StoreError> {
-        let store = Arc::new(SqliteStore::open(&config.data_dir)?);
+        let store = Arc::new(SqliteStore::open(
+            &config.data_dir,
+            config.store_pending_bytes,
+        )?);
         Broker::with_store(config, store)
     }
 
@@ -47,8 +50,13 @@ impl Broker {
     /// The store cannot be read.
     pub fn with_store(config: Config, store: Arc<dyn Store>) -> Result<Broker, StoreError> {
         let limits = RouterLimits {
-            room_history: config.room_history,
+            history: HistoryLimits {
+                messages: config.room_history,
+                room_bytes: config.room_history_bytes,
+                total_bytes: config.history_total_bytes,
+            },
             user_queue_limit: config.user_queue_limit,
+            user_queue_bytes: config.user_queue_bytes,
             queues: QueueLimits {
                 max_messages: config.queue_max_messages,
                 max_bytes: config.queue_max_bytes,

@@ -15,7 +15,7 @@ use rusqlite::{Connection, params};
 use tracing::{error, warn};
 
 use crate::router::KeptMessage;
-use crate::writer::{WriterThread, next_batch};
+use crate::writer::{Pending, WriterThread, next_batch};
 
 mod chunk;
 
@@ -33,6 +33,18 @@ pub struct StoredMessage {
     pub headers: Vec<(String, String)>,
     /// The body.
     pub body: Bytes,
+}
+
+impl StoredMessage {
+    /// About what it takes as a kept message: its headers' and body's bytes (no more than
+    /// [`KeptMessage::size`] counts).
+    pub fn approximate_size(&self) -> usize {
+        self.headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len())
+            .sum::<usize>()
+            + self.body.len()
+    }
 }
 
 /// Why the store could not be opened or read.
@@ -135,18 +147,41 @@ pub(crate) fn push_grouped(
     }
 }
 
+/// What rooms keep, at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Messages per room (`--room-history`).
+    pub messages: usize,
+    /// Bytes per room (`--room-history-bytes`), as [`KeptMessage::size`] counts them.
+    pub room_bytes: usize,
+    /// Bytes for all rooms together (`--history-total-bytes`).
+    pub total_bytes: usize,
+}
+
 /// Where kept messages go.
 pub trait Store: Send + Sync + std::fmt::Debug {
-    /// Every room's newest `keep` messages, oldest first.
+    /// Every room's newest messages, oldest first: at most `limits.messages` a room, and
+    /// about `limits.room_bytes` (whoever loads them applies the caps exactly).
     ///
     /// # Errors
     /// The store cannot be read.
-    fn load_rooms(&self, keep: usize) -> Result<Vec<(String, Vec<StoredMessage>)>, StoreError>;
-    /// Keeps a room's message `seq` (its history's own copy, shared); older ones past
-    /// `keep` are dropped.
-    fn append_room(&self, room: &Arc<str>, seq: u64, message: &Arc<KeptMessage>, keep: usize);
+    fn load_rooms(
+        &self,
+        limits: HistoryLimits,
+    ) -> Result<Vec<(String, Vec<StoredMessage>)>, StoreError>;
+    /// Keeps a room's message `seq` (its history's own copy, shared); messages before
+    /// `first_kept`, the room's oldest kept now, go.
+    fn append_room(&self, room: &Arc<str>, seq: u64, message: &Arc<KeptMessage>, first_kept: u64);
+    /// Drops a room's messages before `first_kept`.
+    fn trim_room(&self, room: &Arc<str>, first_kept: u64);
+    /// Drops everything of a room that was forgotten (nothing kept, nobody in it): if it
+    /// comes back, it numbers from 1 again.
+    fn forget_room(&self, room: &Arc<str>);
     /// Returns once everything handed over so far is written.
     fn flush(&self);
+    /// Bytes handed over and not yet taken by the writer: connections stop being read
+    /// while it is over its limit.
+    fn pending(&self) -> &Pending;
 }
 
 enum Op {
@@ -154,9 +189,33 @@ enum Op {
         room: Arc<str>,
         seq: u64,
         message: Arc<KeptMessage>,
-        keep: usize,
+        first_kept: u64,
     },
+    Trim {
+        room: Arc<str>,
+        first_kept: u64,
+    },
+    Forget(Arc<str>),
     Flush(SyncSender<()>),
+}
+
+impl Op {
+    /// What it pins in memory until the writer takes it.
+    fn pinned(&self) -> usize {
+        match self {
+            Op::Room { message, .. } => message.size(),
+            _ => 0,
+        }
+    }
+
+    /// What it weighs in a batch: a message the room no longer keeps weighs nothing (it
+    /// will not be written).
+    fn weight(&self) -> usize {
+        match self {
+            Op::Room { message, .. } if Arc::strong_count(message) > 1 => message.size(),
+            _ => 0,
+        }
+    }
 }
 
 /// SQLite in WAL mode, written by one thread in batched transactions.
@@ -168,6 +227,7 @@ enum Op {
 pub struct SqliteStore {
     path: PathBuf,
     writer: WriterThread<Op>,
+    pending: Arc<Pending>,
 }
 
 /// A schema change.
@@ -217,6 +277,9 @@ const MIGRATIONS: &[Migration] = &[
 /// Most operations written in one transaction: enough for a linger's worth at well over
 /// 100,000 room messages per second.
 const BATCH: usize = 8192;
+/// Most bytes of messages written in one transaction (the one that passes it included):
+/// what a batch holds in memory while it is written, and what one row may hold.
+const BATCH_BYTES: usize = 16 << 20;
 /// How long a busy writer collects messages before it commits them: at tens of thousands
 /// of room messages per second, 20 transactions per second instead of thousands.
 const LINGER: Duration = Duration::from_millis(50);
@@ -230,11 +293,12 @@ const MIGRATED_CHUNK: usize = 1024;
 type ChunkIndex = HashMap<Arc<str>, VecDeque<(i64, u64)>>;
 
 impl SqliteStore {
-    /// Opens (creating and migrating) `stoa.db` in `dir`.
+    /// Opens (creating and migrating) `stoa.db` in `dir`; connections stop being read
+    /// while more than `pending_limit` bytes of messages wait for the writer.
     ///
     /// # Errors
     /// SQLite cannot open or migrate the file.
-    pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
+    pub fn open(dir: &Path, pending_limit: usize) -> Result<SqliteStore, StoreError> {
         let path = dir.join("stoa.db");
         let sqlite = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -244,14 +308,23 @@ impl SqliteStore {
         migrate(&mut conn).map_err(sqlite)?;
         let index = chunk_index(&conn).map_err(sqlite)?;
         let writer_path = path.clone();
+        let pending = Arc::new(Pending::new(pending_limit));
+        let writer_pending = pending.clone();
         let writer = spawn_writer("stoa-store", &path, move |rx| {
-            write_loop(conn, index, rx, &writer_path);
+            write_loop(conn, index, rx, &writer_path, &writer_pending);
         })?;
-        Ok(SqliteStore { path, writer })
+        Ok(SqliteStore {
+            path,
+            writer,
+            pending,
+        })
     }
 
     fn send(&self, op: Op) {
+        let pinned = op.pinned();
+        self.pending.add(pinned);
         if !self.writer.send(op) {
+            self.pending.sub(pinned);
             error!(path = %self.path.display(), "store writer has stopped; a message was not kept");
         }
     }
@@ -275,6 +348,8 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     // log no longer rewrites the same hot pages, and 8,000-page copies held the writer
     // thread, which shares the broker's cores, for tens of milliseconds each.
     conn.pragma_update(None, "cache_size", -16_384)?;
+    // A large transaction grows the log; give the space back once it is copied.
+    conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(conn)
 }
@@ -353,13 +428,21 @@ fn chunk_index(conn: &Connection) -> rusqlite::Result<ChunkIndex> {
     Ok(index)
 }
 
-fn write_loop(mut conn: Connection, mut index: ChunkIndex, rx: Receiver<Op>, path: &Path) {
+fn write_loop(
+    mut conn: Connection,
+    mut index: ChunkIndex,
+    rx: Receiver<Op>,
+    path: &Path,
+    pending: &Pending,
+) {
     let urgent = |op: &Op| matches!(op, Op::Flush(_));
     // Quiet rooms are committed at once; only a writer that keeps finding many messages
     // waiting (a busy broker) gathers them into fewer, larger transactions, one every
     // LINGER however long each takes to write.
     let mut gather_until = None;
-    while let Some(batch) = next_batch(&rx, BATCH, gather_until, urgent) {
+    while let Some(batch) = next_batch(&rx, (BATCH, BATCH_BYTES), Op::weight, gather_until, urgent)
+    {
+        pending.sub(batch.iter().map(Op::pinned).sum());
         let busy = batch.len() >= BUSY_BATCH;
         gather_until = busy.then(|| Instant::now() + LINGER);
         let mut acks = Vec::new();
@@ -372,10 +455,15 @@ fn write_loop(mut conn: Connection, mut index: ChunkIndex, rx: Receiver<Op>, pat
     }
 }
 
-/// One room's messages in a batch.
+/// What a batch does to one room, its operations taken in order.
+#[derive(Default)]
 struct RoomRun {
-    chunk: ChunkWriter,
-    keep: usize,
+    /// Messages to write, in seq order.
+    messages: Vec<(u64, Arc<KeptMessage>)>,
+    /// Rows before the batch whose messages are all older than this go.
+    first_kept: u64,
+    /// The room was forgotten: every row from before goes.
+    forgotten: bool,
 }
 
 fn write_batch(
@@ -391,20 +479,27 @@ fn write_batch(
                 room,
                 seq,
                 message,
-                keep,
-            } => runs
-                .entry(room)
-                .or_insert_with(|| RoomRun {
-                    chunk: ChunkWriter::new(),
-                    keep,
-                })
-                .chunk
-                .push(seq, message.message_id(), message.headers(), message.body()),
+                first_kept,
+            } => {
+                let run = runs.entry(room).or_default();
+                run.first_kept = first_kept;
+                // A message the room no longer keeps is not written (nor held any longer).
+                if Arc::strong_count(&message) > 1 {
+                    run.messages.push((seq, message));
+                }
+            }
+            Op::Trim { room, first_kept } => runs.entry(room).or_default().first_kept = first_kept,
+            Op::Forget(room) => {
+                *runs.entry(room).or_default() = RoomRun {
+                    forgotten: true,
+                    ..RoomRun::default()
+                };
+            }
             Op::Flush(ack) => acks.push(ack),
         }
     }
     let tx = conn.transaction()?;
-    // Per room: the new row's id and last seq, and how many of its oldest rows went.
+    // Per room: the new row's id and last seq (if any), and how many of its oldest rows went.
     let mut written = Vec::with_capacity(runs.len());
     {
         let mut insert = tx.prepare_cached(
@@ -412,28 +507,46 @@ fn write_batch(
         )?;
         let mut delete = tx.prepare_cached("DELETE FROM room_chunks WHERE id = ?1")?;
         for (room, run) in runs {
-            insert_chunk(&mut insert, &room, &run.chunk)?;
-            let (_, last) = run.chunk.seqs();
-            let id = tx.last_insert_rowid();
-            // A row goes once every message in it is older than the newest `keep`.
-            let below = last.saturating_sub(run.keep as u64);
+            // A row goes once every message in it is older than the oldest kept.
             let mut dropped = 0;
             for &(old, old_last) in index.get(&room).into_iter().flatten() {
-                if old_last > below {
+                if !run.forgotten && old_last >= run.first_kept {
                     break;
                 }
                 delete.execute(params![old])?;
                 dropped += 1;
             }
-            written.push((room, id, last, dropped));
+            let mut chunk = ChunkWriter::new();
+            for (seq, message) in &run.messages {
+                if *seq >= run.first_kept {
+                    chunk.push(
+                        *seq,
+                        message.message_id(),
+                        message.headers(),
+                        message.body(),
+                    );
+                }
+            }
+            let row = if chunk.is_empty() {
+                None
+            } else {
+                insert_chunk(&mut insert, &room, &chunk)?;
+                Some((tx.last_insert_rowid(), chunk.seqs().1))
+            };
+            written.push((room, row, dropped));
         }
     }
     tx.commit()?;
     // Committed: now the index may follow (on an error it still matches the database).
-    for (room, id, last, dropped) in written {
-        let rows = index.entry(room).or_default();
+    for (room, row, dropped) in written {
+        let rows = index.entry(room.clone()).or_default();
         rows.drain(..dropped);
-        rows.push_back((id, last));
+        if let Some(row) = row {
+            rows.push_back(row);
+        }
+        if rows.is_empty() {
+            index.remove(&room);
+        }
     }
     Ok(())
 }
@@ -443,7 +556,10 @@ fn to_i64(n: u64) -> i64 {
 }
 
 impl Store for SqliteStore {
-    fn load_rooms(&self, keep: usize) -> Result<Vec<(String, Vec<StoredMessage>)>, StoreError> {
+    fn load_rooms(
+        &self,
+        limits: HistoryLimits,
+    ) -> Result<Vec<(String, Vec<StoredMessage>)>, StoreError> {
         let conn = self.reader()?;
         let sqlite = |source| StoreError::Sqlite {
             path: self.path.clone(),
@@ -453,7 +569,7 @@ impl Store for SqliteStore {
             .prepare("SELECT room, messages FROM room_chunks ORDER BY id")
             .map_err(sqlite)?;
         let mut rows = stmt.query([]).map_err(sqlite)?;
-        let mut rooms: BTreeMap<String, VecDeque<StoredMessage>> = BTreeMap::new();
+        let mut rooms: BTreeMap<String, (VecDeque<StoredMessage>, usize)> = BTreeMap::new();
         while let Some(row) = rows.next().map_err(sqlite)? {
             let room: String = row.get(0).map_err(sqlite)?;
             let chunk: Vec<u8> = row.get(1).map_err(sqlite)?;
@@ -462,32 +578,52 @@ impl Store for SqliteStore {
                 room: room.clone(),
                 source,
             })?;
-            let kept = rooms.entry(room).or_default();
+            let (kept, bytes) = rooms.entry(room).or_default();
             for message in messages {
                 // Seqs only grow; should a room ever have numbered again from lower, the
                 // later messages are the room's history.
-                while kept.back().is_some_and(|last| last.seq >= message.seq) {
+                while let Some(last) = kept.back()
+                    && last.seq >= message.seq
+                {
+                    *bytes -= last.approximate_size();
                     kept.pop_back();
                 }
+                *bytes += message.approximate_size();
                 kept.push_back(message);
-                if kept.len() > keep {
-                    kept.pop_front();
+                // Never more than the caps in memory while loading, whatever is on disk.
+                while kept.len() > limits.messages || *bytes > limits.room_bytes {
+                    let Some(first) = kept.pop_front() else {
+                        break;
+                    };
+                    *bytes -= first.approximate_size();
                 }
             }
         }
         Ok(rooms
             .into_iter()
-            .map(|(room, kept)| (room, Vec::from(kept)))
+            .filter(|(_, (kept, _))| !kept.is_empty())
+            .map(|(room, (kept, _))| (room, Vec::from(kept)))
             .collect())
     }
 
-    fn append_room(&self, room: &Arc<str>, seq: u64, message: &Arc<KeptMessage>, keep: usize) {
+    fn append_room(&self, room: &Arc<str>, seq: u64, message: &Arc<KeptMessage>, first_kept: u64) {
         self.send(Op::Room {
             room: room.clone(),
             seq,
             message: message.clone(),
-            keep,
+            first_kept,
         });
+    }
+
+    fn trim_room(&self, room: &Arc<str>, first_kept: u64) {
+        self.send(Op::Trim {
+            room: room.clone(),
+            first_kept,
+        });
+    }
+
+    fn forget_room(&self, room: &Arc<str>) {
+        self.send(Op::Forget(room.clone()));
     }
 
     fn flush(&self) {
@@ -497,43 +633,78 @@ impl Store for SqliteStore {
             warn!("store writer stopped before a flush");
         }
     }
+
+    fn pending(&self) -> &Pending {
+        &self.pending
+    }
 }
 
 /// A store that keeps nothing across restarts: for tests of everything above the store.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
-    rooms: Mutex<Vec<(String, StoredMessage)>>,
+    rooms: Mutex<BTreeMap<String, VecDeque<StoredMessage>>>,
+    pending: Pending,
+}
+
+impl Default for MemoryStore {
+    fn default() -> MemoryStore {
+        MemoryStore {
+            rooms: Mutex::default(),
+            pending: Pending::new(usize::MAX),
+        }
+    }
+}
+
+impl MemoryStore {
+    fn rooms(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, VecDeque<StoredMessage>>> {
+        self.rooms
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl Store for MemoryStore {
-    fn load_rooms(&self, keep: usize) -> Result<Vec<(String, Vec<StoredMessage>)>, StoreError> {
-        let rooms = self
-            .rooms
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut out: Vec<(String, Vec<StoredMessage>)> = Vec::new();
-        for (room, message) in rooms.iter() {
-            match out.iter_mut().find(|(r, _)| r == room) {
-                Some((_, list)) => list.push(message.clone()),
-                None => out.push((room.clone(), vec![message.clone()])),
-            }
-        }
-        for (_, list) in &mut out {
-            let skip = list.len().saturating_sub(keep);
-            list.drain(..skip);
-        }
-        Ok(out)
+    fn load_rooms(
+        &self,
+        limits: HistoryLimits,
+    ) -> Result<Vec<(String, Vec<StoredMessage>)>, StoreError> {
+        Ok(self
+            .rooms()
+            .iter()
+            .filter(|(_, kept)| !kept.is_empty())
+            .map(|(room, kept)| {
+                let skip = kept.len().saturating_sub(limits.messages);
+                (room.clone(), kept.iter().skip(skip).cloned().collect())
+            })
+            .collect())
     }
 
-    fn append_room(&self, room: &Arc<str>, seq: u64, message: &Arc<KeptMessage>, _keep: usize) {
-        let mut rooms = self
-            .rooms
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        rooms.push((room.to_string(), message.to_stored(seq)));
+    fn append_room(&self, room: &Arc<str>, seq: u64, message: &Arc<KeptMessage>, first_kept: u64) {
+        let mut rooms = self.rooms();
+        let kept = rooms.entry(room.to_string()).or_default();
+        kept.push_back(message.to_stored(seq));
+        while kept.front().is_some_and(|m| m.seq < first_kept) {
+            kept.pop_front();
+        }
+    }
+
+    fn trim_room(&self, room: &Arc<str>, first_kept: u64) {
+        if let Some(kept) = self.rooms().get_mut(&**room) {
+            while kept.front().is_some_and(|m| m.seq < first_kept) {
+                kept.pop_front();
+            }
+        }
+    }
+
+    fn forget_room(&self, room: &Arc<str>) {
+        self.rooms().remove(&**room);
     }
 
     fn flush(&self) {}
+
+    fn pending(&self) -> &Pending {
+        &self.pending
+    }
 }
 
 #[cfg(test)]
@@ -557,6 +728,42 @@ mod tests {
         Arc::new(Publish::from_stored(message(seq, body)).into_kept())
     }
 
+    fn limits(messages: usize) -> HistoryLimits {
+        HistoryLimits {
+            messages,
+            room_bytes: usize::MAX,
+            total_bytes: usize::MAX,
+        }
+    }
+
+    /// A room's history as the store sees it: the newest `keep` messages, shared with the
+    /// store until it writes them (one the room no longer holds is not written).
+    struct History {
+        room: Arc<str>,
+        keep: usize,
+        kept: VecDeque<(u64, Arc<KeptMessage>)>,
+    }
+
+    impl History {
+        fn new(room: &str, keep: usize) -> History {
+            History {
+                room: Arc::from(room),
+                keep,
+                kept: VecDeque::new(),
+            }
+        }
+
+        fn append(&mut self, store: &dyn Store, seq: u64, body: &str) {
+            let message = kept(seq, body);
+            self.kept.push_back((seq, message.clone()));
+            while self.kept.len() > self.keep {
+                self.kept.pop_front();
+            }
+            let first_kept = self.kept.front().map_or(seq + 1, |(s, _)| *s);
+            store.append_room(&self.room, seq, &message, first_kept);
+        }
+    }
+
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("stoa-store-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -577,17 +784,17 @@ mod tests {
     #[test]
     fn room_history_survives_reopening_newest_first_kept() {
         let dir = temp_dir("rooms");
-        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("방"));
+        let (mut a, mut b) = (History::new("a", 3), History::new("방", 3));
         {
-            let store = SqliteStore::open(&dir).unwrap();
+            let store = SqliteStore::open(&dir, usize::MAX).unwrap();
             for seq in 1..=5 {
-                store.append_room(&a, seq, &kept(seq, &format!("m{seq}")), 3);
+                a.append(&store, seq, &format!("m{seq}"));
             }
-            store.append_room(&b, 1, &kept(1, "안녕"), 3);
+            b.append(&store, 1, "안녕");
             store.flush();
         }
-        let store = SqliteStore::open(&dir).unwrap();
-        let rooms = store.load_rooms(3).unwrap();
+        let store = SqliteStore::open(&dir, usize::MAX).unwrap();
+        let rooms = store.load_rooms(limits(3)).unwrap();
         assert_eq!(rooms.len(), 2);
         let (name, loaded) = &rooms[0];
         assert_eq!(name, "a");
@@ -599,39 +806,50 @@ mod tests {
         );
         assert_eq!(rooms[1].0, "방");
         assert_eq!(rooms[1].1[0].body, "안녕".as_bytes());
-        // Loading fewer than kept takes the newest.
-        assert_eq!(seqs(&store.load_rooms(2).unwrap()[0].1), [4, 5]);
+        // Loading fewer than kept takes the newest, by count or by bytes.
+        assert_eq!(seqs(&store.load_rooms(limits(2)).unwrap()[0].1), [4, 5]);
+        let one = HistoryLimits {
+            room_bytes: message(5, "m5").approximate_size(),
+            ..limits(3)
+        };
+        assert_eq!(seqs(&store.load_rooms(one).unwrap()[0].1), [5]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_rooms_oldest_rows_go_once_all_their_messages_are_past_keep() {
         let dir = temp_dir("trim");
-        let room: Arc<str> = Arc::from("a");
-        let store = SqliteStore::open(&dir).unwrap();
+        let mut room = History::new("a", 3);
+        let store = SqliteStore::open(&dir, usize::MAX).unwrap();
         // A flush after each message: one row each, and the table never holds more than the
         // three kept.
         for seq in 1..=50 {
-            store.append_room(&room, seq, &kept(seq, "x"), 3);
+            room.append(&store, seq, "x");
             store.flush();
             assert!(rows(&store) <= 3, "{} rows after seq {seq}", rows(&store));
         }
         // Many at once: a few rows, the newest three messages in them, the old rows gone.
         for seq in 51..=2000 {
-            store.append_room(&room, seq, &kept(seq, "y"), 3);
+            room.append(&store, seq, "y");
         }
         store.flush();
         assert!(rows(&store) <= 4, "{} rows", rows(&store));
         drop(store);
-        let store = SqliteStore::open(&dir).unwrap();
-        assert_eq!(seqs(&store.load_rooms(3).unwrap()[0].1), [1998, 1999, 2000]);
+        let store = SqliteStore::open(&dir, usize::MAX).unwrap();
+        assert_eq!(
+            seqs(&store.load_rooms(limits(3)).unwrap()[0].1),
+            [1998, 1999, 2000]
+        );
         // The reopened writer knows the rows it found: it goes on dropping them.
         for seq in 2001..=2010 {
-            store.append_room(&room, seq, &kept(seq, "z"), 3);
+            room.append(&store, seq, "z");
             store.flush();
         }
         assert!(rows(&store) <= 3, "{} rows", rows(&store));
-        assert_eq!(seqs(&store.load_rooms(3).unwrap()[0].1), [2008, 2009, 2010]);
+        assert_eq!(
+            seqs(&store.load_rooms(limits(3)).unwrap()[0].1),
+            [2008, 2009, 2010]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -667,8 +885,8 @@ mod tests {
     fn rows_of_the_one_message_per_row_schema_move_into_chunks() {
         let dir = temp_dir("chunks");
         version_2_database(&dir, [("a", 1), ("a", 2), ("b", 7), ("a", 3)]);
-        let store = SqliteStore::open(&dir).unwrap();
-        let rooms = store.load_rooms(10).unwrap();
+        let store = SqliteStore::open(&dir, usize::MAX).unwrap();
+        let rooms = store.load_rooms(limits(10)).unwrap();
         assert_eq!(rooms.len(), 2);
         assert_eq!(seqs(&rooms[0].1), [1, 2, 3]);
         assert_eq!(rooms[0].1[2].body, &b"a3"[..]);
@@ -685,8 +903,8 @@ mod tests {
             .unwrap();
         assert_eq!(old, 0, "the old table is gone");
         // The moved rows are the writer's to drop like any other.
-        let a: Arc<str> = Arc::from("a");
-        store.append_room(&a, 4, &kept(4, "a4"), 1);
+        let mut a = History::new("a", 1);
+        a.append(&store, 4, "a4");
         store.flush();
         assert_eq!(rows(&store), 2, "a's moved row dropped, b's kept");
         std::fs::remove_dir_all(&dir).unwrap();
@@ -697,7 +915,7 @@ mod tests {
         let dir = temp_dir("long");
         let n = i64::try_from(MIGRATED_CHUNK).unwrap() + 5;
         version_2_database(&dir, (1..=n).map(|seq| ("c", seq)));
-        let store = SqliteStore::open(&dir).unwrap();
+        let store = SqliteStore::open(&dir, usize::MAX).unwrap();
         let conn = store.reader().unwrap();
         let spans: Vec<(i64, i64)> = conn
             .prepare("SELECT first_seq, last_seq FROM room_chunks ORDER BY id")
@@ -707,7 +925,7 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(spans, [(1, n - 5), (n - 4, n)]);
-        let rooms = store.load_rooms(usize::MAX).unwrap();
+        let rooms = store.load_rooms(limits(usize::MAX)).unwrap();
         assert_eq!(seqs(&rooms[0].1), (1..=n as u64).collect::<Vec<_>>());
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -715,13 +933,14 @@ mod tests {
     #[test]
     fn a_damaged_row_is_an_error_that_names_its_room() {
         let dir = temp_dir("damaged");
-        let store = SqliteStore::open(&dir).unwrap();
-        store.append_room(&Arc::from("lobby"), 1, &kept(1, "x"), 3);
+        let store = SqliteStore::open(&dir, usize::MAX).unwrap();
+        let mut lobby = History::new("lobby", 3);
+        lobby.append(&store, 1, "x");
         store.flush();
         let conn = store.reader().unwrap();
         conn.execute("UPDATE room_chunks SET messages = x'01ff'", [])
             .unwrap();
-        let err = store.load_rooms(3).unwrap_err();
+        let err = store.load_rooms(limits(3)).unwrap_err();
         assert!(
             matches!(&err, StoreError::Chunk { room, source: ChunkError::Truncated(0), .. } if room == "lobby"),
             "{err}"
@@ -731,10 +950,77 @@ mod tests {
     }
 
     #[test]
+    fn trimmed_and_forgotten_rooms_leave_the_database() {
+        let dir = temp_dir("forget");
+        let store = SqliteStore::open(&dir, usize::MAX).unwrap();
+        let (mut a, mut b) = (History::new("a", 10), History::new("b", 10));
+        for seq in 1..=3 {
+            a.append(&store, seq, "a");
+            b.append(&store, seq, "b");
+            store.flush();
+        }
+        // The total cap took a's two oldest; b was forgotten altogether.
+        store.trim_room(&a.room, 3);
+        store.forget_room(&b.room);
+        store.flush();
+        let rooms = store.load_rooms(limits(10)).unwrap();
+        assert_eq!(rooms.len(), 1);
+        assert_eq!((rooms[0].0.as_str(), seqs(&rooms[0].1)), ("a", vec![3]));
+        assert_eq!(rows(&store), 1);
+        // A forgotten room that comes back numbers from 1, in the same batch as its end.
+        let mut b = History::new("b", 10);
+        store.forget_room(&b.room);
+        b.append(&store, 1, "again");
+        store.flush();
+        let rooms = store.load_rooms(limits(10)).unwrap();
+        assert_eq!(rooms[1].1[0].body, &b"again"[..]);
+        assert_eq!(seqs(&rooms[1].1), [1]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn messages_the_room_no_longer_keeps_are_not_written_and_weigh_nothing() {
+        let dir = temp_dir("skip");
+        let mut conn = open_connection(&dir.join("stoa.db")).unwrap();
+        migrate(&mut conn).unwrap();
+        let room: Arc<str> = Arc::from("a");
+        let still = kept(2, "kept");
+        // The room dropped message 1 (its caps) before the writer got to it: only the
+        // operation holds it.
+        let batch = vec![
+            Op::Room {
+                room: room.clone(),
+                seq: 1,
+                message: kept(1, "dropped"),
+                first_kept: 1,
+            },
+            Op::Room {
+                room,
+                seq: 2,
+                message: still.clone(),
+                first_kept: 1,
+            },
+        ];
+        assert_eq!(batch[0].weight(), 0);
+        assert_eq!(batch[1].weight(), still.size());
+        assert_eq!(
+            batch[0].pinned(),
+            batch[0].weight() + kept(1, "dropped").size()
+        );
+        let mut index = ChunkIndex::new();
+        write_batch(&mut conn, &mut index, batch, &mut Vec::new()).unwrap();
+        drop(conn);
+        let store = SqliteStore::open(&dir, usize::MAX).unwrap();
+        let rooms = store.load_rooms(limits(10)).unwrap();
+        assert_eq!(seqs(&rooms[0].1), [2]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn migrations_run_once() {
         let dir = temp_dir("migrate");
-        drop(SqliteStore::open(&dir).unwrap());
-        let store = SqliteStore::open(&dir).unwrap();
+        drop(SqliteStore::open(&dir, usize::MAX).unwrap());
+        let store = SqliteStore::open(&dir, usize::MAX).unwrap();
         let conn = store.reader().unwrap();
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))

@@ -5,9 +5,12 @@
 //! dropping the [`WriterThread`] lets it finish what was sent and joins it.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Instant;
+
+use tokio::sync::Notify;
 
 /// A writer thread and the channel to it.
 pub struct WriterThread<Op> {
@@ -66,8 +69,9 @@ impl<Op> Drop for WriterThread<Op> {
     }
 }
 
-/// The next operation and whatever else is waiting, at most `max` in all; `None` once every
-/// sender is gone.
+/// The next operation and whatever else is waiting, at most `max` operations in all, and
+/// no more once they weigh `max_bytes` (the one that passes it is taken: a batch always
+/// holds at least one); `None` once every sender is gone.
 ///
 /// With `gather_until` set, and unless the first operation is `urgent`, the thread sleeps
 /// until then before taking the rest: a steady stream is then committed in a few large
@@ -78,7 +82,8 @@ impl<Op> Drop for WriterThread<Op> {
 /// `gather_until` at most.
 pub fn next_batch<Op>(
     rx: &Receiver<Op>,
-    max: usize,
+    (max, max_bytes): (usize, usize),
+    weight: impl Fn(&Op) -> usize,
     gather_until: Option<Instant>,
     urgent: impl Fn(&Op) -> bool,
 ) -> Option<Vec<Op>> {
@@ -91,14 +96,79 @@ pub fn next_batch<Op>(
             std::thread::sleep(wait);
         }
     }
+    let mut bytes = weight(&first);
     let mut batch = vec![first];
-    while batch.len() < max {
+    while batch.len() < max && bytes < max_bytes {
         match rx.try_recv() {
-            Ok(op) => batch.push(op),
+            Ok(op) => {
+                bytes += weight(&op);
+                batch.push(op);
+            }
             Err(_) => break,
         }
     }
     Some(batch)
+}
+
+/// Bytes handed to a writer thread and not yet taken by it, with a way for producers to wait
+/// until they are under a limit again: back-pressure on whoever feeds the thread, so that a
+/// disk slower than the network cannot make memory grow without bound.
+#[derive(Debug)]
+pub struct Pending {
+    bytes: AtomicUsize,
+    limit: usize,
+    under: Notify,
+}
+
+impl Pending {
+    /// Nothing pending; producers wait once more than `limit` bytes are.
+    pub fn new(limit: usize) -> Pending {
+        Pending {
+            bytes: AtomicUsize::new(0),
+            limit,
+            under: Notify::new(),
+        }
+    }
+
+    /// `n` more bytes handed over.
+    pub fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` bytes taken by the thread; wakes the waiting producers once under the limit.
+    pub fn sub(&self, n: usize) {
+        let before = self.bytes.fetch_sub(n, Ordering::Relaxed);
+        if before > self.limit && before - n <= self.limit {
+            self.under.notify_waiters();
+        }
+    }
+
+    /// Whether more than the limit is pending.
+    pub fn is_over(&self) -> bool {
+        self.bytes.load(Ordering::Relaxed) > self.limit
+    }
+
+    /// Bytes pending now.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Returns once no more than the limit is pending.
+    ///
+    /// # Cancel safety
+    /// Safe in `select!`: it holds nothing but a wait.
+    pub async fn until_under(&self) {
+        loop {
+            let under = self.under.notified();
+            tokio::pin!(under);
+            // Registered before the check: a wake-up between the two is not lost.
+            under.as_mut().enable();
+            if !self.is_over() {
+                return;
+            }
+            under.await;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -116,14 +186,23 @@ mod tests {
         let started = Instant::now();
         let long = Duration::from_secs(10);
         let later = Some(started + long);
-        assert_eq!(next_batch(&rx, 10, later, |n| *n == 0), Some(vec![0, 1, 2]));
+        assert_eq!(
+            next_batch(&rx, (10, usize::MAX), |_| 0, later, |n| *n == 0),
+            Some(vec![0, 1, 2])
+        );
         assert!(started.elapsed() < long / 2);
         tx.send(3).unwrap();
         tx.send(4).unwrap();
         let soon = Some(Instant::now() + Duration::from_millis(1));
-        assert_eq!(next_batch(&rx, 10, soon, |n| *n == 0), Some(vec![3, 4]));
+        assert_eq!(
+            next_batch(&rx, (10, usize::MAX), |_| 0, soon, |n| *n == 0),
+            Some(vec![3, 4])
+        );
         drop(tx);
-        assert_eq!(next_batch(&rx, 10, soon, |n| *n == 0), None);
+        assert_eq!(
+            next_batch(&rx, (10, usize::MAX), |_| 0, soon, |n| *n == 0),
+            None
+        );
     }
 
     #[test]
@@ -133,7 +212,13 @@ mod tests {
         tx.send(1).unwrap();
         let started = Instant::now();
         assert_eq!(
-            next_batch(&rx, 10, Some(started + linger), |_| false),
+            next_batch(
+                &rx,
+                (10, usize::MAX),
+                |_| 0,
+                Some(started + linger),
+                |_| false
+            ),
             Some(vec![1])
         );
         assert!(started.elapsed() >= linger, "gathered until the deadline");
@@ -145,8 +230,49 @@ mod tests {
         let started = Instant::now();
         let past = started.checked_sub(long);
         assert!(past.is_some());
-        assert_eq!(next_batch(&rx, 10, past, |_| false), Some(vec![2]));
+        assert_eq!(
+            next_batch(&rx, (10, usize::MAX), |_| 0, past, |_| false),
+            Some(vec![2])
+        );
         assert!(started.elapsed() < long / 2);
+    }
+
+    #[test]
+    fn a_batch_stops_once_its_operations_weigh_max_bytes() {
+        let (tx, rx) = mpsc::channel();
+        for n in [5, 0, 7, 1, 1] {
+            tx.send(n).unwrap();
+        }
+        // 5 + 0 + 7 passes 10 with the third: it is taken, the fourth is not.
+        assert_eq!(
+            next_batch(&rx, (10, 10), |n| *n, None, |_| false),
+            Some(vec![5, 0, 7])
+        );
+        // One heavier than the limit still makes a batch of its own.
+        tx.send(50).unwrap();
+        assert_eq!(
+            next_batch(&rx, (10, 10), |n| *n, None, |_| false),
+            Some(vec![1, 1, 50])
+        );
+    }
+
+    #[tokio::test]
+    async fn producers_wait_while_more_than_the_limit_is_pending() {
+        let pending = std::sync::Arc::new(Pending::new(100));
+        pending.add(150);
+        assert!(pending.is_over());
+        let waiting = tokio::spawn({
+            let pending = pending.clone();
+            async move { pending.until_under().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        pending.sub(50);
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!pending.is_over());
     }
 
     #[test]
@@ -156,6 +282,9 @@ mod tests {
             tx.send(n).unwrap();
         }
         let soon = Some(Instant::now() + Duration::from_millis(1));
-        assert_eq!(next_batch(&rx, 3, soon, |_| false), Some(vec![1, 2, 3]));
+        assert_eq!(
+            next_batch(&rx, (3, usize::MAX), |_| 0, soon, |_| false),
+            Some(vec![1, 2, 3])
+        );
     }
 }

@@ -44,6 +44,17 @@ pub fn stoa_bin() -> PathBuf {
     bin
 }
 
+/// The `stoa-cli` binary, beside `stoa`.
+pub fn cli_bin() -> PathBuf {
+    let cli = stoa_bin().with_file_name("stoa-cli");
+    assert!(
+        cli.exists(),
+        "{} is missing: run `cargo build -p client` first",
+        cli.display()
+    );
+    cli
+}
+
 /// A running `stoa`, killed on drop.
 pub struct Broker {
     child: Child,
@@ -54,6 +65,8 @@ pub struct Broker {
     /// Its data directory, removed on drop unless a restart took it over.
     pub data_dir: PathBuf,
     owns_data: bool,
+    /// Where its standard error goes, when captured (removed on drop).
+    stderr: Option<PathBuf>,
 }
 
 static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
@@ -97,6 +110,35 @@ impl Broker {
         Broker::start_at(data_dir, "127.0.0.1:0", "127.0.0.1:0", args, env)
     }
 
+    /// Like [`Broker::start`], with its standard error kept in a file ([`Broker::stderr`]).
+    pub fn start_capturing_stderr(args: &[&str], env: &[(&str, &str)]) -> Broker {
+        let data_dir = std::env::temp_dir().join(format!(
+            "stoa-it-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        let path = data_dir.with_extension("stderr");
+        let file = std::fs::File::create(&path).expect("create the stderr file");
+        let mut broker = Broker::spawn(
+            &data_dir,
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            args,
+            env,
+            Stdio::from(file),
+        );
+        broker.stderr = Some(path);
+        broker
+    }
+
+    /// What it wrote on standard error so far (when captured), lossily decoded.
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .as_ref()
+            .and_then(|path| std::fs::read(path).ok())
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
+    }
+
     fn start_at(
         data_dir: &std::path::Path,
         http: &str,
@@ -104,13 +146,23 @@ impl Broker {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Broker {
+        Broker::spawn(data_dir, (http, stomp), args, env, Stdio::inherit())
+    }
+
+    fn spawn(
+        data_dir: &std::path::Path,
+        (http, stomp): (&str, &str),
+        args: &[&str],
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Broker {
         let mut child = Command::new(stoa_bin())
             .envs(env.iter().copied())
             .args(["--http-listen", http, "--stomp-listen", stomp, "--data-dir"])
             .arg(data_dir)
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start stoa");
         let stdout = child.stdout.take().expect("piped stdout");
@@ -131,6 +183,7 @@ impl Broker {
             child,
             data_dir: data_dir.to_owned(),
             owns_data: true,
+            stderr: None,
         }
     }
 
@@ -189,6 +242,11 @@ impl Broker {
         }
     }
 
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Kills the process (SIGKILL, no chance to flush) and waits for it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -213,6 +271,9 @@ impl Drop for Broker {
         self.kill();
         if self.owns_data {
             let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
+        if let Some(path) = &self.stderr {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -321,12 +382,46 @@ impl Conn {
         }
     }
 
+    /// Sends raw bytes like [`Conn::send_raw`]; whether the connection took them (a broker
+    /// that closed it may not).
+    pub async fn try_send_raw(&mut self, bytes: &[u8]) -> bool {
+        match &mut self.link {
+            Link::Tcp(stream) => stream.write_all(bytes).await.is_ok(),
+            Link::Ws(socket) => {
+                let message = match std::str::from_utf8(bytes) {
+                    Ok(text) => Message::text(text),
+                    Err(_) => Message::binary(bytes.to_vec()),
+                };
+                socket.send(message).await.is_ok()
+            }
+        }
+    }
+
+    /// Whether this is a WebSocket connection.
+    pub fn is_ws(&self) -> bool {
+        matches!(self.link, Link::Ws(_))
+    }
+
     /// Sends one WebSocket message of the given kind (WebSocket only).
     pub async fn send_ws(&mut self, message: Message) {
         match &mut self.link {
             Link::Ws(socket) => socket.send(message).await.expect("ws send"),
             Link::Tcp(_) => panic!("send_ws on a TCP connection"),
         }
+    }
+
+    /// Sends several WebSocket messages at once, flushing only after the last; whether the
+    /// socket took them all (a broker that already closed may refuse the rest).
+    pub async fn send_ws_burst(&mut self, messages: Vec<Message>) -> bool {
+        let Link::Ws(socket) = &mut self.link else {
+            panic!("send_ws_burst on a TCP connection");
+        };
+        for message in messages {
+            if socket.feed(message).await.is_err() {
+                return false;
+            }
+        }
+        socket.flush().await.is_ok()
     }
 
     /// Sends a frame encoded for the negotiated version.
@@ -367,20 +462,43 @@ impl Conn {
 
     /// The next frame or close within `wait`, or `None` if nothing came.
     pub async fn next_event_within(&mut self, wait: Duration) -> Option<Event> {
+        self.try_next_event_within(wait)
+            .await
+            .unwrap_or_else(|e| panic!("broker sent a malformed frame: {e}"))
+    }
+
+    /// Like [`Conn::next_event_within`], with bytes that do not decode as an error rather
+    /// than a panic. A CONNECTED switches the decoder to the version it names.
+    ///
+    /// # Errors
+    /// What the decoder said.
+    pub async fn try_next_event_within(
+        &mut self,
+        wait: Duration,
+    ) -> Result<Option<Event>, DecodeError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            match self.decoder.decode(&mut self.buf) {
-                Ok(Some(frame)) => return Some(Event::Frame(frame)),
-                Ok(None) => {}
-                Err(e) => panic!("broker sent a malformed frame: {e}"),
+            if let Some(frame) = self.decoder.decode(&mut self.buf)? {
+                if frame.command.as_str() == "CONNECTED" {
+                    let version = frame.header("version").and_then(|v| v.parse().ok());
+                    self.set_version(version.unwrap_or(Version::V1_0));
+                }
+                return Ok(Some(Event::Frame(frame)));
             }
             let more = tokio::time::timeout_at(deadline, self.read_more()).await;
             match more {
-                Err(_) => return None,
-                Ok(false) => return Some(Event::Closed),
+                Err(_) => return Ok(None),
+                Ok(false) => return Ok(Some(Event::Closed)),
                 Ok(true) => {}
             }
         }
+    }
+
+    /// Decodes (and encodes) as `version` from now on: what a CONNECT without CONNECTED yet
+    /// will speak.
+    pub fn set_version(&mut self, version: Version) {
+        self.version = version;
+        self.decoder.set_version(version);
     }
 
     /// Reads once; `false` on close.

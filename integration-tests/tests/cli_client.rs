@@ -6,21 +6,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 
-use integration_tests::Broker;
-
-fn cli_bin() -> PathBuf {
-    let stoa = integration_tests::stoa_bin();
-    let cli = stoa.with_file_name("stoa-cli");
-    assert!(
-        cli.exists(),
-        "{} is missing: run `cargo build -p client` first",
-        cli.display()
-    );
-    cli
-}
+use integration_tests::{Broker, cli_bin};
 
 fn cli(args: &[&str]) -> Output {
     Command::new(cli_bin()).args(args).output().unwrap()

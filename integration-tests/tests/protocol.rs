@@ -109,6 +109,60 @@ async fn websocket_subprotocol_is_the_highest_offered_or_none() {
     }
 }
 
+/// Sends a raw HTTP request head to the broker and returns the response's head.
+async fn http_head(broker: &Broker, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(broker.http).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !response.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the response head");
+        response.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(response).unwrap()
+}
+
+#[tokio::test]
+async fn websocket_upgrades_are_checked_as_rfc_6455_says() {
+    let broker = Broker::start(&[]);
+    let upgrade = |extra: &str| {
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: stoa\r\nConnection: keep-alive, Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+        )
+    };
+    // The RFC's own example key; subprotocols offered over two header lines.
+    let accepted = http_head(
+        &broker,
+        &upgrade(
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt, v10.stomp\r\n\
+             Sec-WebSocket-Protocol: v11.stomp\r\n",
+        ),
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(accepted.starts_with("http/1.1 101"), "{accepted}");
+    assert!(
+        accepted.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{accepted}"
+    );
+    assert!(
+        accepted.contains("sec-websocket-protocol: v11.stomp"),
+        "{accepted}"
+    );
+    let old = http_head(&broker, &upgrade("Sec-WebSocket-Version: 8\r\n")).await;
+    assert!(old.starts_with("HTTP/1.1 426"), "{old}");
+    assert!(
+        old.to_ascii_lowercase()
+            .contains("sec-websocket-version: 13"),
+        "{old}"
+    );
+    let (status, body) = broker.http_get("/ws").await;
+    assert_eq!(status, 400, "a plain GET of the WebSocket endpoint: {body}");
+}
+
 #[tokio::test]
 async fn frames_split_across_websocket_messages_and_several_in_one() {
     let broker = Broker::start(&[]);

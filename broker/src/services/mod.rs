@@ -6,6 +6,7 @@ mod rooms;
 mod topics;
 mod users;
 
+pub use crate::store::HistoryLimits;
 pub use app::App;
 pub use queues::{QueueLimits, QueueStats, Queues};
 pub use rooms::{RoomDetail, RoomSummary, Rooms, check_room_name};

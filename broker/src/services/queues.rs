@@ -16,7 +16,6 @@ use crate::durable::{KeptQueue, QueueStore};
 use crate::outbox::Mark;
 use crate::router::{
     Fanout, Publish, PublishRequest, Published, Service, SubscribeRequest, Subscriber,
-    message_headers,
 };
 use crate::session::{SessionError, SessionId};
 
@@ -301,18 +300,7 @@ impl Service for Queues {
                 bytes: self.limits.max_bytes,
             });
         }
-        let headers = message_headers(
-            request.destination,
-            request.message_id,
-            &frame.headers,
-            request.user,
-            &[],
-        );
-        let publish = Arc::new(Publish::new(
-            request.message_id,
-            headers,
-            frame.body.clone(),
-        ));
+        let publish = Arc::new(request.message(request.destination, &[]));
         self.store.put(
             request.message_id,
             name,

@@ -3,23 +3,32 @@
 //! In: joins (SUBSCRIBE, with `x-history` or `x-since`), leaves, and SENDs. Out: every kept
 //! message numbered with the room's next `x-seq` and kept (in memory for replay, in the
 //! store for restarts); join and leave notices when a user's first session arrives or last
-//! one goes; replay before live with no gap and no duplicate, because both happen under the
-//! room's lock.
+//! one goes; replay before live with no gap and no duplicate: the replay is queued on the
+//! joiner's outbox under the room's lock, ahead of every live message, and encoded a batch
+//! at a time as the joiner's socket takes it ([`RoomReplay`]).
+//!
+//! History is bounded three ways, the oldest kept messages going first past any of them:
+//! messages per room (`--room-history`), bytes per room (`--room-history-bytes`) and bytes
+//! for all rooms (`--history-total-bytes`). A room with nothing kept and nobody in it is
+//! forgotten, so that the number of rooms is bounded by what is kept.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
 use stomp_codec::Headers;
 
+use crate::outbox::{Backlog, Outgoing, fill_from};
 use crate::router::{
-    Fanout, KeptMessage, MessageIds, Publish, PublishRequest, Published, Replay, Service,
+    Fanout, KeptMessage, MessageIds, Publish, PublishRequest, Published, Replay, Service, Stamp,
     SubscribeRequest, Subscriber, deliver, message_headers,
 };
 use crate::services::Topics;
 use crate::session::SessionError;
 use crate::state::now_millis;
-use crate::store::{Store, StoreError};
+use crate::store::{HistoryLimits, Store, StoreError};
 
 /// Longest room name, in characters.
 pub const MAX_ROOM_NAME_CHARS: usize = 64;
@@ -53,19 +62,48 @@ pub fn check_room_name(room: &str) -> Result<(), SessionError> {
 #[derive(Debug)]
 struct Kept {
     seq: u64,
-    /// Shared with the store until it is written.
+    /// Shared with the store until it is written, and with replays being read.
     message: Arc<KeptMessage>,
 }
 
 #[derive(Debug, Default)]
 struct Room {
-    /// The room's name as the store takes it with each message; set on the first.
+    /// The room's name as the store takes it with each message.
     name: Arc<str>,
     last_seq: u64,
     history: VecDeque<Kept>,
+    /// What `history` takes, as [`KeptMessage::size`] counts it.
+    bytes: usize,
     subscribers: Vec<Subscriber>,
     /// Users present, with how many of their sessions are in the room.
     members: BTreeMap<Arc<str>, usize>,
+    /// Taken out of the map (nothing kept, nobody in it): whoever still holds it looks the
+    /// room up again.
+    retired: bool,
+}
+
+impl Room {
+    /// The oldest kept `x-seq`, or the next one when nothing is kept.
+    fn first_kept(&self) -> u64 {
+        self.history.front().map_or(self.last_seq + 1, |k| k.seq)
+    }
+
+    /// The `message-id` of the oldest kept message: ids grow in publish order, across rooms
+    /// and restarts, so this orders rooms by the age of their oldest message.
+    fn oldest_id(&self) -> Option<u64> {
+        self.history.front().map(|k| k.message.message_id())
+    }
+
+    fn is_idle(&self) -> bool {
+        self.history.is_empty() && self.subscribers.is_empty() && self.members.is_empty()
+    }
+
+    /// Drops the oldest kept message; its size.
+    fn evict_oldest(&mut self) -> usize {
+        let size = self.history.pop_front().map_or(0, |k| k.message.size());
+        self.bytes -= size;
+        size
+    }
 }
 
 /// One room in the room list.
@@ -97,7 +135,11 @@ pub struct Rooms {
     topics: Arc<Topics>,
     store: Arc<dyn Store>,
     ids: Arc<MessageIds>,
-    keep: usize,
+    limits: HistoryLimits,
+    /// What every room's history takes together.
+    total_bytes: AtomicUsize,
+    /// Held by the one thread evicting for `--history-total-bytes`.
+    evicting: Mutex<()>,
 }
 
 fn lock(room: &Mutex<Room>) -> MutexGuard<'_, Room> {
@@ -108,7 +150,8 @@ fn lock(room: &Mutex<Room>) -> MutexGuard<'_, Room> {
 }
 
 impl Rooms {
-    /// Rooms with the history `store` kept, `keep` messages each at most.
+    /// Rooms with the history `store` kept, within `limits` (what is past them goes from
+    /// the store too).
     ///
     /// # Errors
     /// The store cannot be read.
@@ -116,31 +159,140 @@ impl Rooms {
         store: Arc<dyn Store>,
         topics: Arc<Topics>,
         ids: Arc<MessageIds>,
-        keep: usize,
+        limits: HistoryLimits,
     ) -> Result<Rooms, StoreError> {
-        let rooms = DashMap::new();
-        for (name, messages) in store.load_rooms(keep)? {
-            let mut room = Room::default();
-            for m in messages {
-                room.last_seq = room.last_seq.max(m.seq);
-                room.history.push_back(Kept {
-                    seq: m.seq,
-                    message: Arc::new(Publish::from_stored(m).into_kept()),
-                });
-            }
-            rooms.insert(name, Arc::new(Mutex::new(room)));
-        }
-        Ok(Rooms {
-            rooms,
+        let rooms = Rooms {
+            rooms: DashMap::new(),
             topics,
             store,
             ids,
-            keep,
-        })
+            limits,
+            total_bytes: AtomicUsize::new(0),
+            evicting: Mutex::new(()),
+        };
+        for (name, messages) in rooms.store.load_rooms(limits)? {
+            let mut room = Room {
+                name: Arc::from(name.as_str()),
+                ..Room::default()
+            };
+            for m in messages {
+                let seq = m.seq;
+                room.last_seq = room.last_seq.max(seq);
+                let message = Arc::new(Publish::from_stored(m).into_kept());
+                room.bytes += message.size();
+                room.history.push_back(Kept { seq, message });
+            }
+            rooms.total_bytes.fetch_add(room.bytes, Ordering::Relaxed);
+            let trimmed = rooms.trim(&mut room);
+            if trimmed {
+                rooms.store.trim_room(&room.name, room.first_kept());
+            }
+            rooms.rooms.insert(name, Arc::new(Mutex::new(room)));
+        }
+        rooms.enforce_total();
+        Ok(rooms)
     }
 
-    fn room(&self, name: &str) -> Arc<Mutex<Room>> {
-        super::shared_entry(&self.rooms, name)
+    /// The room called `name`, locked (made empty on first use), passed to `f` with its
+    /// handle; then the history caps are enforced and an idle room is forgotten.
+    fn with_room<R>(&self, name: &str, f: impl FnOnce(&Arc<Mutex<Room>>, &mut Room) -> R) -> R {
+        let result = loop {
+            let handle = super::shared_entry(&self.rooms, name);
+            let mut room = lock(&handle);
+            if room.retired {
+                // Forgotten between the lookup and the lock: look again.
+                continue;
+            }
+            if room.name.is_empty() {
+                room.name = Arc::from(name);
+            }
+            let result = f(&handle, &mut room);
+            if room.is_idle() {
+                self.retire(name, &handle, &mut room);
+            }
+            break result;
+        };
+        self.enforce_total();
+        result
+    }
+
+    /// Takes an idle room out of the map, and its rows out of the store.
+    fn retire(&self, name: &str, handle: &Arc<Mutex<Room>>, room: &mut Room) {
+        room.retired = true;
+        self.rooms.remove_if(name, |_, v| Arc::ptr_eq(v, handle));
+        if room.last_seq > 0 {
+            self.store.forget_room(&room.name);
+        }
+    }
+
+    /// Drops a room's oldest messages past its own caps; whether any went.
+    fn trim(&self, room: &mut Room) -> bool {
+        let mut freed = 0;
+        while room.history.len() > self.limits.messages || room.bytes > self.limits.room_bytes {
+            freed += room.evict_oldest();
+        }
+        self.total_bytes.fetch_sub(freed, Ordering::Relaxed);
+        freed > 0
+    }
+
+    /// Past `--history-total-bytes`, drops the oldest kept messages of all rooms, down to
+    /// 15/16 of the cap: the rooms are ranked by their oldest message once per pass, not
+    /// once per message.
+    fn enforce_total(&self) {
+        let cap = self.limits.total_bytes;
+        if self.total_bytes.load(Ordering::Relaxed) <= cap {
+            return;
+        }
+        // One thread evicts; the others go on (the cap is back within one pass).
+        let Ok(_evicting) = self.evicting.try_lock() else {
+            return;
+        };
+        let target = cap - cap / 16;
+        let mut oldest: BinaryHeap<Reverse<(u64, String)>> = self
+            .rooms
+            .iter()
+            .filter_map(|e| {
+                lock(e.value())
+                    .oldest_id()
+                    .map(|id| Reverse((id, e.key().clone())))
+            })
+            .collect();
+        while self.total_bytes.load(Ordering::Relaxed) > target {
+            let Some(Reverse((id, name))) = oldest.pop() else {
+                break;
+            };
+            let Some(handle) = self.rooms.get(&name).map(|r| r.clone()) else {
+                continue;
+            };
+            let mut room = lock(&handle);
+            let Some(front) = room.oldest_id() else {
+                continue;
+            };
+            if front > id {
+                // It lost messages since it was ranked: rank it again.
+                oldest.push(Reverse((front, name)));
+                continue;
+            }
+            // This room's messages older than the next room's oldest, one at least.
+            let next = oldest.peek().map(|Reverse((id, _))| *id);
+            let mut freed = room.evict_oldest();
+            while self.total_bytes.load(Ordering::Relaxed) - freed > target
+                && room
+                    .oldest_id()
+                    .is_some_and(|id| next.is_none_or(|next| id < next))
+            {
+                freed += room.evict_oldest();
+            }
+            self.total_bytes.fetch_sub(freed, Ordering::Relaxed);
+            match room.oldest_id() {
+                Some(id) => {
+                    self.store.trim_room(&room.name, room.first_kept());
+                    oldest.push(Reverse((id, name)));
+                }
+                None if room.is_idle() => self.retire(&name, &handle, &mut room),
+                None => self.store.trim_room(&room.name, room.first_kept()),
+            }
+        }
     }
 
     /// Rooms with members or kept history, by name.
@@ -161,7 +313,7 @@ impl Rooms {
         list
     }
 
-    /// A room's members, or `None` for a room that never existed.
+    /// A room's members, or `None` for a room that never existed (or was forgotten).
     pub fn detail(&self, name: &str) -> Option<RoomDetail> {
         let room = self.rooms.get(name)?.clone();
         let room = lock(&room);
@@ -172,10 +324,14 @@ impl Rooms {
         })
     }
 
-    /// Numbers, keeps and delivers a message built by `headers(seq)`.
+    /// What all rooms keep, in bytes.
+    pub fn kept_bytes(&self) -> usize {
+        self.total_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Numbers, keeps and delivers a message.
     fn keep_and_deliver(
         &self,
-        name: &str,
         room: &mut Room,
         message_id: u64,
         headers: Headers,
@@ -184,44 +340,45 @@ impl Rooms {
         room.last_seq += 1;
         let seq = room.last_seq;
         let publish = Publish::new(message_id, headers, body);
-        let fanout = self.deliver_live(name, room, &publish);
+        let fanout = self.deliver_live(room, &publish);
         let kept = Arc::new(publish.into_kept());
-        if room.name.is_empty() {
-            room.name = Arc::from(name);
-        }
-        self.store.append_room(&room.name, seq, &kept, self.keep);
-        room.history.push_back(Kept { seq, message: kept });
-        while room.history.len() > self.keep {
-            room.history.pop_front();
-        }
+        let size = kept.size();
+        room.bytes += size;
+        self.total_bytes.fetch_add(size, Ordering::Relaxed);
+        room.history.push_back(Kept {
+            seq,
+            message: kept.clone(),
+        });
+        self.trim(room);
+        self.store
+            .append_room(&room.name, seq, &kept, room.first_kept());
         (seq, fanout)
     }
 
-    fn deliver_live(&self, name: &str, room: &Room, publish: &Publish) -> Fanout {
+    fn deliver_live(&self, room: &Room, publish: &Publish) -> Fanout {
         let mut fanout = Fanout::default();
         deliver(room.subscribers.iter(), publish, &mut fanout);
         self.topics
-            .fan_out_to_patterns(&format!("room.{name}"), publish, &mut fanout);
+            .fan_out_to_patterns(&format!("room.{}", room.name), publish, &mut fanout);
         fanout
     }
 
     /// Posts an `x-event` notice (join, leave) from `user`.
-    fn notice(&self, name: &str, room: &mut Room, event: &str, user: &str) {
+    fn notice(&self, room: &mut Room, event: &str, user: &str) {
         let message_id = self.ids.next();
         let mut digits = itoa::Buffer::new();
         let mut headers = Headers::new();
-        headers.push("destination", &format!("/topic/room.{name}"));
+        headers.push("destination", &format!("/topic/room.{}", room.name));
         headers.push("message-id", digits.format(message_id));
         headers.push("x-event", event);
         headers.push("x-sender", user);
         headers.push("x-timestamp", digits.format(now_millis()));
         headers.push("x-seq", digits.format(room.last_seq + 1));
-        self.keep_and_deliver(name, room, message_id, headers, bytes::Bytes::new());
+        self.keep_and_deliver(room, message_id, headers, bytes::Bytes::new());
     }
 
-    /// Replays history to a joining subscriber, as `replay` asks.
-    fn replay(&self, name: &str, room: &Room, subscriber: &Subscriber, replay: Replay) {
-        let first_kept = room.history.front().map_or(room.last_seq + 1, |k| k.seq);
+    /// Queues the replay `replay` asks for on the joiner's outbox, ahead of anything live.
+    fn replay(&self, room: &Room, subscriber: &Subscriber, replay: Replay) {
         let from = match replay {
             Replay::None => return,
             Replay::Last(n) => {
@@ -229,34 +386,67 @@ impl Rooms {
                 room.history.len().saturating_sub(n)
             }
             Replay::Since(since) => {
+                let first_kept = room.first_kept();
                 // Older than what is kept, or newer than anything this room ever numbered
                 // (its history was reset): say so, then replay everything kept.
                 if since.saturating_add(1) < first_kept || since > room.last_seq {
-                    self.gap_notice(name, subscriber, first_kept);
+                    let gap = gap_notice(&room.name, first_kept, &self.ids);
+                    subscriber.offer(&gap, true);
                     0
                 } else {
                     room.history.partition_point(|k| k.seq <= since)
                 }
             }
         };
-        for kept in room.history.range(from..) {
-            subscriber.offer_kept(&kept.message);
+        if from < room.history.len() {
+            // Refused only when the connection is ending: nothing to replay to.
+            let _ = subscriber.outbox.offer_backlog(RoomReplay {
+                messages: room
+                    .history
+                    .range(from..)
+                    .map(|k| k.message.clone())
+                    .collect(),
+                stamp: subscriber.stamp(),
+            });
         }
     }
+}
 
-    fn gap_notice(&self, name: &str, subscriber: &Subscriber, first_kept: u64) {
-        let message_id = self.ids.next();
-        let mut digits = itoa::Buffer::new();
-        let mut headers = Headers::new();
-        headers.push("destination", &format!("/topic/room.{name}"));
-        headers.push("message-id", digits.format(message_id));
-        headers.push("x-event", "gap");
-        headers.push("x-first-seq", digits.format(first_kept));
-        headers.push("x-timestamp", digits.format(now_millis()));
-        subscriber.offer(
-            &Publish::new(message_id, headers, bytes::Bytes::new()),
-            true,
-        );
+/// An `x-event:gap` notice: what was asked for is no longer kept, the oldest kept is
+/// `first_kept`. Not kept, no `x-seq`.
+fn gap_notice(room: &str, first_kept: u64, ids: &MessageIds) -> Publish {
+    let message_id = ids.next();
+    let mut digits = itoa::Buffer::new();
+    let mut headers = Headers::new();
+    headers.push("destination", &format!("/topic/room.{room}"));
+    headers.push("message-id", digits.format(message_id));
+    headers.push("x-event", "gap");
+    headers.push("x-first-seq", digits.format(first_kept));
+    headers.push("x-timestamp", digits.format(now_millis()));
+    Publish::new(message_id, headers, bytes::Bytes::new())
+}
+
+/// A room's kept messages replayed to one subscription as its socket takes them. It holds
+/// the messages kept when the subscription was made (shared with the history, not copied),
+/// so that what was kept then is delivered in full even if the room drops some of them
+/// meanwhile; what it has not sent stays in memory until it is sent, at most
+/// `--room-history-bytes` per replaying subscription.
+#[derive(Debug)]
+struct RoomReplay {
+    messages: VecDeque<Arc<KeptMessage>>,
+    stamp: Stamp,
+}
+
+impl Backlog for RoomReplay {
+    fn subscription(&self) -> u32 {
+        self.stamp.key()
+    }
+
+    fn fill(&mut self, batch: &mut Vec<Outgoing>, max_bytes: usize) -> bool {
+        let stamp = &self.stamp;
+        fill_from(&mut self.messages, batch, max_bytes, |kept| {
+            stamp.kept(&kept)
+        })
     }
 }
 
@@ -268,92 +458,82 @@ impl Service for Rooms {
     fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<(), SessionError> {
         let name = request.key;
         check_room_name(name)?;
-        let room = self.room(name);
-        let mut room = lock(&room);
         let subscriber = request.subscriber;
-        // Under the room's lock: replay, then live, with nothing in between.
-        self.replay(name, &room, &subscriber, request.replay);
-        let user = subscriber.user.clone();
-        room.subscribers.push(subscriber);
-        let sessions = room.members.entry(user.clone()).or_insert(0);
-        *sessions += 1;
-        if *sessions == 1 {
-            // The joiner's own join notice is its first live message.
-            self.notice(name, &mut room, "join", &user);
-        }
+        self.with_room(name, |_, room| {
+            // Under the room's lock: the replay is queued, then live messages, with nothing
+            // in between.
+            self.replay(room, &subscriber, request.replay);
+            let user = subscriber.user.clone();
+            room.subscribers.push(subscriber);
+            let sessions = room.members.entry(user.clone()).or_insert(0);
+            *sessions += 1;
+            if *sessions == 1 {
+                // The joiner's own join notice is its first live message.
+                self.notice(room, "join", &user);
+            }
+        });
         Ok(())
     }
 
     fn unsubscribe(&self, key: &str, subscriber: &Subscriber) {
-        let Some(room) = self.rooms.get(key).map(|r| r.clone()) else {
-            return;
-        };
-        let mut room = lock(&room);
-        let before = room.subscribers.len();
-        room.subscribers
-            .retain(|s| !s.is(subscriber.session, subscriber.key));
-        if room.subscribers.len() == before {
+        if !self.rooms.contains_key(key) {
             return;
         }
-        let user = &subscriber.user;
-        let last = match room.members.get_mut(user) {
-            Some(sessions) => {
-                *sessions = sessions.saturating_sub(1);
-                *sessions == 0
+        self.with_room(key, |_, room| {
+            let before = room.subscribers.len();
+            room.subscribers
+                .retain(|s| !s.is(subscriber.session, subscriber.key));
+            if room.subscribers.len() == before {
+                return;
             }
-            None => false,
-        };
-        if last {
-            room.members.remove(user);
-            self.notice(key, &mut room, "leave", user);
-        }
+            let user = &subscriber.user;
+            let last = match room.members.get_mut(user) {
+                Some(sessions) => {
+                    *sessions = sessions.saturating_sub(1);
+                    *sessions == 0
+                }
+                None => false,
+            };
+            if last {
+                room.members.remove(user);
+                self.notice(room, "leave", user);
+            }
+        });
     }
 
     fn publish(&self, request: PublishRequest<'_>) -> Result<Published, SessionError> {
-        let name = request.key;
         let frame = request.frame;
-        let room = self.room(name);
-        let mut room = lock(&room);
         // 1.2 leaves header values untrimmed; `true` is the only value that means transient.
-        if frame.header("x-transient") == Some("true") {
+        let transient = frame.header("x-transient") == Some("true");
+        Ok(self.with_room(request.key, |_, room| {
+            if transient {
+                let publish = request.message(request.destination, &[]);
+                let fanout = self.deliver_live(room, &publish);
+                return Published {
+                    message_id: request.message_id,
+                    seq: None,
+                    fanout,
+                    durable: false,
+                };
+            }
+            let mut digits = itoa::Buffer::new();
+            let seq = room.last_seq + 1;
             let headers = message_headers(
                 request.destination,
                 request.message_id,
                 &frame.headers,
                 request.user,
-                &[],
+                &[("x-seq", digits.format(seq))],
             );
-            let publish = Publish::new(request.message_id, headers, frame.body.clone());
-            let fanout = self.deliver_live(name, &room, &publish);
-            return Ok(Published {
+            let (seq, fanout) =
+                self.keep_and_deliver(room, request.message_id, headers, frame.body.clone());
+            Published {
                 message_id: request.message_id,
-                seq: None,
+                seq: Some(seq),
                 fanout,
                 durable: false,
-            });
-        }
-        let mut digits = itoa::Buffer::new();
-        let seq = room.last_seq + 1;
-        let headers = message_headers(
-            request.destination,
-            request.message_id,
-            &frame.headers,
-            request.user,
-            &[("x-seq", digits.format(seq))],
-        );
-        let (seq, fanout) = self.keep_and_deliver(
-            name,
-            &mut room,
-            request.message_id,
-            headers,
-            frame.body.clone(),
-        );
-        Ok(Published {
-            message_id: request.message_id,
-            seq: Some(seq),
-            fanout,
-            durable: false,
-        })
+            }
+        }))
     }
 }
 

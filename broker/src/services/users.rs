@@ -12,9 +12,10 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use crate::durable::{KeptQueue, QueueStore};
+use crate::outbox::{Backlog, Mark, Outgoing, fill_from};
 use crate::router::{
-    Fanout, Publish, PublishRequest, Published, Service, SubscribeRequest, Subscriber, deliver,
-    message_headers,
+    Fanout, Publish, PublishRequest, Published, Service, Stamp, SubscribeRequest, Subscriber,
+    deliver,
 };
 use crate::session::{SessionError, check_user_name};
 
@@ -36,14 +37,20 @@ pub fn is_user_queue(store_name: &str) -> bool {
 struct UserQueue {
     listeners: Vec<Subscriber>,
     waiting: VecDeque<Publish>,
+    /// Bytes of the bodies in `waiting`.
+    bytes: usize,
 }
+
+/// A user and one of their queue names.
+type QueueKey = (String, String);
 
 /// Every user queue.
 #[derive(Debug)]
 pub struct Users {
-    queues: DashMap<(String, String), UserQueue>,
+    queues: Arc<DashMap<QueueKey, UserQueue>>,
     store: Arc<QueueStore>,
-    limit: usize,
+    /// Most messages and most body bytes waiting per queue.
+    limit: (usize, usize),
 }
 
 /// `queue/<name>`: the SUBSCRIBE side.
@@ -67,8 +74,8 @@ fn valid_queue_name(name: &str) -> bool {
 
 impl Users {
     /// User queues holding what the store kept for them (from [`is_user_queue`] names), at
-    /// most `limit` waiting per queue.
-    pub fn new(store: Arc<QueueStore>, kept: Vec<KeptQueue>, limit: usize) -> Users {
+    /// most `limit` (messages, body bytes) waiting per queue.
+    pub fn new(store: Arc<QueueStore>, kept: Vec<KeptQueue>, limit: (usize, usize)) -> Users {
         let queues = DashMap::new();
         for (name, messages) in kept {
             let Some((user, queue)) = name
@@ -77,17 +84,20 @@ impl Users {
             else {
                 continue;
             };
-            let waiting = messages.into_iter().map(Publish::from_stored).collect();
+            let waiting: VecDeque<Publish> =
+                messages.into_iter().map(Publish::from_stored).collect();
+            let bytes = waiting.iter().map(|p| p.body().len()).sum();
             queues.insert(
                 (user.to_owned(), queue.to_owned()),
                 UserQueue {
                     listeners: Vec::new(),
                     waiting,
+                    bytes,
                 },
             );
         }
         Users {
-            queues,
+            queues: Arc::new(queues),
             store,
             limit,
         }
@@ -98,6 +108,46 @@ impl Users {
         self.queues
             .get(&(user.to_owned(), name.to_owned()))
             .map_or(0, |q| q.waiting.len())
+    }
+}
+
+/// The messages that waited for a user, going to their first subscription at the pace of
+/// its socket. Each leaves the store as it is taken to be written; should the connection
+/// end first, the rest wait again, ahead of anything that came meanwhile.
+#[derive(Debug)]
+struct WaitingMessages {
+    messages: VecDeque<Publish>,
+    stamp: Stamp,
+    queue: QueueKey,
+    queues: Arc<DashMap<QueueKey, UserQueue>>,
+    store: Arc<QueueStore>,
+}
+
+impl Backlog for WaitingMessages {
+    fn subscription(&self) -> u32 {
+        self.stamp.key()
+    }
+
+    fn fill(&mut self, batch: &mut Vec<Outgoing>, max_bytes: usize) -> bool {
+        let (stamp, store) = (&self.stamp, &self.store);
+        fill_from(&mut self.messages, batch, max_bytes, |publish| {
+            store.remove(publish.message_id);
+            stamp.publish(&publish, Mark::None)
+        })
+    }
+}
+
+impl Drop for WaitingMessages {
+    fn drop(&mut self) {
+        if self.messages.is_empty() {
+            return;
+        }
+        // Not written: they wait again, first in line.
+        let mut queue = self.queues.entry(self.queue.clone()).or_default();
+        for publish in self.messages.drain(..).rev() {
+            queue.bytes += publish.body().len();
+            queue.waiting.push_front(publish);
+        }
     }
 }
 
@@ -112,15 +162,24 @@ impl Service for Users {
         let name = subscribe_queue(request.key)
             .ok_or_else(|| SessionError::InvalidUserDestination(request.destination.to_owned()))?;
         let subscriber = request.subscriber;
-        let mut queue = self
-            .queues
-            .entry((subscriber.user.to_string(), name.to_owned()))
-            .or_default();
+        let key = (subscriber.user.to_string(), name.to_owned());
+        let mut queue = self.queues.entry(key.clone()).or_default();
         // Under the queue's entry lock: messages that waited go to this first subscription,
         // once, before anything published after it.
-        for publish in queue.waiting.drain(..) {
-            subscriber.offer(&publish, false);
-            self.store.remove(publish.message_id);
+        if !queue.waiting.is_empty() {
+            let backlog = WaitingMessages {
+                messages: std::mem::take(&mut queue.waiting),
+                stamp: subscriber.stamp(),
+                queue: key,
+                queues: self.queues.clone(),
+                store: self.store.clone(),
+            };
+            match subscriber.outbox.offer_backlog(backlog) {
+                Ok(()) => queue.bytes = 0,
+                // The connection is ending: they go on waiting (taken back here, under the
+                // entry's lock, rather than by the backlog's drop, which would take it).
+                Err(mut refused) => queue.waiting = std::mem::take(&mut refused.messages),
+            }
         }
         queue.listeners.push(subscriber);
         Ok(())
@@ -144,14 +203,7 @@ impl Service for Users {
         let (user, name) = send_target(request.key)
             .ok_or_else(|| SessionError::InvalidUserDestination(request.destination.to_owned()))?;
         let delivered_as = format!("/user/queue/{name}");
-        let headers = message_headers(
-            &delivered_as,
-            request.message_id,
-            &request.frame.headers,
-            request.user,
-            &[],
-        );
-        let publish = Publish::new(request.message_id, headers, request.frame.body.clone());
+        let publish = request.message(&delivered_as, &[]);
         let mut queue = self
             .queues
             .entry((user.to_owned(), name.to_owned()))
@@ -159,10 +211,13 @@ impl Service for Users {
         let mut fanout = Fanout::default();
         let mut durable = false;
         if queue.listeners.is_empty() {
-            if queue.waiting.len() >= self.limit {
+            let (messages, bytes) = self.limit;
+            let size = publish.body().len();
+            if queue.waiting.len() >= messages || queue.bytes + size > bytes {
                 return Err(SessionError::UserQueueFull {
                     destination: request.destination.to_owned(),
-                    limit: self.limit,
+                    messages,
+                    bytes,
                 });
             }
             self.store.put(
@@ -171,6 +226,7 @@ impl Service for Users {
                 publish.to_stored(publish.message_id),
                 None,
             );
+            queue.bytes += size;
             queue.waiting.push_back(publish);
             durable = true;
         } else {

@@ -78,6 +78,11 @@ impl ChunkWriter {
         self.messages
     }
 
+    /// Whether it holds no message.
+    pub fn is_empty(&self) -> bool {
+        self.messages == 0
+    }
+
     /// The seq of the first and of the last message.
     pub fn seqs(&self) -> (u64, u64) {
         (self.first_seq, self.last_seq)

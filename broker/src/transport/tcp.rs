@@ -1,12 +1,14 @@
-//! STOMP over TCP.
+//! STOMP over a byte stream: TCP (and anything else that reads and writes bytes).
 //!
 //! In: an accepted [`TcpStream`]. Out: bytes appended to the read buffer; batches of frames
 //! written with one `write_all` per batch.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::connection::{CloseKind, LINGER, Transport, TransportError, compose};
@@ -15,30 +17,67 @@ use crate::outbox::Outgoing;
 /// A write buffer grown past this by a large batch is given back afterwards.
 const WRITE_BUFFER_KEEP_BYTES: usize = 256 * 1024;
 
-/// A TCP connection.
+/// Reads at most this many times per poll before dropping input gives way to writing.
+const DISCARD_READS_PER_POLL: usize = 16;
+
+/// Reads and drops what `stream` has ready (inside a poll), until it would wait, it ends
+/// (`done`), or [`DISCARD_READS_PER_POLL`] reads were made (then the task is woken again,
+/// since more may be waiting with no wake-up to come).
+pub(crate) fn discard_input<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    sink: &mut [u8],
+    done: &mut bool,
+) {
+    for _ in 0..DISCARD_READS_PER_POLL {
+        if *done {
+            return;
+        }
+        let mut buf = ReadBuf::new(sink);
+        match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => *done = true,
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => *done = true,
+            Poll::Pending => return,
+        }
+    }
+    if !*done {
+        cx.waker().wake_by_ref();
+    }
+}
+
+/// STOMP over TCP.
+pub type TcpTransport = StreamTransport<TcpStream>;
+
+/// STOMP over a byte stream.
 #[derive(Debug)]
-pub struct TcpTransport {
-    stream: TcpStream,
+pub struct StreamTransport<S> {
+    stream: S,
     /// Bytes composed but not yet written. A write cancelled half way leaves the rest here
     /// for the next one, so the stream never holds half a frame followed by another.
     pending: BytesMut,
     read_chunk: usize,
 }
 
-impl TcpTransport {
-    /// Wraps an accepted stream; reads ask for at least `read_chunk` bytes of room.
+impl StreamTransport<TcpStream> {
+    /// Wraps an accepted TCP stream; reads ask for at least `read_chunk` bytes of room.
     pub fn new(stream: TcpStream, read_chunk: usize) -> TcpTransport {
         // Frames are written whole, in batches: Nagle's delay only adds latency.
         let _ = stream.set_nodelay(true);
-        TcpTransport {
+        StreamTransport::over(stream, read_chunk)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> StreamTransport<S> {
+    /// Wraps a byte stream; reads ask for at least `read_chunk` bytes of room.
+    pub fn over(stream: S, read_chunk: usize) -> StreamTransport<S> {
+        StreamTransport {
             stream,
             pending: BytesMut::new(),
             read_chunk,
         }
     }
-}
 
-impl TcpTransport {
     /// Writes out `pending`. Cancel safe: `write_buf` advances past exactly what was written.
     async fn drain(&mut self) -> io::Result<()> {
         while !self.pending.is_empty() {
@@ -51,7 +90,7 @@ impl TcpTransport {
     }
 }
 
-impl Transport for TcpTransport {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for StreamTransport<S> {
     async fn read(&mut self, buf: &mut BytesMut) -> Result<bool, TransportError> {
         if buf.capacity() - buf.len() < self.read_chunk / 2 {
             buf.reserve(self.read_chunk);
@@ -66,6 +105,28 @@ impl Transport for TcpTransport {
             compose(item, &mut self.pending);
         }
         self.drain().await
+    }
+
+    async fn write_discarding(&mut self, batch: &[Outgoing]) -> io::Result<()> {
+        for item in batch {
+            compose(item, &mut self.pending);
+        }
+        let mut sink = [0u8; 4096];
+        let mut input_done = false;
+        let (stream, pending) = (&mut self.stream, &mut self.pending);
+        std::future::poll_fn(|cx| {
+            discard_input(&mut *stream, cx, &mut sink, &mut input_done);
+            while !pending.is_empty() {
+                match Pin::new(&mut *stream).poll_write(cx, pending) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => pending.advance(n),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            Pin::new(&mut *stream).poll_flush(cx)
+        })
+        .await
     }
 
     async fn heart_beat(&mut self) -> io::Result<()> {

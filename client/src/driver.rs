@@ -110,7 +110,10 @@ impl Connection {
                 decoder,
                 buf,
                 version,
-                send_every: every(options.heart_beat.send_interval_ms(server)),
+                // A quarter early, so that a broker checking at the interval (plus a little)
+                // never sees a beat late when this machine is busy.
+                send_every: every(options.heart_beat.send_interval_ms(server))
+                    .map(|interval| interval - interval / 4),
                 expect_every: every(options.heart_beat.receive_interval_ms(server)),
                 last_read: now,
                 last_write: now,
@@ -447,6 +450,18 @@ impl Driver {
                 else {
                     return;
                 };
+                if frame.header("x-event") == Some("gap")
+                    && let Some(first) = frame
+                        .header("x-first-seq")
+                        .and_then(|s| s.parse::<u64>().ok())
+                {
+                    // The room numbers from below what was seen: it was forgotten (nothing
+                    // kept and nobody in it) or lost its last messages. The old numbers
+                    // mean nothing now; the replay that follows is all new.
+                    if first <= sub.last_seq {
+                        sub.last_seq = first.saturating_sub(1);
+                    }
+                }
                 if let Some(seq) = frame.header("x-seq").and_then(|s| s.parse::<u64>().ok()) {
                     // Replayed history can overlap what was already delivered: skip it.
                     if seq <= sub.last_seq {

@@ -272,6 +272,67 @@ async fn reconnecting_resubscribes_and_a_room_loses_nothing() {
 }
 
 #[tokio::test]
+async fn a_room_forgotten_while_the_client_was_away_is_followed_from_its_new_numbers() {
+    let mut broker = Broker::start(&[]);
+    let options = Options::new().login("returner").reconnect(Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(400),
+        max_attempts: None,
+    });
+    let client = Client::connect(&broker.ws_url(), options).await.unwrap();
+    let mut room = client
+        .subscribe("/topic/room.gone", SubscribeOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(room.next().await.unwrap().header("x-event"), Some("join"));
+    for i in 1..=3 {
+        client
+            .send_with_receipt("/topic/room.gone", format!("old {i}"))
+            .await
+            .unwrap();
+        assert_eq!(room.next().await.unwrap().text(), format!("old {i}"));
+    }
+    // Back with a history cap no message fits in: the room keeps nothing, so it is
+    // forgotten, and numbers from 1 again, below the 4 the client saw.
+    broker.terminate();
+    let broker = Broker::restart_of(&mut broker, &["--room-history-bytes", "1"]);
+    let mut gap = None;
+    loop {
+        let m = tokio::time::timeout(WAIT, room.next())
+            .await
+            .unwrap()
+            .unwrap();
+        match m.header("x-event") {
+            Some("gap") => gap = m.header("x-first-seq").map(str::to_owned),
+            // Its own join notice, numbered 1 in the room's new life: delivered, not
+            // skipped as "already seen".
+            Some("join") => {
+                assert_eq!(m.header("x-seq"), Some("1"));
+                break;
+            }
+            other => panic!("unexpected {other:?}: {}", m.text()),
+        }
+    }
+    assert_eq!(
+        gap.as_deref(),
+        Some("1"),
+        "the gap notice said where it starts"
+    );
+    let mut other = Conn::open(&broker, Transport::Tcp).await;
+    other.login("other").await;
+    let send = frame("SEND", &[("destination", "/topic/room.gone")]).with_body("new 1");
+    other.send_with_receipt(&send, "n1").await;
+    let m = tokio::time::timeout(WAIT, room.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (m.text(), m.header("x-seq")),
+        ("new 1".to_owned(), Some("2"))
+    );
+}
+
+#[tokio::test]
 async fn a_broker_that_stops_beating_is_detected() {
     // A fake broker: CONNECTED with 100 ms heart-beats, then silence.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -131,6 +131,10 @@
       return;
     }
     if (h['x-event'] === 'gap') {
+      const first = Number(h['x-first-seq']);
+      // The room numbers from below what we saw: it was forgotten (nothing kept, nobody in
+      // it) or lost its last messages. Our numbers mean nothing now: what follows is new.
+      if (first && first <= room.lastSeq) room.lastSeq = first - 1;
       room.items.push({ notice: `Older messages are no longer kept (from #${h['x-first-seq']} on).` });
       renderIfActive('room', name);
       return;
@@ -143,15 +147,18 @@
     const sender = h['x-sender'] || '';
     if (h['x-event'] === 'join' || h['x-event'] === 'leave') {
       room.items.push({ notice: `${sender} ${h['x-event'] === 'join' ? 'joined' : 'left'}`, event: h['x-event'], user: sender });
-      refreshMembers(name);
-      refreshRooms();
+      // Replayed notices are history: who is here now is asked once the replay is over.
+      if (h['x-replay'] !== 'true') {
+        refreshMembers(name);
+        refreshRooms();
+      }
     } else {
       room.items.push({ sender, body: message.body, time: Number(h['x-timestamp']) });
       stopTyping(name, sender);
       if (!isActive('room', name) && h['x-replay'] !== 'true') room.unread += 1;
     }
     renderIfActive('room', name);
-    renderLists();
+    scheduleLists();
   }
 
   async function fetchJson(path) {
@@ -189,7 +196,7 @@
     conversation.items.push({ sender, body: message.body, time: Number(message.headers['x-timestamp']) });
     if (!isActive('dm', sender)) conversation.unread += 1;
     renderIfActive('dm', sender);
-    renderLists();
+    scheduleLists();
   }
 
   // ---- typing ----
@@ -258,8 +265,33 @@
     $('input').focus();
   }
 
+  // Messages come one WebSocket message at a time, thousands of them in a replay: the page
+  // draws at most once per RENDER_EVERY_MS, and only what is new.
+  const RENDER_EVERY_MS = 16;
+  const scheduled = { messages: false, lists: false, timer: null };
+  /** What the message list shows: whose conversation, and how many of its items. */
+  const shown = { items: null, count: 0 };
+
+  function schedule() {
+    if (scheduled.timer !== null) return;
+    scheduled.timer = setTimeout(() => {
+      scheduled.timer = null;
+      if (scheduled.lists) renderLists();
+      if (scheduled.messages) renderMessages();
+      scheduled.lists = false;
+      scheduled.messages = false;
+    }, RENDER_EVERY_MS);
+  }
+
+  function scheduleLists() {
+    scheduled.lists = true;
+    schedule();
+  }
+
   function renderIfActive(kind, name) {
-    if (isActive(kind, name)) renderMessages();
+    if (!isActive(kind, name)) return;
+    scheduled.messages = true;
+    schedule();
   }
 
   function render() {
@@ -278,7 +310,14 @@
     $('input').disabled = !active;
     $('composer').querySelector('button').disabled = !active;
     const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
-    list.replaceChildren(...items.map(renderItem));
+    // Items are only ever appended: the same conversation needs only its new ones drawn.
+    if (shown.items === items && shown.count <= items.length) {
+      list.append(...items.slice(shown.count).map(renderItem));
+    } else {
+      list.replaceChildren(...items.map(renderItem));
+    }
+    shown.items = items;
+    shown.count = items.length;
     if (nearBottom) list.scrollTop = list.scrollHeight;
   }
 

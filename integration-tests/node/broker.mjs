@@ -35,8 +35,9 @@ export async function startBroker(args = [], { dataDir, http = '127.0.0.1:0', st
     stomp: fields.stomp,
     url: `ws://${fields.http}/ws`,
     dataDir: dir,
-    async stop({ keepData = false } = {}) {
-      proc.kill('SIGKILL');
+    /** Stops it: SIGKILL by default, or `signal` (SIGTERM: a graceful stop). */
+    async stop({ keepData = false, signal = 'SIGKILL' } = {}) {
+      proc.kill(signal);
       await exited;
       if (!keepData) rmSync(dir, { recursive: true, force: true });
     },

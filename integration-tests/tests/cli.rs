@@ -33,6 +33,10 @@ fn help_documents_every_option_with_its_variable() {
         ("--connect-timeout-ms", "STOA_CONNECT_TIMEOUT_MS"),
         ("--write-timeout-ms", "STOA_WRITE_TIMEOUT_MS"),
         ("--shutdown-grace-ms", "STOA_SHUTDOWN_GRACE_MS"),
+        ("--room-history-bytes", "STOA_ROOM_HISTORY_BYTES"),
+        ("--history-total-bytes", "STOA_HISTORY_TOTAL_BYTES"),
+        ("--store-pending-bytes", "STOA_STORE_PENDING_BYTES"),
+        ("--user-queue-bytes", "STOA_USER_QUEUE_BYTES"),
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
         assert!(help.contains(var), "--help lacks {var}");

@@ -68,8 +68,6 @@ struct Kept {
 
 #[derive(Debug, Default)]
 struct Room {
-    /// The room's name as the store takes it with each message.
-    name: Arc<str>,
     last_seq: u64,
     history: VecDeque<Kept>,
     /// What `history` takes, as [`KeptMessage::size`] counts it.
@@ -131,7 +129,8 @@ pub struct RoomDetail {
 /// Every room.
 #[derive(Debug)]
 pub struct Rooms {
-    rooms: DashMap<String, Arc<Mutex<Room>>>,
+    /// By name: the store takes the name with each message, shared rather than copied.
+    rooms: DashMap<Arc<str>, Arc<Mutex<Room>>>,
     topics: Arc<Topics>,
     store: Arc<dyn Store>,
     ids: Arc<MessageIds>,
@@ -171,10 +170,8 @@ impl Rooms {
             evicting: Mutex::new(()),
         };
         for (name, messages) in rooms.store.load_rooms(limits)? {
-            let mut room = Room {
-                name: Arc::from(name.as_str()),
-                ..Room::default()
-            };
+            let name: Arc<str> = Arc::from(name);
+            let mut room = Room::default();
             for m in messages {
                 let seq = m.seq;
                 room.last_seq = room.last_seq.max(seq);
@@ -185,7 +182,7 @@ impl Rooms {
             rooms.total_bytes.fetch_add(room.bytes, Ordering::Relaxed);
             let trimmed = rooms.trim(&mut room);
             if trimmed {
-                rooms.store.trim_room(&room.name, room.first_kept());
+                rooms.store.trim_room(&name, room.first_kept());
             }
             rooms.rooms.insert(name, Arc::new(Mutex::new(room)));
         }
@@ -193,22 +190,29 @@ impl Rooms {
         Ok(rooms)
     }
 
+    /// The room called `name` (made empty on first use) and its name as the map keeps it.
+    /// The common case, an existing room, takes only a read lock on the map's shard.
+    fn entry(&self, name: &str) -> (Arc<str>, Arc<Mutex<Room>>) {
+        if let Some(entry) = self.rooms.get(name) {
+            return (entry.key().clone(), entry.value().clone());
+        }
+        let entry = self.rooms.entry(Arc::from(name)).or_default();
+        (entry.key().clone(), entry.value().clone())
+    }
+
     /// The room called `name`, locked (made empty on first use), passed to `f` with its
-    /// handle; then the history caps are enforced and an idle room is forgotten.
-    fn with_room<R>(&self, name: &str, f: impl FnOnce(&Arc<Mutex<Room>>, &mut Room) -> R) -> R {
+    /// name; then the history caps are enforced and an idle room is forgotten.
+    fn with_room<R>(&self, name: &str, f: impl FnOnce(&Arc<str>, &mut Room) -> R) -> R {
         let result = loop {
-            let handle = super::shared_entry(&self.rooms, name);
+            let (name, handle) = self.entry(name);
             let mut room = lock(&handle);
             if room.retired {
                 // Forgotten between the lookup and the lock: look again.
                 continue;
             }
-            if room.name.is_empty() {
-                room.name = Arc::from(name);
-            }
-            let result = f(&handle, &mut room);
+            let result = f(&name, &mut room);
             if room.is_idle() {
-                self.retire(name, &handle, &mut room);
+                self.retire(&name, &handle, &mut room);
             }
             break result;
         };
@@ -217,11 +221,11 @@ impl Rooms {
     }
 
     /// Takes an idle room out of the map, and its rows out of the store.
-    fn retire(&self, name: &str, handle: &Arc<Mutex<Room>>, room: &mut Room) {
+    fn retire(&self, name: &Arc<str>, handle: &Arc<Mutex<Room>>, room: &mut Room) {
         room.retired = true;
         self.rooms.remove_if(name, |_, v| Arc::ptr_eq(v, handle));
         if room.last_seq > 0 {
-            self.store.forget_room(&room.name);
+            self.store.forget_room(name);
         }
     }
 
@@ -248,7 +252,7 @@ impl Rooms {
             return;
         };
         let target = cap - cap / 16;
-        let mut oldest: BinaryHeap<Reverse<(u64, String)>> = self
+        let mut oldest: BinaryHeap<Reverse<(u64, Arc<str>)>> = self
             .rooms
             .iter()
             .filter_map(|e| {
@@ -286,11 +290,11 @@ impl Rooms {
             self.total_bytes.fetch_sub(freed, Ordering::Relaxed);
             match room.oldest_id() {
                 Some(id) => {
-                    self.store.trim_room(&room.name, room.first_kept());
+                    self.store.trim_room(&name, room.first_kept());
                     oldest.push(Reverse((id, name)));
                 }
                 None if room.is_idle() => self.retire(&name, &handle, &mut room),
-                None => self.store.trim_room(&room.name, room.first_kept()),
+                None => self.store.trim_room(&name, room.first_kept()),
             }
         }
     }
@@ -303,7 +307,7 @@ impl Rooms {
             .filter_map(|entry| {
                 let room = lock(entry.value());
                 (!room.members.is_empty() || !room.history.is_empty()).then(|| RoomSummary {
-                    room: entry.key().clone(),
+                    room: entry.key().to_string(),
                     members: room.members.len(),
                     last_seq: room.last_seq,
                 })
@@ -332,6 +336,7 @@ impl Rooms {
     /// Numbers, keeps and delivers a message.
     fn keep_and_deliver(
         &self,
+        name: &Arc<str>,
         room: &mut Room,
         message_id: u64,
         headers: Headers,
@@ -340,7 +345,7 @@ impl Rooms {
         room.last_seq += 1;
         let seq = room.last_seq;
         let publish = Publish::new(message_id, headers, body);
-        let fanout = self.deliver_live(room, &publish);
+        let fanout = self.deliver_live(name, room, &publish);
         let kept = Arc::new(publish.into_kept());
         let size = kept.size();
         room.bytes += size;
@@ -350,35 +355,34 @@ impl Rooms {
             message: kept.clone(),
         });
         self.trim(room);
-        self.store
-            .append_room(&room.name, seq, &kept, room.first_kept());
+        self.store.append_room(name, seq, &kept, room.first_kept());
         (seq, fanout)
     }
 
-    fn deliver_live(&self, room: &Room, publish: &Publish) -> Fanout {
+    fn deliver_live(&self, name: &str, room: &Room, publish: &Publish) -> Fanout {
         let mut fanout = Fanout::default();
         deliver(room.subscribers.iter(), publish, &mut fanout);
         self.topics
-            .fan_out_to_patterns(&format!("room.{}", room.name), publish, &mut fanout);
+            .fan_out_to_patterns(&format!("room.{name}"), publish, &mut fanout);
         fanout
     }
 
     /// Posts an `x-event` notice (join, leave) from `user`.
-    fn notice(&self, room: &mut Room, event: &str, user: &str) {
+    fn notice(&self, name: &Arc<str>, room: &mut Room, event: &str, user: &str) {
         let message_id = self.ids.next();
         let mut digits = itoa::Buffer::new();
         let mut headers = Headers::new();
-        headers.push("destination", &format!("/topic/room.{}", room.name));
+        headers.push("destination", &format!("/topic/room.{name}"));
         headers.push("message-id", digits.format(message_id));
         headers.push("x-event", event);
         headers.push("x-sender", user);
         headers.push("x-timestamp", digits.format(now_millis()));
         headers.push("x-seq", digits.format(room.last_seq + 1));
-        self.keep_and_deliver(room, message_id, headers, bytes::Bytes::new());
+        self.keep_and_deliver(name, room, message_id, headers, bytes::Bytes::new());
     }
 
     /// Queues the replay `replay` asks for on the joiner's outbox, ahead of anything live.
-    fn replay(&self, room: &Room, subscriber: &Subscriber, replay: Replay) {
+    fn replay(&self, name: &str, room: &Room, subscriber: &Subscriber, replay: Replay) {
         let from = match replay {
             Replay::None => return,
             Replay::Last(n) => {
@@ -390,7 +394,7 @@ impl Rooms {
                 // Older than what is kept, or newer than anything this room ever numbered
                 // (its history was reset): say so, then replay everything kept.
                 if since.saturating_add(1) < first_kept || since > room.last_seq {
-                    let gap = gap_notice(&room.name, first_kept, &self.ids);
+                    let gap = gap_notice(name, first_kept, &self.ids);
                     subscriber.offer(&gap, true);
                     0
                 } else {
@@ -459,17 +463,17 @@ impl Service for Rooms {
         let name = request.key;
         check_room_name(name)?;
         let subscriber = request.subscriber;
-        self.with_room(name, |_, room| {
+        self.with_room(name, |name, room| {
             // Under the room's lock: the replay is queued, then live messages, with nothing
             // in between.
-            self.replay(room, &subscriber, request.replay);
+            self.replay(name, room, &subscriber, request.replay);
             let user = subscriber.user.clone();
             room.subscribers.push(subscriber);
             let sessions = room.members.entry(user.clone()).or_insert(0);
             *sessions += 1;
             if *sessions == 1 {
                 // The joiner's own join notice is its first live message.
-                self.notice(room, "join", &user);
+                self.notice(name, room, "join", &user);
             }
         });
         Ok(())
@@ -479,7 +483,7 @@ impl Service for Rooms {
         if !self.rooms.contains_key(key) {
             return;
         }
-        self.with_room(key, |_, room| {
+        self.with_room(key, |name, room| {
             let before = room.subscribers.len();
             room.subscribers
                 .retain(|s| !s.is(subscriber.session, subscriber.key));
@@ -496,7 +500,7 @@ impl Service for Rooms {
             };
             if last {
                 room.members.remove(user);
-                self.notice(room, "leave", user);
+                self.notice(name, room, "leave", user);
             }
         });
     }
@@ -505,10 +509,10 @@ impl Service for Rooms {
         let frame = request.frame;
         // 1.2 leaves header values untrimmed; `true` is the only value that means transient.
         let transient = frame.header("x-transient") == Some("true");
-        Ok(self.with_room(request.key, |_, room| {
+        Ok(self.with_room(request.key, |name, room| {
             if transient {
                 let publish = request.message(request.destination, &[]);
-                let fanout = self.deliver_live(room, &publish);
+                let fanout = self.deliver_live(name, room, &publish);
                 return Published {
                     message_id: request.message_id,
                     seq: None,
@@ -526,7 +530,7 @@ impl Service for Rooms {
                 &[("x-seq", digits.format(seq))],
             );
             let (seq, fanout) =
-                self.keep_and_deliver(room, request.message_id, headers, frame.body.clone());
+                self.keep_and_deliver(name, room, request.message_id, headers, frame.body.clone());
             Published {
                 message_id: request.message_id,
                 seq: Some(seq),

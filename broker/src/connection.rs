@@ -115,6 +115,9 @@ enum Flush {
     Slow,
 }
 
+/// How often a connection that stopped reading (the history store is behind) looks again.
+const PAUSE_POLL: Duration = Duration::from_millis(2);
+
 /// How long a closing connection waits for the peer to read its last frames.
 pub const LINGER: Duration = Duration::from_secs(1);
 
@@ -224,8 +227,10 @@ impl<T: Transport> Connection<T> {
         // While set, queued frames wait for the coalescing window to pass (see pace.rs).
         let mut flush_at: Option<Instant> = None;
         // While set, nothing is read: the history store is behind, and a client that keeps
-        // publishing would otherwise grow what waits for it without bound.
-        let mut paused = false;
+        // publishing would otherwise grow what waits for it without bound. The timer looks
+        // again at that moment (a poll: a wait of its own would make every connection's task
+        // larger, and the store is rarely behind).
+        let mut paused_until: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -238,7 +243,7 @@ impl<T: Transport> Connection<T> {
                         }
                         if let Some(at) = self.hold_until() {
                             flush_at = Some(at);
-                            timer.as_mut().reset(at.min(self.next_check()));
+                            timer.as_mut().reset(self.deadline(flush_at, paused_until));
                             continue;
                         }
                     }
@@ -247,18 +252,20 @@ impl<T: Transport> Connection<T> {
                         return stop;
                     }
                 }
-                read = self.transport.read(&mut self.read_buf), if !paused => match read {
+                read = self.transport.read(&mut self.read_buf), if paused_until.is_none() => match read {
                     Ok(true) => {
                         self.last_read = Instant::now();
                         let connected = self.session.is_connected();
                         if let Some(stop) = self.process_frames() {
                             return stop;
                         }
-                        if connected != self.session.is_connected() {
-                            timer.as_mut().reset(self.deadline(flush_at));
-                        }
                         self.reclaim_read_buffer();
-                        paused = self.broker.router.store_pending().is_over();
+                        if self.broker.router.store_pending().is_over() {
+                            paused_until = Some(Instant::now() + PAUSE_POLL);
+                        }
+                        if connected != self.session.is_connected() || paused_until.is_some() {
+                            timer.as_mut().reset(self.deadline(flush_at, paused_until));
+                        }
                     }
                     Ok(false) => return Stop::Gone,
                     Err(TransportError::Io(e)) => {
@@ -267,13 +274,17 @@ impl<T: Transport> Connection<T> {
                     }
                     Err(TransportError::Protocol(error)) => return Stop::Reject(error.into()),
                 },
-                () = self.broker.router.store_pending().until_under(), if paused => {
-                    paused = false;
-                    // The client was not read meanwhile: its silence is the broker's doing.
-                    self.last_read = Instant::now();
-                }
                 () = &mut timer => {
                     let now = Instant::now();
+                    if paused_until.is_some_and(|at| now >= at) {
+                        paused_until = if self.broker.router.store_pending().is_over() {
+                            Some(now + PAUSE_POLL)
+                        } else {
+                            // The client was not read meanwhile: its silence is the broker's.
+                            self.last_read = now;
+                            None
+                        };
+                    }
                     if flush_at.is_some_and(|at| now >= at) {
                         flush_at = None;
                         if let Some(stop) = self.flush(Some(MAX_BATCHES_PER_WAKE)).await {
@@ -285,7 +296,7 @@ impl<T: Transport> Connection<T> {
                     {
                         return stop;
                     }
-                    timer.as_mut().reset(self.deadline(flush_at));
+                    timer.as_mut().reset(self.deadline(flush_at, paused_until));
                 }
             }
         }
@@ -301,10 +312,14 @@ impl<T: Transport> Connection<T> {
         (wrote && !window.is_zero() && Instant::now() < at).then_some(at)
     }
 
-    /// When the timer must fire next: the next check, or a coalesced write due earlier.
-    fn deadline(&self, flush_at: Option<Instant>) -> Instant {
+    /// When the timer must fire next: the next check, or a coalesced write or a paused
+    /// read due earlier.
+    fn deadline(&self, flush_at: Option<Instant>, paused_until: Option<Instant>) -> Instant {
         let check = self.next_check();
-        flush_at.map_or(check, |at| at.min(check))
+        [flush_at, paused_until]
+            .into_iter()
+            .flatten()
+            .fold(check, Instant::min)
     }
 
     /// Writes the outbox, at most `batches` batches (all of it if `None`); the reason to

@@ -319,6 +319,48 @@ async fn waiting_direct_messages_larger_than_the_outbox_are_all_delivered_once()
     }
 }
 
+#[tokio::test]
+async fn waiting_direct_messages_are_capped_in_count_and_in_bytes() {
+    let broker = Broker::start(&["--user-queue-limit", "3", "--user-queue-bytes", "2500"]);
+    for (user, body_len, fits) in [("bob", 1000, 2), ("carol", 10, 3)] {
+        let mut sender = Conn::open(&broker, Transport::Tcp).await;
+        sender.login("sender").await;
+        let destination = format!("/user/{user}/queue/dm");
+        let send = frame("SEND", &[("destination", &destination)]).with_body("d".repeat(body_len));
+        for i in 0..fits {
+            sender
+                .send_with_receipt(&send, &format!("{user}-{i}"))
+                .await;
+        }
+        sender.send(&send).await;
+        let error = sender.expect_error_then_close("is full").await;
+        let message = error.header("message").unwrap_or_default();
+        assert!(
+            message.contains("at most 3 messages and 2500 bytes"),
+            "{user}: {message}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_publisher_is_paused_while_the_store_is_behind_and_loses_nothing() {
+    // One byte of room messages may wait for the store's writer: every room SEND stops
+    // the reading of its connection until the writer has taken it.
+    let broker = Broker::start(&["--store-pending-bytes", "1"]);
+    let room = "/topic/room.paced";
+    let mut member = Conn::open(&broker, Transport::Ws).await;
+    member.login("member").await;
+    let join = frame("SUBSCRIBE", &[("id", "0"), ("destination", room)]);
+    member.send_with_receipt(&join, "in").await;
+    let mut writer = Conn::open(&broker, Transport::Tcp).await;
+    writer.login("writer").await;
+    fill(&mut writer, room, 2_000, 2_000).await;
+    for n in 2..=2_001 {
+        let f = member.expect_frame().await;
+        assert_eq!(seq_of(&f), Some(n), "in order, nothing lost");
+    }
+}
+
 /// The sum of the files in a directory, in bytes.
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)

@@ -115,6 +115,27 @@ enum Flush {
     Slow,
 }
 
+/// How long a connection with no heart-beat either way lets its timer sleep.
+const IDLE_RECHECK: Duration = Duration::from_secs(3600);
+
+/// When the timer must next look at a connected connection: when a beat is due, or when the
+/// silence allowed ends; `IDLE_RECHECK` from `now` when neither applies. (It must never be in
+/// the past with nothing due: the timer would fire at once, again and again.)
+fn heart_beat_check(
+    now: Instant,
+    (last_read, last_write): (Instant, Instant),
+    send_every: Option<Duration>,
+    silence_allowed: Option<Duration>,
+) -> Instant {
+    let send = send_every.map(|every| last_write + every);
+    let expect = silence_allowed.map(|allowed| last_read + allowed);
+    match (send, expect) {
+        (Some(send), Some(expect)) => send.min(expect),
+        (Some(at), None) | (None, Some(at)) => at,
+        (None, None) => now + IDLE_RECHECK,
+    }
+}
+
 /// How often a connection that stopped reading (the history store is behind) looks again.
 const PAUSE_POLL: Duration = Duration::from_millis(2);
 
@@ -211,12 +232,13 @@ impl<T: Transport> Connection<T> {
         if !self.session.is_connected() {
             return self.started + config.connect_timeout();
         }
-        let far = self.last_read + Duration::from_secs(3600);
-        let send = self.send_every.map_or(far, |every| self.last_write + every);
-        let expect = self.expect_every.map_or(far, |every| {
-            self.last_read + every * config.heart_beat_tolerance
-        });
-        send.min(expect)
+        heart_beat_check(
+            Instant::now(),
+            (self.last_read, self.last_write),
+            self.send_every,
+            self.expect_every
+                .map(|every| every * config.heart_beat_tolerance),
+        )
     }
 
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Stop {
@@ -591,5 +613,27 @@ impl<T: Transport> Connection<T> {
         self.transport.close(kind).await;
         self.outbox.close();
         self.session.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_without_heart_beats_idle_for_hours_is_not_due_at_once() {
+        let long_ago = Instant::now();
+        let now = long_ago + Duration::from_secs(2 * 3600);
+        assert!(heart_beat_check(now, (long_ago, long_ago), None, None) > now);
+        // With beats negotiated, what is due is due.
+        let every = Duration::from_secs(10);
+        assert_eq!(
+            heart_beat_check(now, (long_ago, long_ago), Some(every), None),
+            long_ago + every
+        );
+        assert_eq!(
+            heart_beat_check(now, (now, long_ago), Some(every), Some(every * 3)),
+            long_ago + every
+        );
     }
 }

@@ -767,9 +767,10 @@ impl Session {
     }
 
     fn on_disconnect(&mut self) -> Outcome {
-        // 1.2 "BEGIN": open transactions are aborted on DISCONNECT.
-        self.transactions.clear();
-        self.state = State::Disconnected;
+        // 1.2 "BEGIN": open transactions are aborted on DISCONNECT. Subscriptions end now
+        // too: nothing may follow the DISCONNECT's RECEIPT, even one that waits for the
+        // disk while live messages keep coming.
+        self.close();
         Outcome::Disconnect
     }
 

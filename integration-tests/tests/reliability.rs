@@ -361,6 +361,50 @@ async fn a_publisher_is_paused_while_the_store_is_behind_and_loses_nothing() {
     }
 }
 
+#[tokio::test]
+async fn nothing_follows_a_disconnects_receipt_that_waited_for_the_disk() {
+    let broker = Broker::start(&[]);
+    let room = "/topic/room.busy";
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Someone talks in the room all the time.
+    let chatter = tokio::spawn({
+        let stop = stop.clone();
+        let mut conn = Conn::open(&broker, Transport::Tcp).await;
+        conn.login("chatter").await;
+        async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let send = frame("SEND", &[("destination", room)]).with_body(n.to_string());
+                conn.send_with_receipt(&send, "c").await;
+            }
+        }
+    });
+    for round in 0..20 {
+        let mut conn = Conn::open(&broker, Transport::Tcp).await;
+        conn.login("leaver").await;
+        let join = frame("SUBSCRIBE", &[("id", "0"), ("destination", room)]);
+        conn.send_with_receipt(&join, "in").await;
+        // A direct message for someone away: its RECEIPT, and so the DISCONNECT's after
+        // it, waits for the disk while room messages keep arriving.
+        conn.send_raw(
+            b"SEND\ndestination:/user/away/queue/dm\nreceipt:dm\n\nhi\0DISCONNECT\nreceipt:bye\n\n\0",
+        )
+        .await;
+        let frames = frames_until_closed(&mut conn, "disconnect").await;
+        let last = frames
+            .last()
+            .map(|f| (f.command.as_str(), f.header("receipt-id")));
+        assert_eq!(
+            last,
+            Some(("RECEIPT", Some("bye"))),
+            "round {round}: the DISCONNECT's RECEIPT is the last frame"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    chatter.await.unwrap();
+}
+
 /// The sum of the files in a directory, in bytes.
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)

@@ -11,6 +11,16 @@ import WebSocket from 'ws';
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const WAIT_MS = 10_000;
 
+/** Everything started here and not stopped yet: a failed test must not leave a broker or a
+ * reconnecting client behind (either keeps the test process, and CI, waiting for ever). */
+const live = { brokers: new Set(), clients: new Set() };
+
+/** Stops every broker and client still running; each test file calls it after its tests. */
+export async function stopAll() {
+  await Promise.all([...live.clients].map((client) => client.deactivate().catch(() => {})));
+  await Promise.all([...live.brokers].map((broker) => broker.stop().catch(() => {})));
+}
+
 export function stoaBin() {
   const bin = process.env.STOA_BIN ?? join(root, 'target', 'debug', 'stoa');
   if (!existsSync(bin)) throw new Error(`${bin} is missing: run cargo build -p broker first`);
@@ -30,29 +40,34 @@ export async function startBroker(args = [], { dataDir, http = '127.0.0.1:0', st
   });
   const fields = Object.fromEntries(line.split(' ').slice(1).map((w) => w.split('=')));
   const exited = new Promise((resolve) => proc.once('exit', resolve));
-  return {
+  const broker = {
     http: fields.http,
     stomp: fields.stomp,
     url: `ws://${fields.http}/ws`,
     dataDir: dir,
     /** Stops it: SIGKILL by default, or `signal` (SIGTERM: a graceful stop). */
     async stop({ keepData = false, signal = 'SIGKILL' } = {}) {
+      live.brokers.delete(broker);
       proc.kill(signal);
       await exited;
       if (!keepData) rmSync(dir, { recursive: true, force: true });
     },
   };
+  live.brokers.add(broker);
+  return broker;
 }
 
 /** A stomp.js client over `ws`, offering the STOMP subprotocols as browsers do. */
 export function makeClient(url, options = {}) {
-  return new Client({
+  const client = new Client({
     webSocketFactory: () => new WebSocket(url, ['v12.stomp', 'v11.stomp', 'v10.stomp']),
     reconnectDelay: 0,
     heartbeatIncoming: 0,
     heartbeatOutgoing: 0,
     ...options,
   });
+  live.clients.add(client);
+  return client;
 }
 
 /** Activates `client` and resolves with its first CONNECTED frame. */

@@ -6,7 +6,7 @@ import { mkdirSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { startBroker, makeClient, connected, publishConfirmed } from './broker.mjs';
+import { startBroker, makeClient, connected, publishConfirmed, stopAll } from './broker.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const screenshots = join(root, 'target', 'screenshots');
@@ -26,6 +26,7 @@ before(async () => {
 
 after(async () => {
   await browser?.close();
+  await stopAll();
 });
 
 /** A page that joins `room` as `name` through the /?room=&name= link. */

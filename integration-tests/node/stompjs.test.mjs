@@ -1,9 +1,11 @@
 // @stomp/stompjs 7 (over the `ws` package) against the real stoa binary.
-import { test } from 'node:test';
+import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startBroker, makeClient, connected, collect, publishConfirmed, subscribeConfirmed, withTimeout, Inbox,
+  startBroker, makeClient, connected, collect, publishConfirmed, subscribeConfirmed, withTimeout, Inbox, stopAll,
 } from './broker.mjs';
+
+after(stopAll);
 
 test('heart-beats 10000/10000 are negotiated, and fast beats keep an idle connection up', async () => {
   const broker = await startBroker();

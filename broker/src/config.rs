@@ -10,6 +10,8 @@ use std::time::Duration;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, parser::ValueSource};
 use stomp_codec::{HeartBeat, Limits};
 
+use crate::auth::{AuthSettings, Mode};
+
 /// Every setting of the broker. `stoa --help` lists them with their defaults.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -150,6 +152,44 @@ pub struct Config {
     #[arg(long, env = "STOA_WORKERS")]
     pub workers: Option<usize>,
 
+    /// How clients prove who they are: `none` (the CONNECT `login` is the display name),
+    /// `users` (accounts managed with `stoa users`, checked against `login`/`passcode`) or
+    /// `jwt` (a signed token in `passcode`, `Authorization: Bearer` or `access_token`).
+    #[arg(long, env = "STOA_AUTH", value_enum, default_value = "none")]
+    pub auth: Mode,
+
+    /// `--auth jwt`: a file holding the HMAC secret (HS256/384/512); trailing whitespace is
+    /// trimmed.
+    #[arg(long, env = "STOA_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// `--auth jwt`: a PEM file holding the public key (RS256/384/512, ES256/384, EdDSA).
+    #[arg(long, env = "STOA_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// `--auth jwt`: the `iss` every token must carry.
+    #[arg(long, env = "STOA_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// `--auth jwt`: the `aud` every token must carry.
+    #[arg(long, env = "STOA_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Milliseconds between a refused CONNECT and its ERROR, at least.
+    #[arg(long, env = "STOA_AUTH_FAILURE_DELAY_MS", default_value_t = 500)]
+    pub auth_failure_delay_ms: u64,
+
+    /// Failed logins from one address within 60 s after which its CONNECTs get ERROR "too
+    /// many failed logins" without a check.
+    #[arg(long, env = "STOA_AUTH_MAX_FAILURES", default_value_t = 10)]
+    pub auth_max_failures: usize,
+
+    /// `--auth users`: seconds a verified login is remembered (under a keyed hash, in this
+    /// process only), so that the same name and password pass again without Argon2; 0 turns
+    /// it off.
+    #[arg(long, env = "STOA_LOGIN_CACHE_SECONDS", default_value_t = 300)]
+    pub login_cache_seconds: u64,
+
     /// Most milliseconds a connection that has just written waits before its next write
     /// when the broker is busy, so that one write carries what arrives meanwhile. The wait
     /// grows with the worker threads' busy time: none below 60% busy, this much at 90%.
@@ -238,6 +278,7 @@ impl Config {
             ("store-pending-bytes", self.store_pending_bytes),
             ("user-queue-limit", self.user_queue_limit),
             ("user-queue-bytes", self.user_queue_bytes),
+            ("auth-max-failures", self.auth_max_failures),
             ("queue-max-messages", self.queue_max_messages),
             ("queue-max-bytes", self.queue_max_bytes),
             ("max-unacked", self.max_unacked),
@@ -256,6 +297,21 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// What authentication takes from these settings.
+    pub fn auth_settings(&self) -> AuthSettings {
+        AuthSettings {
+            mode: self.auth,
+            data_dir: self.data_dir.clone(),
+            jwt_secret_file: self.jwt_secret_file.clone(),
+            jwt_public_key_file: self.jwt_public_key_file.clone(),
+            jwt_issuer: self.jwt_issuer.clone(),
+            jwt_audience: self.jwt_audience.clone(),
+            failure_delay: Duration::from_millis(self.auth_failure_delay_ms),
+            max_failures: self.auth_max_failures,
+            login_cache: Duration::from_secs(self.login_cache_seconds),
+        }
     }
 
     /// The codec limits these settings describe.

@@ -6,15 +6,18 @@
 
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::SystemTime;
 
 use bytes::{BufMut, BytesMut};
-use stomp_codec::{Decoder, encode_to_bytes};
+use stomp_codec::{Command, Decoder, Frame, encode_to_bytes};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, debug, info};
 
+use crate::auth::{Credentials, Mode, Refusal};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Outgoing};
 use crate::session::{Outcome, Rejected, Session, SessionError, write_ack_id};
@@ -161,18 +164,29 @@ enum Stop {
 }
 
 /// Serves one connection until it ends. Spawn one per accepted socket.
+///
+/// `bearer` is a token the WebSocket upgrade carried (`Authorization: Bearer`, or
+/// `access_token` in its query), for `--auth jwt`.
 pub fn serve<T: Transport>(
     transport: T,
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
-    peer: String,
+    peer: SocketAddr,
     kind: &'static str,
+    bearer: Option<String>,
 ) -> impl Future<Output = ()> + Send {
     let id = broker.next_session_id();
     let span = tracing::info_span!("session", id = id.0, %peer, transport = kind);
     // Built here rather than inside the future: an async fn keeps its arguments for its whole
     // life, which held the transport twice more in every idle connection's task.
     let mut conn = Connection::new(transport, broker, id);
+    if conn.broker.auth.mode() != Mode::None {
+        conn.auth = Some(Box::new(AuthContext {
+            ip: peer.ip(),
+            bearer,
+            expires: None,
+        }));
+    }
     async move {
         let metrics = &conn.broker.metrics;
         Metrics::add(&metrics.connections_total, 1);
@@ -189,9 +203,28 @@ pub fn serve<T: Transport>(
     .instrument(span)
 }
 
+/// What a connection keeps only when clients authenticate (boxed: most connections of a
+/// `--auth none` broker are idle chat connections, whose size counts).
+struct AuthContext {
+    ip: IpAddr,
+    /// The upgrade's token, until CONNECT takes it.
+    bearer: Option<String>,
+    /// When the token the session was opened with expires.
+    expires: Option<Instant>,
+}
+
+/// What handling the frames of a read came to, when it stops before the buffer is empty.
+enum Step {
+    /// The connection ends.
+    Stop(Stop),
+    /// A CONNECT whose credentials must be checked (which waits) before it is handled.
+    Authenticate(Box<Frame>),
+}
+
 struct Connection<T> {
     transport: T,
     broker: Arc<Broker>,
+    auth: Option<Box<AuthContext>>,
     outbox: Arc<Outbox>,
     session: Session,
     decoder: Decoder,
@@ -211,6 +244,7 @@ impl<T: Transport> Connection<T> {
         let session = Session::new(id, broker.clone(), outbox.clone());
         let now = Instant::now();
         Connection {
+            auth: None,
             transport,
             decoder: Decoder::new(config.limits()),
             read_buf: BytesMut::new(),
@@ -232,13 +266,17 @@ impl<T: Transport> Connection<T> {
         if !self.session.is_connected() {
             return self.started + config.connect_timeout();
         }
-        heart_beat_check(
+        let check = heart_beat_check(
             Instant::now(),
             (self.last_read, self.last_write),
             self.send_every,
             self.expect_every
                 .map(|every| every * config.heart_beat_tolerance),
-        )
+        );
+        match self.auth.as_ref().and_then(|context| context.expires) {
+            Some(expires) => check.min(expires),
+            None => check,
+        }
     }
 
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Stop {
@@ -258,6 +296,9 @@ impl<T: Transport> Connection<T> {
                 biased;
                 _ = shutdown.changed() => return Stop::Shutdown,
                 () = self.outbox.notified() => {
+                    if let Some(end) = self.outbox.ended() {
+                        return Stop::Reject(SessionError::from(end).into());
+                    }
                     if self.outbox.may_hold() {
                         if flush_at.is_some() {
                             // More for a batch already held: it goes out when the window ends.
@@ -278,8 +319,16 @@ impl<T: Transport> Connection<T> {
                     Ok(true) => {
                         self.last_read = Instant::now();
                         let connected = self.session.is_connected();
-                        if let Some(stop) = self.process_frames() {
-                            return stop;
+                        loop {
+                            match self.process_frames() {
+                                None => break,
+                                Some(Step::Stop(stop)) => return stop,
+                                Some(Step::Authenticate(frame)) => {
+                                    if let Some(stop) = Box::pin(self.authenticate(*frame)).await {
+                                        return stop;
+                                    }
+                                }
+                            }
                         }
                         self.reclaim_read_buffer();
                         if self.broker.router.store_pending().is_over() {
@@ -367,33 +416,89 @@ impl<T: Transport> Connection<T> {
     /// Decodes and handles every whole frame in the read buffer, until one ends the
     /// connection. A subscription cut as a slow consumer ends it too, before the next frame
     /// is acted on: the cut came first, and its ERROR is the one the client gets.
-    fn process_frames(&mut self) -> Option<Stop> {
+    fn process_frames(&mut self) -> Option<Step> {
         loop {
             if self.outbox.is_slow() {
-                return Some(self.slow_consumer());
+                return Some(Step::Stop(self.slow_consumer()));
             }
             let frame = match self.decoder.decode(&mut self.read_buf) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return None,
-                Err(e) => return Some(Stop::Reject(SessionError::Decode(e).into())),
+                Err(e) => return Some(Step::Stop(Stop::Reject(SessionError::Decode(e).into()))),
             };
             debug!(command = %frame.command, "frame");
+            if self.auth.is_some()
+                && !self.session.is_connected()
+                && matches!(frame.command, Command::Connect | Command::Stomp)
+            {
+                return Some(Step::Authenticate(Box::new(frame)));
+            }
             match self.session.handle(frame) {
-                Ok(Outcome::Continue) => {}
-                Ok(Outcome::Connected {
-                    version,
-                    send_interval_ms,
-                    receive_interval_ms,
-                }) => {
-                    self.decoder.set_version(version);
-                    self.send_every = (send_interval_ms > 0)
-                        .then(|| beat_every(Duration::from_millis(send_interval_ms)));
-                    self.expect_every = (receive_interval_ms > 0)
-                        .then(|| Duration::from_millis(receive_interval_ms));
-                    info!(user = self.session.user(), %version, "stomp session open");
+                Ok(outcome) => {
+                    if let Some(stop) = self.on_outcome(outcome) {
+                        return Some(Step::Stop(stop));
+                    }
                 }
-                Ok(Outcome::Disconnect) => return Some(Stop::Disconnect),
-                Err(rejected) => return Some(Stop::Reject(rejected)),
+                Err(rejected) => return Some(Step::Stop(Stop::Reject(rejected))),
+            }
+        }
+    }
+
+    /// Acts on what a handled frame changed; the reason to stop, if it ends the connection.
+    fn on_outcome(&mut self, outcome: Outcome) -> Option<Stop> {
+        match outcome {
+            Outcome::Continue => None,
+            Outcome::Connected {
+                version,
+                send_interval_ms,
+                receive_interval_ms,
+            } => {
+                self.decoder.set_version(version);
+                self.send_every = (send_interval_ms > 0)
+                    .then(|| beat_every(Duration::from_millis(send_interval_ms)));
+                self.expect_every =
+                    (receive_interval_ms > 0).then(|| Duration::from_millis(receive_interval_ms));
+                info!(user = self.session.user(), %version, "stomp session open");
+                None
+            }
+            Outcome::Disconnect => Some(Stop::Disconnect),
+        }
+    }
+
+    /// Checks a CONNECT's credentials, then hands it to the session. A refusal's ERROR
+    /// leaves no sooner than `--auth-failure-delay-ms` after the CONNECT.
+    async fn authenticate(&mut self, frame: Frame) -> Option<Stop> {
+        let started = Instant::now();
+        let auth = self.broker.auth.clone();
+        let context = self.auth.as_mut()?;
+        let bearer = context.bearer.take();
+        let credentials = Credentials {
+            login: frame.header("login"),
+            passcode: frame.header("passcode"),
+            bearer: bearer.as_deref(),
+        };
+        match auth.authenticate(credentials, context.ip).await {
+            Ok(identity) => {
+                context.expires = identity.expires_at.map(|at| {
+                    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                    Instant::now() + left
+                });
+                let registered = identity.clone();
+                match self.session.handle_authenticated(frame, identity) {
+                    Ok(outcome) => {
+                        auth.register(&registered, self.session.id(), &self.outbox);
+                        self.on_outcome(outcome)
+                    }
+                    Err(rejected) => Some(Stop::Reject(rejected)),
+                }
+            }
+            Err(refusal) => {
+                tokio::time::sleep_until(started + auth.failure_delay()).await;
+                let error = match refusal {
+                    Refusal::Failed => SessionError::AuthenticationFailed,
+                    Refusal::TooManyFailures => SessionError::TooManyFailedLogins,
+                };
+                Some(Stop::Reject(error.into()))
             }
         }
     }
@@ -410,6 +515,14 @@ impl<T: Transport> Connection<T> {
     async fn on_timer(&mut self) -> Option<Stop> {
         let now = Instant::now();
         let config = &self.broker.config;
+        if self
+            .auth
+            .as_ref()
+            .and_then(|context| context.expires)
+            .is_some_and(|expires| now >= expires)
+        {
+            return Some(Stop::Reject(SessionError::TokenExpired.into()));
+        }
         if !self.session.is_connected() {
             if now >= self.started + config.connect_timeout() {
                 return Some(Stop::Reject(
@@ -541,8 +654,7 @@ impl<T: Transport> Connection<T> {
         let (mut error, kind) = match stop {
             // The peer left or the socket broke: there is no one to write to.
             Stop::Gone => {
-                self.outbox.close();
-                self.session.close();
+                self.end_session();
                 return;
             }
             Stop::Disconnect => {
@@ -611,7 +723,18 @@ impl<T: Transport> Connection<T> {
             }
         }
         self.transport.close(kind).await;
+        self.end_session();
+    }
+
+    /// Drops what is queued, and ends the session: its subscriptions leave, its user's
+    /// sessions no longer count it.
+    fn end_session(&mut self) {
         self.outbox.close();
+        if let Some(identity) = self.session.identity() {
+            self.broker
+                .auth
+                .unregister(&identity.name, self.session.id());
+        }
         self.session.close();
     }
 }

@@ -1,5 +1,5 @@
-//! The HTTP side: the chat page at `/`, STOMP over WebSocket at `/ws`, `/healthz` and
-//! `/metrics`.
+//! The HTTP side: the chat page at `/`, STOMP over WebSocket at `/ws`, `/healthz`,
+//! `/metrics`, and the JSON API under `/api/` (which takes the same identity as STOMP).
 //!
 //! In: HTTP requests. Out: responses, and upgraded WebSocket connections handed to
 //! [`connection::serve`](crate::connection::serve) in their own task.
@@ -9,12 +9,16 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Path, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{Credentials, Identity, Mode, Refusal};
 use crate::connection;
 use crate::services::check_room_name;
 use crate::state::Broker;
@@ -40,6 +44,11 @@ pub struct AppState {
 
 /// The HTTP routes.
 pub fn routes(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/api/rooms", get(api_rooms))
+        .route("/api/queues", get(api_queues))
+        .route("/api/rooms/{room}", get(api_room))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/", get(index))
         .route(
@@ -61,10 +70,112 @@ pub fn routes(state: AppState) -> Router {
         .route("/ws", get(websocket))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .route("/api/rooms", get(api_rooms))
-        .route("/api/queues", get(api_queues))
-        .route("/api/rooms/{room}", get(api_room))
+        .route("/api/config", get(api_config))
+        .merge(api)
         .with_state(state)
+}
+
+/// Who is asking over HTTP: set on every request of the API (`None` in `--auth none`).
+#[derive(Debug, Clone)]
+pub struct Caller(pub Option<Identity>);
+
+/// The API's requests carry the same identity as STOMP: `Authorization: Basic` in `--auth
+/// users`, `Bearer` in `--auth jwt`. Without one the answer is 401; with a wrong one, 401
+/// no sooner than `--auth-failure-delay-ms` after the request, as for a CONNECT.
+async fn authenticate(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let auth = &state.broker.auth;
+    let mode = auth.mode();
+    if mode == Mode::None {
+        request.extensions_mut().insert(Caller(None));
+        return next.run(request).await;
+    }
+    let challenge = match mode {
+        Mode::Users => "Basic realm=\"stoa\", charset=\"UTF-8\"",
+        _ => "Bearer realm=\"stoa\"",
+    };
+    let unauthorized = |error: &str| {
+        let body = serde_json::json!({ "error": error }).to_string();
+        let mut response = json_response(StatusCode::UNAUTHORIZED, body);
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
+        );
+        response
+    };
+    let Some(presented) = http_credentials(request.headers(), mode) else {
+        return unauthorized("authentication required");
+    };
+    let started = tokio::time::Instant::now();
+    match auth
+        .authenticate(presented.as_credentials(), peer.ip())
+        .await
+    {
+        Ok(identity) => {
+            request.extensions_mut().insert(Caller(Some(identity)));
+            next.run(request).await
+        }
+        Err(refusal) => {
+            tokio::time::sleep_until(started + auth.failure_delay()).await;
+            unauthorized(match refusal {
+                Refusal::Failed => "authentication failed",
+                Refusal::TooManyFailures => "too many failed logins",
+            })
+        }
+    }
+}
+
+/// Credentials from an `Authorization` header, owned.
+struct Presented {
+    login: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+}
+
+impl Presented {
+    fn as_credentials(&self) -> Credentials<'_> {
+        Credentials {
+            login: self.login.as_deref(),
+            passcode: self.password.as_deref(),
+            bearer: self.token.as_deref(),
+        }
+    }
+}
+
+/// `Basic` (name and password) in `users` mode, `Bearer` in `jwt` mode; `None` without the
+/// header or with the other scheme.
+fn http_credentials(headers: &HeaderMap, mode: Mode) -> Option<Presented> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, rest) = value.split_once(' ')?;
+    let rest = rest.trim();
+    match mode {
+        Mode::Users if scheme.eq_ignore_ascii_case("basic") => {
+            let decoded = BASE64.decode(rest).ok()?;
+            let text = String::from_utf8(decoded).ok()?;
+            let (login, password) = text.split_once(':')?;
+            Some(Presented {
+                login: Some(login.to_owned()),
+                password: Some(password.to_owned()),
+                token: None,
+            })
+        }
+        Mode::Jwt if scheme.eq_ignore_ascii_case("bearer") => Some(Presented {
+            login: None,
+            password: None,
+            token: Some(rest.to_owned()),
+        }),
+        _ => None,
+    }
+}
+
+/// `{"auth":"none"|"users"|"jwt"}`: what the page asks before anyone logs in.
+async fn api_config(State(state): State<AppState>) -> Response {
+    let body = serde_json::json!({ "auth": state.broker.auth.mode().as_str() }).to_string();
+    json_response(StatusCode::OK, body)
 }
 
 async fn index() -> Html<&'static str> {
@@ -124,6 +235,10 @@ async fn websocket(
         Ok(upgrade) => upgrade,
         Err(refused) => return refused.response(),
     };
+    // Only `--auth jwt` reads it; kept out of the connection's memory otherwise.
+    let bearer = (state.broker.auth.mode() == Mode::Jwt)
+        .then(|| upgrade_token(&request))
+        .flatten();
     let config = &state.broker.config;
     // One STOMP frame may arrive in several messages, or several frames in one: the
     // decoder enforces the frame limit; a message may hold at most one frame's worth more.
@@ -147,10 +262,32 @@ async fn websocket(
             WsTransport::new(ws::open(upgraded, ws_config).await, max_message),
             broker,
             shutdown,
-            peer.to_string(),
+            peer,
             "ws",
+            bearer,
         )
         .await;
     });
     upgrade.response
+}
+
+/// A token on a request: `Authorization: Bearer <token>`, else `access_token` in the query
+/// (browsers cannot set headers on a WebSocket upgrade).
+fn upgrade_token<B>(request: &Request<B>) -> Option<String> {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_owned())
+        });
+    header.or_else(|| {
+        let query = request.uri().query()?;
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(name, _)| name == "access_token")
+            .map(|(_, token)| token.into_owned())
+    })
 }

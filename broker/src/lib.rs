@@ -4,6 +4,8 @@
 //! [`router`] -> [`outbox`] (per connection) -> writer ([`connection`]) -> socket.
 //! [`server::run`] starts it all.
 
+pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod destination;

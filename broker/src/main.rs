@@ -1,4 +1,5 @@
-//! The `stoa` binary: command-line options, logging, and the server until SIGINT/SIGTERM.
+//! The `stoa` binary: command-line options, logging, and the server until SIGINT/SIGTERM;
+//! or a subcommand (`stoa users ...`).
 
 use std::process::ExitCode;
 
@@ -13,6 +14,10 @@ use tracing_subscriber::EnvFilter;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "users") {
+        return broker::cli::users(args);
+    }
     let config = match Config::load() {
         Ok(config) => config,
         Err(e) => {

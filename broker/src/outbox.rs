@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -123,6 +123,14 @@ pub fn fill_from<T>(
     !items.is_empty()
 }
 
+/// Why something outside the connection ends it (see [`Outbox::end`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum End {
+    /// The user's account was removed or its password changed.
+    Revoked = 1,
+}
+
 /// About how many bytes the writer pulls from a backlog per batch.
 pub const BACKLOG_BATCH_BYTES: usize = 64 * 1024;
 
@@ -158,6 +166,8 @@ pub struct Outbox {
     limit_bytes: usize,
     /// Set once an offer was refused: read without the lock before every frame handled.
     slow: AtomicBool,
+    /// An [`End`] set from outside, or 0.
+    end: AtomicU8,
 }
 
 impl Outbox {
@@ -170,6 +180,22 @@ impl Outbox {
             notify: Notify::new(),
             limit_bytes,
             slow: AtomicBool::new(false),
+            end: AtomicU8::new(0),
+        }
+    }
+
+    /// Asks the connection to end with `reason` (its writer is woken and sends the ERROR):
+    /// the one handle on a connection that everyone reaching it holds.
+    pub fn end(&self, reason: End) {
+        self.end.store(reason as u8, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// Why the connection was asked to end, if it was.
+    pub fn ended(&self) -> Option<End> {
+        match self.end.load(Ordering::Acquire) {
+            1 => Some(End::Revoked),
+            _ => None,
         }
     }
 

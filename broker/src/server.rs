@@ -37,9 +37,9 @@ pub enum ServerError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The store could not be opened.
+    /// The stores or authentication could not be set up.
     #[error("{0}")]
-    Store(#[from] crate::store::StoreError),
+    Open(#[from] crate::state::OpenError),
     /// The data directory could not be created.
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
@@ -100,6 +100,7 @@ pub async fn run(
         stop_rx.clone(),
         broker.config.connect_timeout(),
     ));
+    tokio::spawn(broker.auth.clone().watch_accounts(stop_rx.clone()));
     let pace_broker = broker.clone();
     let pace_stop = stop_rx.clone();
     tokio::spawn(async move {
@@ -236,7 +237,8 @@ fn spawn_tcp(
         transport,
         broker.clone(),
         stop.clone(),
-        peer.to_string(),
+        peer,
         "tcp",
+        None,
     ));
 }

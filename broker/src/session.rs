@@ -15,6 +15,7 @@ use stomp_codec::{
     Command, DecodeError, Frame, HeartBeat, InvalidHeartBeat, Version, encode, encode_message_head,
 };
 
+use crate::auth::Identity;
 use crate::destination::TopicError;
 use crate::durable::DeferredReceipt;
 use crate::metrics::Metrics;
@@ -193,6 +194,26 @@ pub enum SessionError {
     /// The broker is stopping.
     #[error("server shutting down")]
     ShuttingDown,
+    /// Wrong credentials, whatever was wrong (nothing is learned about which names exist).
+    #[error("authentication failed")]
+    AuthenticationFailed,
+    /// Too many failed logins from this address lately.
+    #[error("too many failed logins")]
+    TooManyFailedLogins,
+    /// The user's account was removed or its password changed.
+    #[error("session revoked")]
+    SessionRevoked,
+    /// The token the session was opened with has expired.
+    #[error("token expired")]
+    TokenExpired,
+}
+
+impl From<crate::outbox::End> for SessionError {
+    fn from(end: crate::outbox::End) -> SessionError {
+        match end {
+            crate::outbox::End::Revoked => SessionError::SessionRevoked,
+        }
+    }
 }
 
 impl SessionError {
@@ -297,6 +318,8 @@ pub struct Session {
     transactions: HashMap<String, Vec<Frame>>,
     /// What the SEND being handled became, for its RECEIPT's `message-id` and `x-seq`.
     published: Option<Published>,
+    /// Who authenticated, before CONNECT is handled (`--auth users` or `jwt`).
+    identity: Option<Identity>,
     /// Whether the frame being handled put something in durable storage.
     durable_published: bool,
     /// RECEIPTs handed to the durable store and not yet released.
@@ -318,6 +341,7 @@ impl Session {
             next_key: 0,
             transactions: HashMap::new(),
             published: None,
+            identity: None,
             durable_published: false,
             durable_receipts: Arc::new(AtomicUsize::new(0)),
         }
@@ -336,6 +360,25 @@ impl Session {
     /// The connected user's name; empty before CONNECT.
     pub fn user(&self) -> &str {
         &self.user
+    }
+
+    /// Handles a CONNECT (or STOMP) whose credentials the connection has checked: the
+    /// session is `identity`'s, whatever `login` the frame carries.
+    ///
+    /// # Errors
+    /// As [`Session::handle`].
+    pub fn handle_authenticated(
+        &mut self,
+        frame: Frame,
+        identity: Identity,
+    ) -> Result<Outcome, Rejected> {
+        self.identity = Some(identity);
+        self.handle(frame)
+    }
+
+    /// The authenticated identity (`--auth users` or `jwt`), once connected.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
     }
 
     /// Whether CONNECT has succeeded and DISCONNECT has not come.
@@ -458,11 +501,11 @@ impl Session {
             .map(HeartBeat::parse)
             .transpose()?
             .unwrap_or_default();
-        self.user = match frame.header("login") {
-            Some(login) => check_user_name(login)?,
-            None => format!("guest-{}", self.id),
-        }
-        .into();
+        self.user = match (&self.identity, frame.header("login")) {
+            (Some(identity), _) => identity.name.clone(),
+            (None, Some(login)) => check_user_name(login)?.into(),
+            (None, None) => format!("guest-{}", self.id).into(),
+        };
         let config = &self.broker.config;
         let server_beat = config.heart_beat;
         self.state = State::Connected;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::auth::{Auth, AuthConfigError};
 use crate::config::Config;
 use crate::durable::QueueStore;
 use crate::metrics::Metrics;
@@ -17,11 +18,24 @@ use crate::services::{HistoryLimits, QueueLimits};
 use crate::session::SessionId;
 use crate::store::{SqliteStore, Store, StoreError};
 
+/// Why the broker's state could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A store could not be opened or read.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// Authentication could not be set up (accounts, keys).
+    #[error("{0}")]
+    Auth(#[from] AuthConfigError),
+}
+
 /// The broker's shared state.
 #[derive(Debug)]
 pub struct Broker {
     /// Settings.
     pub config: Config,
+    /// Who may connect, and as whom.
+    pub auth: Arc<Auth>,
     /// Destinations and the services behind them.
     pub router: Router,
     /// Counters for `/metrics`.
@@ -36,7 +50,7 @@ impl Broker {
     ///
     /// # Errors
     /// The store cannot be opened or read.
-    pub fn open(config: Config) -> Result<Broker, StoreError> {
+    pub fn open(config: Config) -> Result<Broker, OpenError> {
         let store = Arc::new(SqliteStore::open(
             &config.data_dir,
             config.store_pending_bytes,
@@ -48,7 +62,7 @@ impl Broker {
     ///
     /// # Errors
     /// The store cannot be read.
-    pub fn with_store(config: Config, store: Arc<dyn Store>) -> Result<Broker, StoreError> {
+    pub fn with_store(config: Config, store: Arc<dyn Store>) -> Result<Broker, OpenError> {
         let limits = RouterLimits {
             history: HistoryLimits {
                 messages: config.room_history,
@@ -70,7 +84,9 @@ impl Broker {
         })?;
         // Durable queues live in a database of their own: every commit there is an fsync.
         let (queue_store, kept_queues) = QueueStore::open(&config.data_dir)?;
+        let auth = Arc::new(Auth::new(&config.auth_settings())?);
         Ok(Broker {
+            auth,
             router: Router::open(store, queue_store, kept_queues, limits)?,
             config,
             metrics: Metrics::default(),

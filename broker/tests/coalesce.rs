@@ -77,8 +77,9 @@ async fn broker_with_window(window: Duration) -> (Arc<Broker>, std::net::SocketA
                 transport,
                 serving.clone(),
                 shutdown.clone(),
-                peer.to_string(),
+                peer,
                 "tcp",
+                None,
             ));
         }
     });

@@ -29,8 +29,9 @@ async fn beats_go_out_a_quarter_before_the_negotiated_interval_ends() {
         StreamTransport::over(server, 1024),
         broker,
         shutdown,
-        "memory".into(),
+        ([127, 0, 0, 1], 1).into(),
         "memory",
+        None,
     ));
     // The client wants a beat every second and sends none itself.
     client

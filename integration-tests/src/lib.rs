@@ -117,10 +117,19 @@ impl Broker {
             std::process::id(),
             NEXT_DIR.fetch_add(1, Ordering::Relaxed)
         ));
+        Broker::start_in_capturing_stderr(&data_dir, args, env)
+    }
+
+    /// Like [`Broker::start_capturing_stderr`], in a given data directory.
+    pub fn start_in_capturing_stderr(
+        data_dir: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Broker {
         let path = data_dir.with_extension("stderr");
         let file = std::fs::File::create(&path).expect("create the stderr file");
         let mut broker = Broker::spawn(
-            &data_dir,
+            data_dir,
             ("127.0.0.1:0", "127.0.0.1:0"),
             args,
             env,
@@ -189,8 +198,29 @@ impl Broker {
 
     /// GETs `path` over HTTP/1.1 and returns the status code and body.
     pub async fn http_get(&self, path: &str) -> (u16, String) {
+        self.http_get_with(path, &[]).await
+    }
+
+    /// GETs `path` with extra headers (`Authorization`, `Origin`, ...).
+    pub async fn http_get_with(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        let (status, _, body) = self.http_request("GET", path, headers).await;
+        (status, body)
+    }
+
+    /// Sends a request without a body; its status, head and body.
+    pub async fn http_request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, String, String) {
         let mut stream = TcpStream::connect(self.http).await.expect("http connect");
-        let request = format!("GET {path} HTTP/1.1\r\nHost: stoa\r\nConnection: close\r\n\r\n");
+        let extra: String = headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {v}\r\n"))
+            .collect();
+        let request =
+            format!("{method} {path} HTTP/1.1\r\nHost: stoa\r\n{extra}Connection: close\r\n\r\n");
         stream
             .write_all(request.as_bytes())
             .await
@@ -205,11 +235,11 @@ impl Broker {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .expect("an HTTP status line");
-        let body = response
+        let (head, body) = response
             .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
+            .map(|(h, b)| (h.to_owned(), b.to_owned()))
             .unwrap_or_default();
-        (status, body)
+        (status, head, body)
     }
 
     /// The WebSocket URL.
@@ -334,22 +364,52 @@ impl Conn {
 
     /// Opens a WebSocket connection offering `subprotocols` (a header value), or none.
     pub async fn ws(url: &str, subprotocols: Option<&str>) -> Conn {
-        let mut request = url.into_client_request().expect("ws request");
+        Conn::try_ws(url, subprotocols, &[])
+            .await
+            .unwrap_or_else(|e| panic!("ws connect: {e}"))
+    }
+
+    /// Opens a WebSocket connection with extra headers on the upgrade request; the error
+    /// (an HTTP refusal, say) if it fails.
+    ///
+    /// # Errors
+    /// What tungstenite said.
+    pub async fn try_ws(
+        url: &str,
+        subprotocols: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<Conn, tungstenite::Error> {
+        let mut request = url.into_client_request()?;
         if let Some(p) = subprotocols {
             request.headers_mut().insert(
                 "Sec-WebSocket-Protocol",
                 HeaderValue::from_str(p).expect("header"),
             );
         }
-        let (socket, response) = tokio_tungstenite::connect_async(request)
-            .await
-            .expect("ws connect");
+        for (name, value) in headers {
+            let name =
+                tungstenite::http::HeaderName::from_bytes(name.as_bytes()).expect("header name");
+            request
+                .headers_mut()
+                .insert(name, HeaderValue::from_str(value).expect("header"));
+        }
+        let (socket, response) = tokio_tungstenite::connect_async(request).await?;
         let chosen = response
             .headers()
             .get("Sec-WebSocket-Protocol")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        Conn::new(Link::Ws(Box::new(socket)), chosen)
+        Ok(Conn::new(Link::Ws(Box::new(socket)), chosen))
+    }
+
+    /// Opens a TCP connection from a given loopback source address (127.x.y.z).
+    pub async fn tcp_from(source: std::net::IpAddr, addr: SocketAddr) -> Conn {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .expect("bind the source");
+        let stream = socket.connect(addr).await.expect("tcp connect");
+        Conn::new(Link::Tcp(stream), None)
     }
 
     fn new(link: Link, subprotocol: Option<String>) -> Conn {

@@ -190,6 +190,11 @@ pub struct Config {
     #[arg(long, env = "STOA_LOGIN_CACHE_SECONDS", default_value_t = 300)]
     pub login_cache_seconds: u64,
 
+    /// A TOML file of allow and deny rules for SEND and SUBSCRIBE (docs/SECURITY.md); read
+    /// again on SIGHUP. Without it everything is allowed.
+    #[arg(long, env = "STOA_ACL")]
+    pub acl: Option<PathBuf>,
+
     /// Most milliseconds a connection that has just written waits before its next write
     /// when the broker is busy, so that one write carries what arrives meanwhile. The wait
     /// grows with the worker threads' busy time: none below 60% busy, this much at 90%.

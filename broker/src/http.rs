@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{ConnectInfo, Extension, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -18,6 +18,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
+use crate::acl::Viewer;
 use crate::auth::{Credentials, Identity, Mode, Refusal};
 use crate::connection;
 use crate::services::check_room_name;
@@ -199,8 +200,26 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn api_rooms(State(state): State<AppState>) -> Response {
-    json_response(StatusCode::OK, state.broker.router.app.rooms_json())
+/// The caller as the ACL sees them (`None` without `--acl`). Anonymous callers (`--auth
+/// none`) are nameless: only rules for `*` speak of them.
+fn viewer(broker: &Broker, caller: &Caller) -> Option<Viewer> {
+    let acl = broker.acl.clone()?;
+    let (name, groups) = match &caller.0 {
+        Some(identity) => (identity.name.clone(), identity.groups.clone()),
+        None => (Arc::from(""), Arc::from([])),
+    };
+    Some(Viewer { name, groups, acl })
+}
+
+async fn api_rooms(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
+    let viewer = viewer(&state.broker, &caller);
+    json_response(
+        StatusCode::OK,
+        state.broker.router.app.rooms_json(viewer.as_ref()),
+    )
 }
 
 async fn api_queues(State(state): State<AppState>) -> Response {
@@ -208,16 +227,34 @@ async fn api_queues(State(state): State<AppState>) -> Response {
     json_response(StatusCode::OK, body)
 }
 
-async fn api_room(State(state): State<AppState>, Path(room): Path<String>) -> Response {
+async fn api_room(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(room): Path<String>,
+) -> Response {
     if let Err(e) = check_room_name(&room) {
         let body = serde_json::json!({ "error": e.to_string() }).to_string();
         return json_response(StatusCode::BAD_REQUEST, body);
     }
-    match state.broker.router.rooms.detail(&room) {
-        Some(_) => json_response(StatusCode::OK, state.broker.router.app.members_json(&room)),
+    let viewer = viewer(&state.broker, &caller);
+    let app = &state.broker.router.app;
+    match app.detail(&room, viewer.as_ref()) {
+        Some(detail) => json_value(StatusCode::OK, &detail),
         None => {
             let body = serde_json::json!({ "error": format!("no room {room:?}") }).to_string();
             json_response(StatusCode::NOT_FOUND, body)
+        }
+    }
+}
+
+/// `value` as JSON (a 500 naming the failure if it cannot be written, which the types
+/// answered here never cause).
+fn json_value(status: StatusCode, value: &impl serde::Serialize) -> Response {
+    match serde_json::to_string(value) {
+        Ok(body) => json_response(status, body),
+        Err(e) => {
+            let body = serde_json::json!({ "error": format!("cannot write the answer: {e}") });
+            json_response(StatusCode::INTERNAL_SERVER_ERROR, body.to_string())
         }
     }
 }

@@ -4,6 +4,7 @@
 //! [`router`] -> [`outbox`] (per connection) -> writer ([`connection`]) -> socket.
 //! [`server::run`] starts it all.
 
+pub mod acl;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -13,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use stomp_codec::{Frame, Headers, SharedMessage, Version};
 
+use crate::acl::Viewer;
 use crate::destination::{Destination, is_pattern};
 use crate::durable::{KeptQueue, QueueStore};
 use crate::outbox::{AckTag, Mark, Outbox, Outgoing};
@@ -40,6 +41,9 @@ pub struct Subscriber {
     pub version: Version,
     /// Whether deliveries must be acknowledged (client and client-individual modes).
     pub needs_ack: bool,
+    /// Who subscribed, as the ACL sees them (with `--acl` only): a wildcard subscription's
+    /// deliveries are checked against it one by one.
+    pub viewer: Option<Arc<Viewer>>,
 }
 
 impl Subscriber {
@@ -684,6 +688,7 @@ mod tests {
             head: Bytes::from_static(b"MESSAGE\nsubscription:s\n"),
             version: Version::V1_1,
             needs_ack: true,
+            viewer: None,
         };
         assert!(outbox.offer(subscriber.stamp().kept(&kept)));
         let mut batch = Vec::new();

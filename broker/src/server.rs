@@ -101,6 +101,7 @@ pub async fn run(
         broker.config.connect_timeout(),
     ));
     tokio::spawn(broker.auth.clone().watch_accounts(stop_rx.clone()));
+    tokio::spawn(reload_on_hangup(broker.clone(), stop_rx.clone()));
     let pace_broker = broker.clone();
     let pace_stop = stop_rx.clone();
     tokio::spawn(async move {
@@ -177,6 +178,35 @@ async fn serve_http(
     }
     connections.close();
     connections.wait().await;
+}
+
+/// On SIGHUP, reads the ACL file again (a bad file keeps the rules in force, and says why
+/// in the log).
+async fn reload_on_hangup(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            warn!("cannot listen for SIGHUP: nothing will be reloaded");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                received = hangup.recv() => if received.is_none() { return },
+            }
+            if let Some(acl) = &broker.acl {
+                match acl.reload() {
+                    Ok(()) => info!("ACL reloaded"),
+                    Err(e) => warn!("ACL not reloaded, the rules in force stay: {e}"),
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (broker, stop.changed().await);
+    }
 }
 
 fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ServerError> {

@@ -15,8 +15,10 @@ use stomp_codec::{
     Command, DecodeError, Frame, HeartBeat, InvalidHeartBeat, Version, encode, encode_message_head,
 };
 
+use crate::acl::{Action, User, Viewer};
 use crate::auth::Identity;
 use crate::destination::TopicError;
+use crate::destination::{Destination, is_pattern};
 use crate::durable::DeferredReceipt;
 use crate::metrics::Metrics;
 use crate::outbox::{AckTag, Outbox, Outgoing};
@@ -206,6 +208,9 @@ pub enum SessionError {
     /// The token the session was opened with has expired.
     #[error("token expired")]
     TokenExpired,
+    /// The ACL does not let this user SEND to or SUBSCRIBE to the destination.
+    #[error("access denied: {0}")]
+    AccessDenied(String),
 }
 
 impl From<crate::outbox::End> for SessionError {
@@ -320,6 +325,8 @@ pub struct Session {
     published: Option<Published>,
     /// Who authenticated, before CONNECT is handled (`--auth users` or `jwt`).
     identity: Option<Identity>,
+    /// The user as the ACL sees them, once connected (`--acl` only).
+    viewer: Option<Arc<Viewer>>,
     /// Whether the frame being handled put something in durable storage.
     durable_published: bool,
     /// RECEIPTs handed to the durable store and not yet released.
@@ -342,6 +349,7 @@ impl Session {
             transactions: HashMap::new(),
             published: None,
             identity: None,
+            viewer: None,
             durable_published: false,
             durable_receipts: Arc::new(AtomicUsize::new(0)),
         }
@@ -506,6 +514,17 @@ impl Session {
             (None, Some(login)) => check_user_name(login)?.into(),
             (None, None) => format!("guest-{}", self.id).into(),
         };
+        if let Some(acl) = &self.broker.acl {
+            let groups = self
+                .identity
+                .as_ref()
+                .map_or_else(|| Arc::from([]), |identity| identity.groups.clone());
+            self.viewer = Some(Arc::new(Viewer {
+                name: self.user.clone(),
+                groups,
+                acl: acl.clone(),
+            }));
+        }
         let config = &self.broker.config;
         let server_beat = config.heart_beat;
         self.state = State::Connected;
@@ -538,11 +557,37 @@ impl Session {
         // Check the destination now, also inside a transaction, so COMMIT cannot fail on it.
         let (service, key) = self.broker.router.resolve(destination)?;
         service.check_send(key)?;
+        self.check_access(Action::Publish, destination)?;
         if let Some(tx) = frame.header("transaction") {
             return self.hold(tx.to_owned(), frame);
         }
         self.published = Some(self.publish(&frame)?);
         Ok(())
+    }
+
+    /// With `--acl`, whether this user may do `action` with `destination`; a wildcard
+    /// SUBSCRIBE needs only that some destination it matches could be allowed (its
+    /// deliveries are checked one by one).
+    fn check_access(&self, action: Action, destination: &str) -> Result<(), SessionError> {
+        let Some(viewer) = &self.viewer else {
+            return Ok(());
+        };
+        let acl = viewer.acl.get();
+        let user = User {
+            name: &viewer.name,
+            groups: &viewer.groups,
+        };
+        let allowed = match (action, Destination::parse(destination)) {
+            (Action::Subscribe, Destination::Topic(key)) if is_pattern(key) => {
+                acl.may_watch(user, key)
+            }
+            _ => acl.allows(user, action, destination),
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(SessionError::AccessDenied(destination.to_owned()))
+        }
     }
 
     fn publish(&mut self, frame: &Frame) -> Result<Published, SessionError> {
@@ -594,6 +639,7 @@ impl Session {
         }
         let replay = replay_of(frame)?;
         let (service, key) = self.broker.router.resolve(destination)?;
+        self.check_access(Action::Subscribe, destination)?;
         let sub_key = self.next_key;
         let mut head = BytesMut::new();
         encode_message_head(self.version, &[("subscription", id)], &mut head);
@@ -608,6 +654,7 @@ impl Session {
             head: head.freeze(),
             version: self.version,
             needs_ack: tracked,
+            viewer: self.viewer.clone(),
         };
         service.subscribe(SubscribeRequest {
             key,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::acl::{AclError, AclHandle};
 use crate::auth::{Auth, AuthConfigError};
 use crate::config::Config;
 use crate::durable::QueueStore;
@@ -27,6 +28,9 @@ pub enum OpenError {
     /// Authentication could not be set up (accounts, keys).
     #[error("{0}")]
     Auth(#[from] AuthConfigError),
+    /// The ACL file cannot be used.
+    #[error("{0}")]
+    Acl(#[from] AclError),
 }
 
 /// The broker's shared state.
@@ -36,6 +40,8 @@ pub struct Broker {
     pub config: Config,
     /// Who may connect, and as whom.
     pub auth: Arc<Auth>,
+    /// What users may do (`--acl`).
+    pub acl: Option<Arc<AclHandle>>,
     /// Destinations and the services behind them.
     pub router: Router,
     /// Counters for `/metrics`.
@@ -85,8 +91,13 @@ impl Broker {
         // Durable queues live in a database of their own: every commit there is an fsync.
         let (queue_store, kept_queues) = QueueStore::open(&config.data_dir)?;
         let auth = Arc::new(Auth::new(&config.auth_settings())?);
+        let acl = match &config.acl {
+            Some(path) => Some(Arc::new(AclHandle::open(path)?)),
+            None => None,
+        };
         Ok(Broker {
             auth,
+            acl,
             router: Router::open(store, queue_store, kept_queues, limits)?,
             config,
             metrics: Metrics::default(),

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use stomp_codec::Headers;
 
+use crate::acl::Viewer;
 use crate::router::{
     MessageIds, Publish, PublishRequest, Published, Service, SubscribeRequest, Subscriber,
 };
@@ -42,15 +43,29 @@ impl App {
         App { rooms, ids }
     }
 
-    /// `{"rooms":[{"room":"lobby","members":3,"last_seq":42}]}`.
-    pub fn rooms_json(&self) -> String {
-        serde_json::json!({ "rooms": self.rooms.summaries() }).to_string()
+    /// `{"rooms":[{"room":"lobby","members":3,"last_seq":42}]}`: with `--acl`, only the
+    /// rooms `viewer` may subscribe to.
+    pub fn rooms_json(&self, viewer: Option<&Viewer>) -> String {
+        let mut rooms = self.rooms.summaries();
+        if let Some(viewer) = viewer {
+            rooms.retain(|r| viewer.may_subscribe(&format!("/topic/room.{}", r.room)));
+        }
+        serde_json::json!({ "rooms": rooms }).to_string()
+    }
+
+    /// A room's members, unless it never existed or `viewer` may not subscribe to it (the
+    /// same answer: nothing is learned of a room one may not enter).
+    pub fn detail(&self, room: &str, viewer: Option<&Viewer>) -> Option<RoomDetail> {
+        if viewer.is_some_and(|v| !v.may_subscribe(&format!("/topic/room.{room}"))) {
+            return None;
+        }
+        self.rooms.detail(room)
     }
 
     /// `{"room":"lobby","members":["alice","bob"],"last_seq":42}`; a room that never
-    /// existed has no members and `last_seq` 0.
-    pub fn members_json(&self, room: &str) -> String {
-        let detail = self.rooms.detail(room).unwrap_or_else(|| RoomDetail {
+    /// existed (or that `viewer` may not enter) has no members and `last_seq` 0.
+    pub fn members_json(&self, room: &str, viewer: Option<&Viewer>) -> String {
+        let detail = self.detail(room, viewer).unwrap_or_else(|| RoomDetail {
             room: room.to_owned(),
             members: Vec::new(),
             last_seq: 0,
@@ -78,10 +93,10 @@ impl Service for App {
 
     fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<(), SessionError> {
         let json = match question(request.key) {
-            Some(Question::Rooms) => self.rooms_json(),
+            Some(Question::Rooms) => self.rooms_json(request.subscriber.viewer.as_deref()),
             Some(Question::Members(room)) => {
                 check_room_name(room)?;
-                self.members_json(room)
+                self.members_json(room, request.subscriber.viewer.as_deref())
             }
             None => {
                 return Err(SessionError::NoApplicationHandler(

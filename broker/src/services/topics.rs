@@ -86,11 +86,25 @@ impl Topics {
             return;
         }
         let words = key_words(key);
+        // Made once, and only if some watcher's deliveries go through the ACL.
+        let mut destination: Option<String> = None;
         for entry in &self.patterns {
             let (pattern, subs) = entry.value();
-            if pattern.matches_words(&words) {
-                deliver(subs.iter(), publish, fanout);
+            if !pattern.matches_words(&words) {
+                continue;
             }
+            if subs.iter().all(|s| s.viewer.is_none()) {
+                deliver(subs.iter(), publish, fanout);
+                continue;
+            }
+            // --acl: no watcher learns of a destination it may not subscribe to.
+            let destination = destination.get_or_insert_with(|| format!("/topic/{key}"));
+            let allowed = subs.iter().filter(|s| {
+                s.viewer
+                    .as_ref()
+                    .is_none_or(|viewer| viewer.may_subscribe(destination))
+            });
+            deliver(allowed, publish, fanout);
         }
     }
 
@@ -146,6 +160,7 @@ mod tests {
             head: Bytes::from(format!("MESSAGE\nsubscription:{key}\n")),
             version: Version::V1_2,
             needs_ack: false,
+            viewer: None,
         }
     }
 

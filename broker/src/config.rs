@@ -195,6 +195,31 @@ pub struct Config {
     #[arg(long, env = "STOA_ACL")]
     pub acl: Option<PathBuf>,
 
+    /// Origins (comma-separated `scheme://host[:port]`, or `*`) whose browser pages may open
+    /// a WebSocket or use the HTTP transports, besides the broker's own; any other `Origin`
+    /// gets 403 (cross-site WebSocket hijacking). Requests without `Origin` are not from
+    /// browsers and pass.
+    #[arg(long, env = "STOA_ALLOWED_ORIGINS", default_value = "")]
+    pub allowed_origins: String,
+
+    /// Most client connections, all transports together (0: no limit but the process's file
+    /// limit); past it a WebSocket upgrade gets 503 and a TCP connection ERROR "server busy".
+    #[arg(long, env = "STOA_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Most client connections from one address (0: no limit).
+    #[arg(long, env = "STOA_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// SENDs per second one connection may make (0: no limit); past it the connection is
+    /// not read until it may send again (TCP back-pressure: nothing is dropped).
+    #[arg(long, env = "STOA_MAX_SEND_RATE", default_value_t = 0)]
+    pub max_send_rate: u32,
+
+    /// SENDs one connection may make at once, beyond the rate (default: the rate).
+    #[arg(long, env = "STOA_MAX_SEND_BURST")]
+    pub max_send_burst: Option<u32>,
+
     /// Most milliseconds a connection that has just written waits before its next write
     /// when the broker is busy, so that one write carries what arrives meanwhile. The wait
     /// grows with the worker threads' busy time: none below 60% busy, this much at 90%.

@@ -12,11 +12,12 @@ use std::time::Duration;
 use std::time::SystemTime;
 
 use bytes::{BufMut, BytesMut};
-use stomp_codec::{Command, Decoder, Frame, encode_to_bytes};
+use stomp_codec::{Command, Decoder, Frame, Version, encode_to_bytes};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, debug, info};
 
+use crate::admission::Ticket;
 use crate::auth::{Credentials, Mode, Refusal};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Outgoing};
@@ -164,22 +165,24 @@ enum Stop {
 }
 
 /// Serves one connection until it ends. Spawn one per accepted socket.
-///
-/// `bearer` is a token the WebSocket upgrade carried (`Authorization: Bearer`, or
-/// `access_token` in its query), for `--auth jwt`.
 pub fn serve<T: Transport>(
     transport: T,
     broker: Arc<Broker>,
     shutdown: watch::Receiver<bool>,
-    peer: SocketAddr,
-    kind: &'static str,
-    bearer: Option<String>,
+    arrival: Arrival,
 ) -> impl Future<Output = ()> + Send {
+    let Arrival {
+        peer,
+        transport: kind,
+        bearer,
+        ticket,
+    } = arrival;
     let id = broker.next_session_id();
     let span = tracing::info_span!("session", id = id.0, %peer, transport = kind);
     // Built here rather than inside the future: an async fn keeps its arguments for its whole
     // life, which held the transport twice more in every idle connection's task.
     let mut conn = Connection::new(transport, broker, id);
+    conn.ticket = ticket;
     if conn.broker.auth.mode() != Mode::None {
         conn.auth = Some(Box::new(AuthContext {
             ip: peer.ip(),
@@ -203,6 +206,41 @@ pub fn serve<T: Transport>(
     .instrument(span)
 }
 
+/// How a connection came in.
+#[derive(Debug)]
+pub struct Arrival {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// `tcp`, `ws`, ...: for the log.
+    pub transport: &'static str,
+    /// A token the WebSocket upgrade carried (`Authorization: Bearer`, or `access_token`
+    /// in its query), for `--auth jwt`.
+    pub bearer: Option<String>,
+    /// Its place in the connection counts (`--max-connections`), given back at the end.
+    pub ticket: Option<Box<Ticket>>,
+}
+
+impl Arrival {
+    /// A connection from `peer` over `transport`, with no token and no ticket.
+    pub fn new(peer: SocketAddr, transport: &'static str) -> Arrival {
+        Arrival {
+            peer,
+            transport,
+            bearer: None,
+            ticket: None,
+        }
+    }
+}
+
+/// Answers a connection that may not be served (`--max-connections`) with `error`, then
+/// closes it: nothing it sends is acted on.
+pub async fn refuse<T: Transport>(mut transport: T, error: SessionError, timeout: Duration) {
+    let frame = error.to_error_frame(None);
+    let bytes = [Outgoing::Frame(encode_to_bytes(&frame, Version::V1_2))];
+    let _ = tokio::time::timeout(timeout, transport.write_discarding(&bytes)).await;
+    transport.close(CloseKind::Error).await;
+}
+
 /// What a connection keeps only when clients authenticate (boxed: most connections of a
 /// `--auth none` broker are idle chat connections, whose size counts).
 struct AuthContext {
@@ -219,11 +257,53 @@ enum Step {
     Stop(Stop),
     /// A CONNECT whose credentials must be checked (which waits) before it is handled.
     Authenticate(Box<Frame>),
+    /// A SEND over `--max-send-rate`, held until this moment.
+    Throttled(Instant),
+}
+
+/// `--max-send-rate`: a token bucket on one connection's SEND frames.
+struct Throttle {
+    /// Tokens per second.
+    rate: f64,
+    /// Most tokens kept.
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+    /// A SEND that came before its token.
+    held: Option<Box<Frame>>,
+}
+
+impl Throttle {
+    fn new(rate: u32, burst: u32) -> Throttle {
+        Throttle {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            last: Instant::now(),
+            held: None,
+        }
+    }
+
+    /// Takes a token if there is one; else when there will be.
+    fn take(&mut self, now: Instant) -> Option<Instant> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            None
+        } else {
+            Some(now + Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
 }
 
 struct Connection<T> {
     transport: T,
     broker: Arc<Broker>,
+    ticket: Option<Box<Ticket>>,
+    /// `--max-send-rate` (boxed: most brokers have none).
+    throttle: Option<Box<Throttle>>,
     auth: Option<Box<AuthContext>>,
     outbox: Arc<Outbox>,
     session: Session,
@@ -243,7 +323,13 @@ impl<T: Transport> Connection<T> {
         let outbox = Arc::new(Outbox::new(config.outbox_bytes));
         let session = Session::new(id, broker.clone(), outbox.clone());
         let now = Instant::now();
+        let throttle = (config.max_send_rate > 0).then(|| {
+            let burst = config.max_send_burst.unwrap_or(config.max_send_rate);
+            Box::new(Throttle::new(config.max_send_rate, burst))
+        });
         Connection {
+            ticket: None,
+            throttle,
             auth: None,
             transport,
             decoder: Decoder::new(config.limits()),
@@ -319,20 +405,9 @@ impl<T: Transport> Connection<T> {
                     Ok(true) => {
                         self.last_read = Instant::now();
                         let connected = self.session.is_connected();
-                        loop {
-                            match self.process_frames() {
-                                None => break,
-                                Some(Step::Stop(stop)) => return stop,
-                                Some(Step::Authenticate(frame)) => {
-                                    if let Some(stop) = Box::pin(self.authenticate(*frame)).await {
-                                        return stop;
-                                    }
-                                }
-                            }
-                        }
-                        self.reclaim_read_buffer();
-                        if self.broker.router.store_pending().is_over() {
-                            paused_until = Some(Instant::now() + PAUSE_POLL);
+                        match self.take_input().await {
+                            Ok(pause) => paused_until = pause,
+                            Err(stop) => return stop,
                         }
                         if connected != self.session.is_connected() || paused_until.is_some() {
                             timer.as_mut().reset(self.deadline(flush_at, paused_until));
@@ -353,7 +428,11 @@ impl<T: Transport> Connection<T> {
                         } else {
                             // The client was not read meanwhile: its silence is the broker's.
                             self.last_read = now;
-                            None
+                            // Frames left in the buffer (a SEND held for the rate) go first.
+                            match self.take_input().await {
+                                Ok(pause) => pause,
+                                Err(stop) => return stop,
+                            }
                         };
                     }
                     if flush_at.is_some_and(|at| now >= at) {
@@ -413,6 +492,31 @@ impl<T: Transport> Connection<T> {
         }
     }
 
+    /// Handles what was read: every whole frame in the buffer, authenticating a CONNECT on
+    /// the way. Returns when reading must wait until a moment (a SEND over the rate, the
+    /// history store behind), or why the connection ends.
+    async fn take_input(&mut self) -> Result<Option<Instant>, Stop> {
+        loop {
+            match self.process_frames() {
+                None => break,
+                Some(Step::Stop(stop)) => return Err(stop),
+                Some(Step::Authenticate(frame)) => {
+                    if let Some(stop) = Box::pin(self.authenticate(*frame)).await {
+                        return Err(stop);
+                    }
+                }
+                Some(Step::Throttled(until)) => return Ok(Some(until)),
+            }
+        }
+        self.reclaim_read_buffer();
+        Ok(self
+            .broker
+            .router
+            .store_pending()
+            .is_over()
+            .then(|| Instant::now() + PAUSE_POLL))
+    }
+
     /// Decodes and handles every whole frame in the read buffer, until one ends the
     /// connection. A subscription cut as a slow consumer ends it too, before the next frame
     /// is acted on: the cut came first, and its ERROR is the one the client gets.
@@ -421,11 +525,25 @@ impl<T: Transport> Connection<T> {
             if self.outbox.is_slow() {
                 return Some(Step::Stop(self.slow_consumer()));
             }
-            let frame = match self.decoder.decode(&mut self.read_buf) {
-                Ok(Some(frame)) => frame,
-                Ok(None) => return None,
-                Err(e) => return Some(Step::Stop(Stop::Reject(SessionError::Decode(e).into()))),
+            let held = self.throttle.as_mut().and_then(|t| t.held.take());
+            let frame = match held {
+                Some(frame) => *frame,
+                None => match self.decoder.decode(&mut self.read_buf) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => return None,
+                    Err(e) => {
+                        return Some(Step::Stop(Stop::Reject(SessionError::Decode(e).into())));
+                    }
+                },
             };
+            if frame.command == Command::Send
+                && let Some(throttle) = self.throttle.as_mut()
+                && let Some(until) = throttle.take(Instant::now())
+            {
+                // Over --max-send-rate: nothing more is read until it may be handled.
+                throttle.held = Some(Box::new(frame));
+                return Some(Step::Throttled(until));
+            }
             debug!(command = %frame.command, "frame");
             if self.auth.is_some()
                 && !self.session.is_connected()

@@ -19,8 +19,9 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::acl::Viewer;
+use crate::admission::Busy;
 use crate::auth::{Credentials, Identity, Mode, Refusal};
-use crate::connection;
+use crate::connection::{self, Arrival};
 use crate::services::check_room_name;
 use crate::state::Broker;
 use crate::transport::ws::{self, WsTransport};
@@ -268,6 +269,17 @@ async fn websocket(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     mut request: Request,
 ) -> Response {
+    let broker = &state.broker;
+    if let Some(refused) = refuse_origin(broker, request.headers()) {
+        return refused;
+    }
+    let ticket = match broker.admission.admit(peer.ip()) {
+        Ok(ticket) => ticket,
+        Err(Busy) => {
+            let body = serde_json::json!({ "error": "server busy" }).to_string();
+            return json_response(StatusCode::SERVICE_UNAVAILABLE, body);
+        }
+    };
     let upgrade = match ws::accept(&mut request) {
         Ok(upgrade) => upgrade,
         Err(refused) => return refused.response(),
@@ -295,17 +307,36 @@ async fn websocket(
                 return;
             }
         };
+        let arrival = Arrival {
+            bearer,
+            ticket,
+            ..Arrival::new(peer, "ws")
+        };
         connection::serve(
             WsTransport::new(ws::open(upgraded, ws_config).await, max_message),
             broker,
             shutdown,
-            peer,
-            "ws",
-            bearer,
+            arrival,
         )
         .await;
     });
     upgrade.response
+}
+
+/// 403 for a browser page of an origin `--allowed-origins` does not name (cross-site
+/// WebSocket hijacking: a page elsewhere using a visitor's cookies or address); `None` when
+/// the request may go on.
+pub fn refuse_origin(broker: &Broker, headers: &HeaderMap) -> Option<Response> {
+    let origin = headers
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    if broker.origins.allows(origin, broker.http_scheme(), host) {
+        return None;
+    }
+    tracing::debug!(origin = origin.unwrap_or(""), "origin refused");
+    let body = serde_json::json!({ "error": "origin not allowed" }).to_string();
+    Some(json_response(StatusCode::FORBIDDEN, body))
 }
 
 /// A token on a request: `Authorization: Bearer <token>`, else `access_token` in the query

@@ -5,6 +5,7 @@
 //! [`server::run`] starts it all.
 
 pub mod acl;
+pub mod admission;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -20,9 +20,11 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service as _;
 use tracing::{debug, info, warn};
 
+use crate::admission::Busy;
 use crate::config::Config;
-use crate::connection;
+use crate::connection::{self, Arrival};
 use crate::http::{AppState, routes};
+use crate::session::SessionError;
 use crate::state::Broker;
 use crate::transport::tcp::TcpTransport;
 
@@ -263,12 +265,27 @@ fn spawn_tcp(
     tracker: &TaskTracker,
 ) {
     let transport = TcpTransport::new(stream, broker.config.read_buffer_bytes);
+    let ticket = match broker.admission.admit(peer.ip()) {
+        Ok(ticket) => ticket,
+        Err(Busy) => {
+            debug!(%peer, "connection refused: server busy");
+            let timeout = broker.config.write_timeout();
+            tracker.spawn(connection::refuse(
+                transport,
+                SessionError::ServerBusy,
+                timeout,
+            ));
+            return;
+        }
+    };
+    let arrival = Arrival {
+        ticket,
+        ..Arrival::new(peer, "tcp")
+    };
     tracker.spawn(connection::serve(
         transport,
         broker.clone(),
         stop.clone(),
-        peer,
-        "tcp",
-        None,
+        arrival,
     ));
 }

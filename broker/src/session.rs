@@ -208,6 +208,9 @@ pub enum SessionError {
     /// The token the session was opened with has expired.
     #[error("token expired")]
     TokenExpired,
+    /// `--max-connections` (or its per-address limit) is reached.
+    #[error("server busy")]
+    ServerBusy,
     /// The ACL does not let this user SEND to or SUBSCRIBE to the destination.
     #[error("access denied: {0}")]
     AccessDenied(String),

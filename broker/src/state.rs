@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::acl::{AclError, AclHandle};
+use crate::admission::{Admission, OriginError, Origins};
 use crate::auth::{Auth, AuthConfigError};
 use crate::config::Config;
 use crate::durable::QueueStore;
@@ -31,6 +32,9 @@ pub enum OpenError {
     /// The ACL file cannot be used.
     #[error("{0}")]
     Acl(#[from] AclError),
+    /// An allowed origin that is no origin.
+    #[error("{0}")]
+    Origin(#[from] OriginError),
 }
 
 /// The broker's shared state.
@@ -42,6 +46,10 @@ pub struct Broker {
     pub auth: Arc<Auth>,
     /// What users may do (`--acl`).
     pub acl: Option<Arc<AclHandle>>,
+    /// The origins browser pages may connect from.
+    pub origins: Origins,
+    /// Client connections, counted against `--max-connections` and its per-address limit.
+    pub admission: Arc<Admission>,
     /// Destinations and the services behind them.
     pub router: Router,
     /// Counters for `/metrics`.
@@ -95,15 +103,27 @@ impl Broker {
             Some(path) => Some(Arc::new(AclHandle::open(path)?)),
             None => None,
         };
+        let origins = Origins::parse(&config.allowed_origins)?;
+        let admission = Arc::new(Admission::new(
+            config.max_connections,
+            config.max_connections_per_ip,
+        ));
         Ok(Broker {
             auth,
             acl,
+            origins,
+            admission,
             router: Router::open(store, queue_store, kept_queues, limits)?,
             config,
             metrics: Metrics::default(),
             pace: Pace::default(),
             next_session: AtomicU64::new(1),
         })
+    }
+
+    /// The scheme of the HTTP listener (`https` with TLS), for same-origin checks.
+    pub fn http_scheme(&self) -> &'static str {
+        "http"
     }
 
     /// A new session id.

@@ -77,9 +77,7 @@ async fn broker_with_window(window: Duration) -> (Arc<Broker>, std::net::SocketA
                 transport,
                 serving.clone(),
                 shutdown.clone(),
-                peer,
-                "tcp",
-                None,
+                connection::Arrival::new(peer, "tcp"),
             ));
         }
     });

@@ -29,9 +29,7 @@ async fn beats_go_out_a_quarter_before_the_negotiated_interval_ends() {
         StreamTransport::over(server, 1024),
         broker,
         shutdown,
-        ([127, 0, 0, 1], 1).into(),
-        "memory",
-        None,
+        connection::Arrival::new(([127, 0, 0, 1], 1).into(), "memory"),
     ));
     // The client wants a beat every second and sends none itself.
     client

@@ -220,6 +220,16 @@ pub struct Config {
     #[arg(long, env = "STOA_MAX_SEND_BURST")]
     pub max_send_burst: Option<u32>,
 
+    /// A PEM certificate (chain) for TLS on both listeners: HTTPS and wss:// on the HTTP
+    /// one, STOMP over TLS on the STOMP one. Goes with --tls-key; both are read again on
+    /// SIGHUP.
+    #[arg(long, env = "STOA_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "STOA_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
     /// Most milliseconds a connection that has just written waits before its next write
     /// when the broker is busy, so that one write carries what arrives meanwhile. The wait
     /// grows with the worker threads' busy time: none below 60% busy, this much at 90%.

@@ -22,6 +22,7 @@ pub mod services;
 pub mod session;
 pub mod state;
 pub mod store;
+pub mod tls;
 pub mod transport;
 pub mod writer;
 

@@ -20,13 +20,15 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service as _;
 use tracing::{debug, info, warn};
 
-use crate::admission::Busy;
+use crate::admission::{Busy, Ticket};
 use crate::config::Config;
+use crate::connection::Transport;
 use crate::connection::{self, Arrival};
 use crate::http::{AppState, routes};
 use crate::session::SessionError;
 use crate::state::Broker;
-use crate::transport::tcp::TcpTransport;
+use crate::tls::Tls;
+use crate::transport::tcp::{StreamTransport, TcpTransport};
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +103,7 @@ pub async fn run(
         app,
         stop_rx.clone(),
         broker.config.connect_timeout(),
+        broker.tls.clone(),
     ));
     tokio::spawn(broker.auth.clone().watch_accounts(stop_rx.clone()));
     tokio::spawn(reload_on_hangup(broker.clone(), stop_rx.clone()));
@@ -145,6 +148,7 @@ async fn serve_http(
     app: Router,
     mut stop: watch::Receiver<bool>,
     head_timeout: std::time::Duration,
+    tls: Option<Arc<Tls>>,
 ) {
     let mut make_service: IntoMakeServiceWithConnectInfo<Router, SocketAddr> =
         app.into_make_service_with_connect_info();
@@ -159,27 +163,61 @@ async fn serve_http(
         let _ = stream.set_nodelay(true);
         // Infallible: the router with the peer's address for `ConnectInfo`.
         let Ok(service) = make_service.call(peer).await;
-        let mut stop = stop.clone();
+        let stop = stop.clone();
         let builder = builder.clone();
-        connections.spawn(async move {
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
-                .with_upgrades();
-            tokio::pin!(connection);
-            let served = tokio::select! {
-                served = connection.as_mut() => served,
-                _ = stop.changed() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(e) = served {
-                debug!(%peer, "http connection ended: {e}");
+        let service = TowerToHyperService::new(service);
+        match &tls {
+            None => connections.spawn(serve_http_connection(builder, stream, service, stop, peer)),
+            Some(tls) => {
+                let acceptor = tls.acceptor().clone();
+                connections.spawn(async move {
+                    // The handshake in the connection's task, bounded like a request head.
+                    match tokio::time::timeout(head_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            serve_http_connection(builder, stream, service, stop, peer).await;
+                        }
+                        Ok(Err(e)) => debug!(%peer, "tls handshake failed: {e}"),
+                        Err(_) => debug!(%peer, "tls handshake timed out"),
+                    }
+                })
             }
-        });
+        };
     }
     connections.close();
     connections.wait().await;
+}
+
+/// Serves one HTTP/1.1 connection (plain or TLS) until it ends, or until `stop` changes
+/// and the request in hand is answered.
+async fn serve_http_connection<S, V>(
+    builder: http1::Builder,
+    stream: S,
+    service: V,
+    mut stop: watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    V: hyper::service::HttpService<hyper::body::Incoming> + Send,
+    V::Future: Send + 'static,
+    V::ResBody: Send + 'static,
+    <V::ResBody as hyper::body::Body>::Data: Send,
+    <V::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    V::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        _ = stop.changed() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = served {
+        debug!(%peer, "http connection ended: {e}");
+    }
 }
 
 /// On SIGHUP, reads the ACL file again (a bad file keeps the rules in force, and says why
@@ -201,6 +239,12 @@ async fn reload_on_hangup(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) 
                 match acl.reload() {
                     Ok(()) => info!("ACL reloaded"),
                     Err(e) => warn!("ACL not reloaded, the rules in force stay: {e}"),
+                }
+            }
+            if let Some(tls) = &broker.tls {
+                match tls.reload() {
+                    Ok(()) => info!("TLS certificate reloaded"),
+                    Err(e) => warn!("TLS certificate not reloaded, the one in force stays: {e}"),
                 }
             }
         }
@@ -264,28 +308,60 @@ fn spawn_tcp(
     stop: &watch::Receiver<bool>,
     tracker: &TaskTracker,
 ) {
-    let transport = TcpTransport::new(stream, broker.config.read_buffer_bytes);
-    let ticket = match broker.admission.admit(peer.ip()) {
-        Ok(ticket) => ticket,
-        Err(Busy) => {
-            debug!(%peer, "connection refused: server busy");
-            let timeout = broker.config.write_timeout();
-            tracker.spawn(connection::refuse(
-                transport,
-                SessionError::ServerBusy,
-                timeout,
-            ));
-            return;
+    let admitted = broker.admission.admit(peer.ip());
+    if admitted.is_err() {
+        debug!(%peer, "connection refused: server busy");
+    }
+    let Some(tls) = &broker.tls else {
+        let transport = TcpTransport::new(stream, broker.config.read_buffer_bytes);
+        tracker.spawn(serve_stomp(
+            transport,
+            admitted,
+            broker.clone(),
+            stop.clone(),
+            peer,
+            "tcp",
+        ));
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let acceptor = tls.acceptor().clone();
+    let (broker, stop) = (broker.clone(), stop.clone());
+    tracker.spawn(async move {
+        // The handshake in the connection's task, bounded like the wait for CONNECT.
+        let timeout = broker.config.connect_timeout();
+        match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => {
+                let transport = StreamTransport::over(stream, broker.config.read_buffer_bytes);
+                serve_stomp(transport, admitted, broker, stop, peer, "tcp+tls").await;
+            }
+            Ok(Err(e)) => debug!(%peer, "tls handshake failed: {e}"),
+            Err(_) => debug!(%peer, "tls handshake timed out"),
         }
-    };
-    let arrival = Arrival {
-        ticket,
-        ..Arrival::new(peer, "tcp")
-    };
-    tracker.spawn(connection::serve(
-        transport,
-        broker.clone(),
-        stop.clone(),
-        arrival,
-    ));
+    });
+}
+
+/// Serves a STOMP connection over a byte stream, or refuses it with ERROR "server busy"
+/// when it was not admitted.
+async fn serve_stomp<T: Transport>(
+    transport: T,
+    admitted: Result<Option<Box<Ticket>>, Busy>,
+    broker: Arc<Broker>,
+    stop: watch::Receiver<bool>,
+    peer: SocketAddr,
+    kind: &'static str,
+) {
+    match admitted {
+        Ok(ticket) => {
+            let arrival = Arrival {
+                ticket,
+                ..Arrival::new(peer, kind)
+            };
+            connection::serve(transport, broker, stop, arrival).await;
+        }
+        Err(Busy) => {
+            let timeout = broker.config.write_timeout();
+            connection::refuse(transport, SessionError::ServerBusy, timeout).await;
+        }
+    }
 }

@@ -19,6 +19,7 @@ use crate::router::{Router, RouterLimits};
 use crate::services::{HistoryLimits, QueueLimits};
 use crate::session::SessionId;
 use crate::store::{SqliteStore, Store, StoreError};
+use crate::tls::{Tls, TlsError};
 
 /// Why the broker's state could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,9 @@ pub enum OpenError {
     /// An allowed origin that is no origin.
     #[error("{0}")]
     Origin(#[from] OriginError),
+    /// The TLS certificate and key cannot be used.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
 }
 
 /// The broker's shared state.
@@ -46,6 +50,8 @@ pub struct Broker {
     pub auth: Arc<Auth>,
     /// What users may do (`--acl`).
     pub acl: Option<Arc<AclHandle>>,
+    /// TLS on both listeners (`--tls-cert`, `--tls-key`).
+    pub tls: Option<Arc<Tls>>,
     /// The origins browser pages may connect from.
     pub origins: Origins,
     /// Client connections, counted against `--max-connections` and its per-address limit.
@@ -104,6 +110,7 @@ impl Broker {
             None => None,
         };
         let origins = Origins::parse(&config.allowed_origins)?;
+        let tls = Tls::from_options(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
         let admission = Arc::new(Admission::new(
             config.max_connections,
             config.max_connections_per_ip,
@@ -111,6 +118,7 @@ impl Broker {
         Ok(Broker {
             auth,
             acl,
+            tls,
             origins,
             admission,
             router: Router::open(store, queue_store, kept_queues, limits)?,
@@ -123,7 +131,7 @@ impl Broker {
 
     /// The scheme of the HTTP listener (`https` with TLS), for same-origin checks.
     pub fn http_scheme(&self) -> &'static str {
-        "http"
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
     /// A new session id.

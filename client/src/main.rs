@@ -45,6 +45,13 @@ struct Global {
     /// CONNECT passcode.
     #[arg(long, global = true, env = "STOA_PASSCODE")]
     passcode: Option<String>,
+    /// A token (a JWT for a broker in --auth jwt), sent as the CONNECT passcode.
+    #[arg(long, global = true, env = "STOA_TOKEN", conflicts_with = "passcode")]
+    token: Option<String>,
+    /// A PEM file of certificates to trust for wss:// and tcp+tls:// besides the web's
+    /// roots (a private CA, a self-signed broker).
+    #[arg(long = "tls-ca", global = true, env = "STOA_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
     /// CONNECT host (virtual host); the URL's host by default.
     #[arg(long, global = true)]
     host: Option<String>,
@@ -174,14 +181,32 @@ impl From<ClientError> for Failure {
     }
 }
 
-fn options(global: &Global, login: Option<&str>) -> Options {
+fn options(global: &Global, login: Option<&str>) -> Result<Options, Failure> {
     let mut options =
         Options::new().timeout(Duration::from_secs_f64(global.connect_timeout.max(0.1)));
     if let Some(login) = login.or(global.login.as_deref()) {
         options = options.login(login);
     }
-    if let Some(passcode) = &global.passcode {
+    if let Some(passcode) = global.token.as_ref().or(global.passcode.as_ref()) {
         options = options.passcode(passcode);
+    }
+    if let Some(path) = &global.tls_ca {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let unreadable = |e: &dyn std::fmt::Display| Failure {
+            code: 2,
+            message: format!("--tls-ca {}: {e}", path.display()),
+        };
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| unreadable(&e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| unreadable(&e))?;
+        if certs.is_empty() {
+            return Err(unreadable(&"no certificate in PEM"));
+        }
+        for cert in certs {
+            options = options.trust_der(cert.to_vec());
+        }
     }
     if let Some(host) = &global.host {
         options = options.host(host);
@@ -189,7 +214,7 @@ fn options(global: &Global, login: Option<&str>) -> Options {
     if let Some(version) = global.stomp_version {
         options = options.versions(&[version]);
     }
-    options
+    Ok(options)
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -214,7 +239,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     Bytes::from(buf)
                 }
             };
-            let client = Client::connect(&cli.global.url, options(&cli.global, None)).await?;
+            let client = Client::connect(&cli.global.url, options(&cli.global, None)?).await?;
             let mut frame = Frame::new(Command::Send)
                 .with_header("destination", &destination)
                 .with_body(body);
@@ -251,7 +276,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             headers,
             json,
         } => {
-            let client = Client::connect(&cli.global.url, options(&cli.global, None)).await?;
+            let client = Client::connect(&cli.global.url, options(&cli.global, None)?).await?;
             let mut sub_options = SubscribeOptions::new();
             if ack != "auto" {
                 sub_options = sub_options.ack(&ack);
@@ -312,7 +337,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Chat { room, name } => chat(&cli.global, &room, &name).await,
         Cmd::Bench(scenario) => {
-            let options = options(&cli.global, None).heart_beat(0, 0);
+            let options = options(&cli.global, None)?.heart_beat(0, 0);
             let result = bench::run(&cli.global.url, &options, scenario)
                 .await
                 .map_err(|e| match e {
@@ -366,7 +391,7 @@ fn json_line(message: &Message) -> String {
 
 /// Interactive chat: one line per message on standard output, commands on standard input.
 async fn chat(global: &Global, first_room: &str, name: &str) -> Result<(), Failure> {
-    let options = options(global, Some(name)).reconnect(Backoff {
+    let options = options(global, Some(name))?.reconnect(Backoff {
         initial: Duration::from_millis(200),
         max: Duration::from_secs(5),
         max_attempts: None,

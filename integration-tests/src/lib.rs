@@ -699,3 +699,59 @@ pub fn decode_one(bytes: &[u8]) -> Result<Option<Frame>, DecodeError> {
 
 /// Re-exported for tests that build WebSocket messages.
 pub use tungstenite::Message as WsMessage;
+
+/// A test CA and a certificate it signed for `localhost` and 127.0.0.1, in PEM.
+pub struct TestPki {
+    /// The CA's certificate (what clients trust).
+    pub ca_pem: String,
+    /// The CA's certificate, DER.
+    pub ca_der: Vec<u8>,
+    /// The server's certificate.
+    pub cert_pem: String,
+    /// The server's private key (PKCS#8).
+    pub key_pem: String,
+    /// The server's certificate, DER (what a client sees).
+    pub cert_der: Vec<u8>,
+}
+
+impl TestPki {
+    /// A fresh CA and server certificate; `name` is the server certificate's common name.
+    pub fn new(name: &str) -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "stoa test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA certificate");
+        let key = KeyPair::generate().expect("server key");
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .expect("server params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.signed_by(&key, &ca).expect("server certificate");
+        TestPki {
+            ca_pem: ca.pem(),
+            ca_der: ca.der().to_vec(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert_der: cert.der().to_vec(),
+        }
+    }
+
+    /// Writes the server's certificate and key as `cert.pem` and `key.pem` in `dir`, and
+    /// the CA as `ca.pem`; returns the three paths.
+    pub fn write(&self, dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+        std::fs::create_dir_all(dir).expect("the directory");
+        let paths = (
+            dir.join("cert.pem"),
+            dir.join("key.pem"),
+            dir.join("ca.pem"),
+        );
+        std::fs::write(&paths.0, &self.cert_pem).expect("cert.pem");
+        std::fs::write(&paths.1, &self.key_pem).expect("key.pem");
+        std::fs::write(&paths.2, &self.ca_pem).expect("ca.pem");
+        paths
+    }
+}

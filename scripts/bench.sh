@@ -45,15 +45,17 @@ echo "==> release build"
 cargo build --release -p broker -p client
 cli=target/release/stoa-cli
 
-# start_stoa LOG: a fresh stoa on free ports, pinned to CPU 0; sets stoa_pid, stoa_http,
-# stoa_stomp.
+# start_stoa LOG [ARGS...]: a fresh stoa on free ports, pinned to CPU 0, with ARGS; sets
+# stoa_pid, stoa_http, stoa_stomp. Its data directory starts as a copy of $seed_dir if set.
 data_dirs=()
 start_stoa() {
   local log=$1 data
+  shift
   data=$(mktemp -d)
   data_dirs+=("$data")
+  [ -n "${seed_dir:-}" ] && cp -a "$seed_dir/." "$data/"
   # Started on CPU 0, so that it sizes its runtime to the one core it has.
-  taskset -c 0 target/release/stoa --http-listen 127.0.0.1:0 --stomp-listen 127.0.0.1:0 --data-dir "$data" > "$log" 2>&1 &
+  taskset -c 0 target/release/stoa --http-listen 127.0.0.1:0 --stomp-listen 127.0.0.1:0 --data-dir "$data" "$@" > "$log" 2>&1 &
   stoa_pid=$!
   for _ in $(seq 1 100); do grep -q listening "$log" && break; sleep 0.1; done
   stoa_http=$(grep -o 'http=[0-9.:]*' "$log" | cut -d= -f2)
@@ -107,6 +109,26 @@ run() {
   fi
 }
 
+# Identity (issue #15): STORM accounts u0.. with passwords pw-0.. (Argon2id, made once
+# with `stoa users add`, two at a time), and as many HS256 tokens for the same names.
+STORM=${STORM:-5000}
+accounts=$(mktemp -d)
+data_dirs+=("$accounts")
+echo "==> $STORM accounts and tokens"
+seq 0 $((STORM - 1)) | xargs -P 2 -I{} sh -c \
+  'echo "pw-{}" | target/release/stoa users --data-dir "$1" add --password-stdin "u{}" >/dev/null' _ "$accounts"
+head -c 48 /dev/urandom | base64 > "$accounts/jwt.secret"
+python3 - "$accounts/jwt.secret" "$STORM" > "$accounts/tokens" <<'PY'
+import base64, hashlib, hmac, json, sys, time
+secret = open(sys.argv[1], "rb").read().strip()
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+for n in range(int(sys.argv[2])):
+    body = b64(json.dumps({"sub": f"u{n}", "exp": int(time.time()) + 86400}).encode())
+    sig = b64(hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest())
+    print(f"{head}.{body}.{sig}")
+PY
+
 stoa_ws=(--url "ws://$stoa_http/ws")
 stoa_tcp=(--url "tcp://$stoa_stomp")
 rabbit_ws=(--url ws://127.0.0.1:15674/ws --login guest --passcode guest)
@@ -132,6 +154,19 @@ for run_no in $(seq 1 "$RUNS"); do
   # difference is what DESIGN.md's join notices to the other members cost.
   start_stoa "$out/stoa-conns-alone.log"
   run conns-19000-alone stoa --url "ws://$stoa_http/ws" bench conns --connections 19000 --rooms 19000 --pid "$stoa_pid"
+  stop_stoa "$stoa_pid"
+  # Connects/s in each --auth mode, one connection per room, all STORM at once. In users
+  # mode the first wave is a reconnect storm on a cold login cache (every login through
+  # Argon2), the second the same storm within --login-cache-seconds.
+  start_stoa "$out/stoa-auth-none.log"
+  run "auth-none" stoa --url "ws://$stoa_http/ws" bench conns --connections "$STORM" --rooms "$STORM" --parallel "$STORM" --pid "$stoa_pid"
+  stop_stoa "$stoa_pid"
+  start_stoa "$out/stoa-auth-jwt.log" --auth jwt --jwt-secret-file "$accounts/jwt.secret"
+  run "auth-jwt" stoa --url "ws://$stoa_http/ws" bench conns --connections "$STORM" --rooms "$STORM" --parallel "$STORM" --tokens "$accounts/tokens" --pid "$stoa_pid"
+  stop_stoa "$stoa_pid"
+  seed_dir=$accounts start_stoa "$out/stoa-auth-users.log" --auth users
+  run "auth-users-cold" stoa --url "ws://$stoa_http/ws" bench conns --connections "$STORM" --rooms "$STORM" --parallel "$STORM" --seconds 500 --passcode-prefix pw- --pid "$stoa_pid"
+  run "auth-users-warm" stoa --url "ws://$stoa_http/ws" bench conns --connections "$STORM" --rooms "$STORM" --parallel "$STORM" --passcode-prefix pw- --pid "$stoa_pid"
   stop_stoa "$stoa_pid"
   fresh_rabbit
   run conns-5000 rabbitmq "${rabbit_ws[@]}" bench conns --connections 5000 --parallel 32 --pid "$rabbit_pid"

@@ -55,6 +55,21 @@ for title, label, key, unit, higher, digits in metric_rows:
     s, r = median(label, "stoa", key), median(label, "rabbitmq", key)
     lines.append(f"| {title} ({unit}) | {fmt(s, digits)} | {fmt(r, digits)} | {ratio(s, r, higher)} |")
 
+# Identity (issue #15): stoa's own modes against --auth none, same connections, same run.
+auth_lines = ["| --auth, all connecting at once, one per room | connects/s | seconds for all | vs none |", "|---|---|---|---|"]
+none_rate = median("auth-none", "stoa", "connects_per_sec")
+for title, label in [
+    ("none", "auth-none"),
+    ("jwt (HS256)", "auth-jwt"),
+    ("users, cold login cache (every login through Argon2id)", "auth-users-cold"),
+    ("users, the same storm again within --login-cache-seconds", "auth-users-warm"),
+]:
+    rate = median(label, "stoa", "connects_per_sec")
+    seconds = median(label, "stoa", "seconds")
+    auth_lines.append(f"| {title} | {fmt(rate)} | {fmt(seconds, 2)} | {ratio(rate, none_rate)} |")
+storm = next((r["connections"] for r in rows if r["label"] == "auth-none"), None)
+
+
 def cpu_of(r):
     return r.get("cpu_percent") or r.get("cpu_percent_while_connecting") or {}
 
@@ -119,6 +134,11 @@ section = [
     f"Highest room rate with p99 under 50 ms (stoa, stepping by 1.5×): {fmt(best) if isinstance(best, (int, float)) else '—'} deliveries/s.",
     f"Losses: {'none' if not losses else ', '.join(f'{k[1]} {k[0]}: {v}' for k, v in losses.items())}.",
     "",
+    f"Identity (`--auth`): {fmt(storm)} connections at once, each its own account or token and its own room, on a fresh broker each;",
+    "the ratio is against `--auth none` measured the same way in the same run.",
+    "",
+    *auth_lines,
+    "",
     "CPU of the broker under test and of the generator while each scenario ran (percent of one core;",
     "the side at or near 100% is the limit of that row):",
     "",
@@ -134,4 +154,4 @@ if start >= 0 and end >= 0:
 else:
     doc += "\n## Side by side with RabbitMQ (issues #6, #7)\n\n" + "\n".join(section) + "\n"
 open(doc_path, "w").write(doc)
-print("\n".join(lines + [""] + cpu_lines))
+print("\n".join(lines + [""] + auth_lines + [""] + cpu_lines))

@@ -1,6 +1,8 @@
 // The Stoa chat page: stomp.js over WebSocket to /ws. Rooms are /topic/room.<name>;
 // direct messages go to /user/<name>/queue/dm and arrive on /user/queue/dm.
 // Everything a person typed is rendered with textContent, never as HTML.
+// Sign-in follows the server's mode (GET /api/config): a nickname in `none`, name and
+// password in `users`, a token from the link's `#token=` fragment in `jwt`.
 'use strict';
 
 (() => {
@@ -9,6 +11,10 @@
   const TYPING_SHOW_MS = 3500;
   const ROOM_LIST_REFRESH_MS = 5000;
   const ROOM_NAME = /^[\p{L}\p{N}_-]{1,64}$/u;
+  /** Where the jwt-mode token is kept: this tab only, gone when it closes. */
+  const TOKEN_KEY = 'stoa.token';
+  /** ERROR messages that end the session: the person must sign in again. */
+  const SIGN_IN_AGAIN = /^(authentication failed|too many failed logins|session revoked|token expired)/;
 
   const $ = (id) => document.getElementById(id);
   const el = (tag, props = {}, ...children) => {
@@ -23,7 +29,13 @@
   };
 
   const state = {
+    /** The server's sign-in mode: 'none' | 'users' | 'jwt'. */
+    auth: 'none',
     name: '',
+    /** In `users` mode, kept in memory only, for reconnects and the HTTP API. */
+    password: '',
+    /** A room to open once connected (the /?room= link). */
+    pendingRoom: '',
     client: null,
     /** The open conversation: { kind: 'room' | 'dm', name }. */
     active: null,
@@ -51,17 +63,40 @@
     return `${scheme}://${location.host}/ws`;
   }
 
+  /** The CONNECT headers for the server's mode; read again before every (re)connect. */
+  function credentials() {
+    if (state.auth === 'users') return { login: state.name, passcode: state.password };
+    if (state.auth === 'jwt') return { passcode: sessionStorage.getItem(TOKEN_KEY) || '' };
+    return { login: state.name };
+  }
+
+  /** The HTTP API's `Authorization` header for the server's mode. */
+  function authorization() {
+    if (state.auth === 'users') {
+      const bytes = new TextEncoder().encode(`${state.name}:${state.password}`);
+      return { Authorization: `Basic ${btoa(String.fromCharCode(...bytes))}` };
+    }
+    if (state.auth === 'jwt') return { Authorization: `Bearer ${sessionStorage.getItem(TOKEN_KEY) || ''}` };
+    return {};
+  }
+
   function connect(name) {
     state.name = name;
     $('me').textContent = name;
     const client = new StompJs.Client({
       brokerURL: wsUrl(),
-      connectHeaders: { login: name },
+      connectHeaders: credentials(),
       reconnectDelay: 1000,
       heartbeatIncoming: 10000,
       heartbeatOutgoing: 10000,
     });
-    client.onConnect = () => {
+    client.beforeConnect = () => {
+      client.connectHeaders = credentials();
+    };
+    client.onConnect = (frame) => {
+      // The name the server proved (a token's subject, or the login as the server spells it).
+      if (frame.headers['user-name']) state.name = frame.headers['user-name'];
+      $('me').textContent = state.name;
       setStatus('connected');
       $('login').hidden = true;
       $('app').hidden = false;
@@ -70,16 +105,30 @@
       for (const room of state.rooms.keys()) subscribeRoom(room);
       refreshRooms();
       render();
+      if (state.pendingRoom) {
+        const room = state.pendingRoom;
+        state.pendingRoom = '';
+        joinRoom(room);
+      }
     };
     client.onWebSocketClose = () => setStatus(client.active ? 'reconnecting' : 'disconnected');
     client.onStompError = (frame) => {
       const message = frame.headers.message || 'the server refused the connection';
-      if (!client.connected || /login/.test(message)) {
-        client.deactivate();
-        setStatus('disconnected');
-        $('login').hidden = false;
-        $('app').hidden = true;
-        $('login-error').textContent = message;
+      if (!client.connected || SIGN_IN_AGAIN.test(message)) {
+        signedOut(message);
+        return;
+      }
+      const denied = /^access denied: \/topic\/room\.(.+)$/.exec(message);
+      const room = denied && state.rooms.get(denied[1]);
+      if (room && !room.confirmed) {
+        // The server refused the subscription (and closes the connection, as STOMP asks):
+        // forget the room, or every reconnect would ask again and be refused again.
+        state.rooms.delete(denied[1]);
+        if (isActive('room', denied[1])) state.active = null;
+        $('room-error').textContent = `You may not enter ${denied[1]}.`;
+        render();
+      } else if (room) {
+        $('room-error').textContent = `You may not write in ${denied[1]}.`;
       } else {
         $('room-error').textContent = message;
       }
@@ -89,11 +138,62 @@
     client.activate();
   }
 
+  /** The server ended or refused the session: back to the sign-in form, with its reason. */
+  function signedOut(message) {
+    state.client.deactivate();
+    setStatus('disconnected');
+    let reason = message;
+    if (state.auth === 'jwt') {
+      // The broker gives one refusal text for every bad login; the page can tell a person
+      // more than that about its own token, which it can read.
+      const claims = tokenClaims(sessionStorage.getItem(TOKEN_KEY) || '');
+      if (message.startsWith('token expired') || (typeof claims.exp === 'number' && claims.exp * 1000 <= Date.now())) {
+        reason = 'token expired';
+      }
+      sessionStorage.removeItem(TOKEN_KEY);
+    }
+    state.password = '';
+    $('password').value = '';
+    $('login').hidden = false;
+    $('app').hidden = true;
+    $('login-error').textContent = reason;
+  }
+
+  /** Takes `#token=...` out of the address bar into this tab's sessionStorage. */
+  function takeTokenFromFragment() {
+    const fragment = new URLSearchParams(location.hash.slice(1));
+    const token = fragment.get('token');
+    if (token) {
+      sessionStorage.setItem(TOKEN_KEY, token);
+      fragment.delete('token');
+      const rest = fragment.toString();
+      history.replaceState(null, '', `${location.pathname}${location.search}${rest ? `#${rest}` : ''}`);
+    }
+    return sessionStorage.getItem(TOKEN_KEY) || '';
+  }
+
+  /** A JWT's claims, read without checking (the server checks): {} if it is not one. */
+  function tokenClaims(token) {
+    try {
+      const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+      const binary = atob(part.padEnd(Math.ceil(part.length / 4) * 4, '='));
+      return JSON.parse(new TextDecoder().decode(Uint8Array.from(binary, (c) => c.charCodeAt(0))));
+    } catch {
+      return {};
+    }
+  }
+
   // ---- rooms ----
 
   function subscribeRoom(name) {
     const room = state.rooms.get(name);
     const headers = room.lastSeq > 0 ? { 'x-since': String(room.lastSeq) } : { 'x-history': String(HISTORY_ON_JOIN) };
+    // The receipt tells a refused subscription (ERROR, no receipt) from a refused SEND.
+    const receipt = `join-${name}-${Date.now()}`;
+    state.client.watchForReceipt(receipt, () => {
+      room.confirmed = true;
+    });
+    headers.receipt = receipt;
     room.subscription = state.client.subscribe(`/topic/room.${name}`, (m) => onRoomMessage(name, m), headers);
   }
 
@@ -104,7 +204,7 @@
     }
     $('room-error').textContent = '';
     if (!state.rooms.has(name)) {
-      state.rooms.set(name, { lastSeq: 0, items: [], unread: 0, members: [], subscription: null });
+      state.rooms.set(name, { lastSeq: 0, items: [], unread: 0, members: [], subscription: null, confirmed: false });
       if (state.client.connected) subscribeRoom(name);
     }
     open({ kind: 'room', name });
@@ -162,7 +262,7 @@
   }
 
   async function fetchJson(path) {
-    const response = await fetch(path, { cache: 'no-store' });
+    const response = await fetch(path, { cache: 'no-store', headers: authorization() });
     if (!response.ok) return null;
     return response.json();
   }
@@ -388,9 +488,21 @@
 
   $('login-form').addEventListener('submit', (e) => {
     e.preventDefault();
+    $('login-error').textContent = '';
+    if (state.auth === 'jwt') {
+      if (!takeTokenFromFragment()) {
+        $('login-error').textContent = 'No token: open the link your sign-in service gave you.';
+        return;
+      }
+      connect('');
+      return;
+    }
     const name = $('nickname').value.trim();
     if (!name) return;
-    $('login-error').textContent = '';
+    if (state.auth === 'users') {
+      state.password = $('password').value;
+      if (!state.password) return;
+    }
     connect(name);
   });
 
@@ -421,19 +533,38 @@
   $('members-button').addEventListener('click', () => $('people').classList.toggle('open'));
   setInterval(() => state.client && state.client.connected && refreshRooms(), ROOM_LIST_REFRESH_MS);
 
-  // /?room=<room>&name=<nick> joins directly.
-  const params = new URLSearchParams(location.search);
-  if (params.get('name')) {
-    $('nickname').value = params.get('name');
-    connect(params.get('name'));
-    const room = params.get('room');
-    if (room) {
-      const wait = setInterval(() => {
-        if (state.client.connected) {
-          clearInterval(wait);
-          joinRoom(room);
-        }
-      }, 50);
-    }
+  /** Shows the sign-in form the server's mode asks for. */
+  function showSignIn() {
+    const password = $('password');
+    $('password-field').hidden = state.auth !== 'users';
+    password.required = state.auth === 'users';
+    $('nickname').required = state.auth !== 'jwt';
+    const label = document.querySelector('label[for=nickname]');
+    label.hidden = state.auth === 'jwt';
+    label.textContent = state.auth === 'users' ? 'Name' : 'Nickname';
+    $('nickname').hidden = state.auth === 'jwt';
+    $('token-help').hidden = state.auth !== 'jwt';
   }
+
+  async function start() {
+    const config = await fetchJson('/api/config').catch(() => null);
+    state.auth = config && ['none', 'users', 'jwt'].includes(config.auth) ? config.auth : 'none';
+    showSignIn();
+    // /?room=<room>&name=<nick> joins directly; with accounts, the name is only filled in.
+    const params = new URLSearchParams(location.search);
+    state.pendingRoom = params.get('room') || '';
+    if (state.auth === 'jwt') {
+      if (takeTokenFromFragment()) connect('');
+      return;
+    }
+    if (!params.get('name')) return;
+    $('nickname').value = params.get('name');
+    if (state.auth === 'users') {
+      $('password').focus();
+      return;
+    }
+    connect(params.get('name'));
+  }
+
+  start();
 })();

@@ -2,11 +2,14 @@
 // real stoa binary.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { createHmac } from 'node:crypto';
+import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { startBroker, makeClient, connected, publishConfirmed, stopAll } from './broker.mjs';
+import { startBroker, makeClient, connected, publishConfirmed, stopAll, stoaBin } from './broker.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const screenshots = join(root, 'target', 'screenshots');
@@ -261,6 +264,132 @@ test('after a long time away, the page catches up through a replay larger than t
   assert.equal(await page.locator('#room-error').textContent(), '', 'no ERROR reached the page');
   await page.screenshot({ path: join(screenshots, 'replay-after-reconnect.png') });
   await writer.deactivate();
+  await context.close();
+  await broker.stop();
+});
+
+/** `stoa users <args>` on `dataDir`, the password (if any) on standard input. */
+function stoaUsers(dataDir, args, password) {
+  const run = spawnSync(stoaBin(), ['users', '--data-dir', dataDir, ...args], {
+    input: password === undefined ? '' : `${password}\n`,
+    encoding: 'utf8',
+  });
+  assert.equal(run.status, 0, `stoa users ${args.join(' ')}: ${run.stderr}`);
+}
+
+async function loginError(page, text) {
+  await page.waitForFunction((t) => document.querySelector('[data-testid=login-error]')?.textContent === t, text);
+}
+
+test('users mode: the page asks for a password, refuses a wrong one, honours the ACL and ends on a new password', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'stoa-page-users-'));
+  stoaUsers(dir, ['add', '--password-stdin', 'alice'], 'correct horse');
+  stoaUsers(dir, ['add', '--password-stdin', 'bob'], 'battery staple');
+  const acl = join(dir, 'acl.toml');
+  writeFileSync(acl, [
+    '[[allow]]', 'users = ["*"]', 'subscribe = ["/topic/room.*", "/user/queue/#"]', 'publish = ["/topic/room.*", "/user/*/queue/*"]',
+    '[[deny]]', 'users = ["*"]', 'subscribe = ["/topic/room.staff"]', 'publish = ["/topic/room.staff"]', '',
+  ].join('\n'));
+  const broker = await startBroker(['--auth', 'users', '--acl', acl, '--auth-failure-delay-ms', '50'], { dataDir: dir });
+  const context = await browser.newContext({ viewport: { width: 1200, height: 800 } });
+  const page = await context.newPage();
+  page.setDefaultTimeout(TIMEOUT);
+
+  // The link's name is only filled in: nothing connects without the password.
+  await page.goto(`http://${broker.http}/?${new URLSearchParams({ name: 'alice', room: 'lobby' })}`);
+  await page.getByTestId('password-input').waitFor({ state: 'visible' });
+  assert.equal(await page.getByTestId('nickname-input').inputValue(), 'alice');
+  assert.equal(await page.getByTestId('connection-status').textContent(), 'disconnected');
+
+  await page.getByTestId('password-input').fill('wrong horse');
+  await page.getByTestId('connect-button').click();
+  await loginError(page, 'authentication failed');
+  assert.equal(await page.locator('#app').isHidden(), true, 'the chat stays closed');
+
+  await page.getByTestId('password-input').fill('correct horse');
+  await page.getByTestId('connect-button').click();
+  await waitStatus(page, 'connected');
+  await page.locator('[data-testid=room-item][data-room="lobby"].active').waitFor();
+  // The member list comes from /api/rooms/lobby, which needs the same identity (Basic).
+  await page.waitForFunction(() => [...document.querySelectorAll('[data-testid=member]')].some((m) => m.textContent === 'alice'));
+
+  const bob = makeClient(broker.url, { connectHeaders: { login: 'bob', passcode: 'battery staple' } });
+  await connected(bob);
+  await publishConfirmed(bob, { destination: '/topic/room.lobby', body: 'hi alice' });
+  await seeMessage(page, 'hi alice', 'bob');
+
+  // A room the ACL closes: the page says so, forgets it, and is back in the lobby.
+  await page.getByTestId('new-room-input').fill('staff');
+  await page.getByTestId('create-room-button').click();
+  await page.waitForFunction(() => document.querySelector('#room-error')?.textContent === 'You may not enter staff.');
+  await waitStatus(page, 'connected');
+  await publishConfirmed(bob, { destination: '/topic/room.lobby', body: 'still here?' });
+  await page.locator('[data-testid=room-item][data-room="lobby"]').click();
+  await seeMessage(page, 'still here?', 'bob');
+  assert.equal(await page.locator('[data-testid=room-item][data-room="staff"]').count(), 0, 'no denied room listed');
+
+  // A new password ends the live session: the page is back at the form, with the reason.
+  stoaUsers(dir, ['passwd', '--password-stdin', 'alice'], 'new horse');
+  await loginError(page, 'session revoked');
+  await page.getByTestId('password-input').waitFor({ state: 'visible' });
+  await page.screenshot({ path: join(screenshots, 'users-revoked.png') });
+  await bob.deactivate();
+  await context.close();
+  await broker.stop();
+});
+
+/** An HS256 token for `sub`, expiring `expiresIn` seconds from now (negative: expired). */
+function hs256(secret, sub, expiresIn) {
+  const b64 = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
+  const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ sub, exp: Math.floor(Date.now() / 1000) + expiresIn })}`;
+  return `${head}.${createHmac('sha256', secret).update(head).digest('base64url')}`;
+}
+
+test('jwt mode: the token comes from the fragment, leaves the address bar, and an expired one says so', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'stoa-page-jwt-'));
+  const secret = 'a secret of at least thirty-two bytes, for HS256';
+  writeFileSync(join(dir, 'jwt.secret'), secret);
+  const broker = await startBroker(
+    ['--auth', 'jwt', '--jwt-secret-file', join(dir, 'jwt.secret'), '--auth-failure-delay-ms', '50'],
+    { dataDir: dir },
+  );
+  const context = await browser.newContext({ viewport: { width: 1200, height: 800 } });
+  const page = await context.newPage();
+  page.setDefaultTimeout(TIMEOUT);
+  const requested = [];
+  page.on('request', (request) => requested.push(request.url()));
+  const token = hs256(secret, 'carol', 3600);
+
+  await page.goto(`http://${broker.http}/?room=lobby#token=${token}`);
+  await waitStatus(page, 'connected');
+  await page.locator('[data-testid=room-item][data-room="lobby"].active').waitFor();
+  assert.equal(await page.locator('#me').textContent(), 'carol', 'the name is the token\'s subject');
+  assert.equal(new URL(page.url()).hash, '', 'the token left the address bar');
+  assert.equal(await page.evaluate(() => sessionStorage.getItem('stoa.token')), token);
+  await page.waitForFunction(() => [...document.querySelectorAll('[data-testid=member]')].some((m) => m.textContent === 'carol'));
+  await say(page, 'signed by a token');
+  await seeMessage(page, 'signed by a token', 'carol');
+  // A reload keeps the session: the token is in this tab's sessionStorage.
+  await page.reload();
+  await waitStatus(page, 'connected');
+  assert.ok(requested.every((url) => !url.includes(token)), 'the token never went into a URL');
+
+  // An expired token: refused, and the page tells the person why.
+  const late = await context.newPage();
+  late.setDefaultTimeout(TIMEOUT);
+  await late.goto(`http://${broker.http}/#token=${hs256(secret, 'dave', -600)}`);
+  await loginError(late, 'token expired');
+  assert.equal(await late.getByTestId('connection-status').textContent(), 'disconnected');
+  assert.equal(await late.evaluate(() => sessionStorage.getItem('stoa.token')), null, 'the dead token is dropped');
+
+  // No token at all: the form explains where one comes from.
+  const none = await context.newPage();
+  none.setDefaultTimeout(TIMEOUT);
+  await none.goto(`http://${broker.http}/`);
+  await none.locator('#token-help').waitFor({ state: 'visible' });
+  assert.equal(await none.getByTestId('nickname-input').isHidden(), true);
+  await none.getByTestId('connect-button').click();
+  await loginError(none, 'No token: open the link your sign-in service gave you.');
   await context.close();
   await broker.stop();
 });

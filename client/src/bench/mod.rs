@@ -80,6 +80,14 @@ pub struct ConnsArgs {
     /// broker's memory by hand.
     #[arg(long, default_value_t = 0.0)]
     hold: f64,
+    /// For `--auth users`: connection n logs in as `u<n>` with the passcode `<PREFIX><n>`
+    /// (accounts made beforehand with `stoa users add`).
+    #[arg(long, value_name = "PREFIX", conflicts_with = "tokens")]
+    passcode_prefix: Option<String>,
+    /// For `--auth jwt`: a file of tokens, one a line; connection n sends line n (modulo
+    /// their number) as its passcode.
+    #[arg(long, value_name = "FILE")]
+    tokens: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -138,6 +146,12 @@ pub enum BenchError {
     /// The time bound.
     #[error("the scenario did not finish within {0} s")]
     Timeout(f64),
+    /// A file the scenario reads.
+    #[error("{0}: {1}")]
+    File(String, std::io::Error),
+    /// A tokens file with no token in it.
+    #[error("{0}: no token in it")]
+    NoTokens(String),
 }
 
 pub async fn run(
@@ -679,6 +693,24 @@ async fn conns(
     args: ConnsArgs,
 ) -> Result<serde_json::Value, BenchError> {
     let target = target(url, options)?;
+    let tokens = match &args.tokens {
+        Some(path) => {
+            let name = path.display().to_string();
+            let text =
+                std::fs::read_to_string(path).map_err(|e| BenchError::File(name.clone(), e))?;
+            let tokens: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if tokens.is_empty() {
+                return Err(BenchError::NoTokens(name));
+            }
+            tokens
+        }
+        None => Vec::new(),
+    };
     let tag = unique("bench");
     let before = args.pid.and_then(rss_kib);
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(args.seconds);
@@ -694,10 +726,15 @@ async fn conns(
             let destination = format!("/topic/room.{tag}-{room}");
             // Distinct names make distinct room members; a login given on the command line
             // (RabbitMQ's guest) is kept.
-            let target = match target.login {
+            let mut target = match target.login {
                 Some(_) => target.clone(),
                 None => target.with_login(format!("u{next}")),
             };
+            if let Some(prefix) = &args.passcode_prefix {
+                target.passcode = Some(format!("{prefix}{next}"));
+            } else if !tokens.is_empty() {
+                target.passcode = Some(tokens[next % tokens.len()].clone());
+            }
             pending.push(async move {
                 let (mut reader, mut writer) = open(&target, options).await?;
                 // CONNECT, SUBSCRIBE and its RECEIPT, as a page does.

@@ -107,6 +107,34 @@ fn stoa_users_adds_lists_changes_and_removes_accounts() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn accounts_added_at_the_same_moment_to_a_new_data_dir_all_land() {
+    // Several `stoa users add` on a data directory that has no users.db yet: each may find
+    // the file unmigrated while another creates its tables.
+    for round in 0..5 {
+        let dir = data_dir(&format!("race-{round}"));
+        let adds: Vec<_> = (0..6)
+            .map(|n| {
+                let dir = dir.clone();
+                std::thread::spawn(move || {
+                    users(&dir, &["add", &format!("u{n}"), "--password-stdin"], "pw\n")
+                })
+            })
+            .collect();
+        for add in adds {
+            let out = add.join().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let out = users(&dir, &["list"], "");
+        assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 6);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
 #[tokio::test]
 async fn users_mode_checks_passwords_and_refuses_alike_after_the_delay() {
     let dir = data_dir("users");

@@ -14,6 +14,7 @@ use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
+use tracing::debug;
 
 use crate::session::check_user_name;
 
@@ -138,6 +139,9 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
     })
 }
 
+/// Times a process tries to bring `users.db` to the latest schema before giving up.
+const MIGRATION_ATTEMPTS: u32 = 3;
+
 impl Accounts {
     /// Opens (creating and migrating) `users.db` in `dir`.
     ///
@@ -147,17 +151,23 @@ impl Accounts {
         let path = dir.join("users.db");
         let sqlite = at(&path);
         let mut conn = Connection::open(&path).map_err(&sqlite)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(&sqlite)?;
         // The broker and `stoa users` share the file: wait for each other's writes.
         conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(&sqlite)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sqlite)?;
-        Migrations::from_slice(MIGRATIONS)
-            .to_latest(&mut conn)
-            .map_err(|source| AccountError::Migration {
-                path: path.clone(),
-                source,
-            })?;
+        // Processes that open a new file at the same moment (two `stoa users add`, or one
+        // and a starting broker) may all find it unmigrated; all but one then find the
+        // tables made meanwhile and fail. Trying again, they find the file up to date.
+        let migrations = Migrations::from_slice(MIGRATIONS);
+        let mut attempts = 0;
+        while let Err(source) = migrations.to_latest(&mut conn) {
+            attempts += 1;
+            if attempts == MIGRATION_ATTEMPTS {
+                return Err(AccountError::Migration { path, source });
+            }
+            debug!(path = %path.display(), %source, "migrating users.db raced another process; trying again");
+        }
         Ok(Accounts { path, conn })
     }
 

@@ -66,7 +66,8 @@ for title, label in [
 ]:
     rate = median(label, "stoa", "connects_per_sec")
     seconds = median(label, "stoa", "seconds")
-    auth_lines.append(f"| {title} | {fmt(rate)} | {fmt(seconds, 2)} | {ratio(rate, none_rate)} |")
+    share = f"{rate / none_rate:.3g}×" if rate and none_rate else "—"
+    auth_lines.append(f"| {title} | {fmt(rate)} | {fmt(seconds, 2)} | {share} |")
 storm = next((r["connections"] for r in rows if r["label"] == "auth-none"), None)
 
 

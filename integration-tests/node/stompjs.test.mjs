@@ -1,8 +1,13 @@
 // @stomp/stompjs 7 (over the `ws` package) against the real stoa binary.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { createHmac } from 'node:crypto';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import {
-  startBroker, makeClient, connected, collect, publishConfirmed, subscribeConfirmed, withTimeout, Inbox, stopAll,
+  startBroker, makeClient, connected, collect, publishConfirmed, subscribeConfirmed, withTimeout, Inbox, stopAll, stoaBin,
 } from './broker.mjs';
 
 after(stopAll);
@@ -135,5 +140,76 @@ test('a client reconnects after the socket drops and its onConnect subscribes ag
   assert.deepEqual(bodies, ['after the restart']);
   await client.deactivate();
   await publisher.deactivate();
+  await broker.stop();
+});
+
+/** An HS256 token for `sub` whose `exp` is `expiresIn` seconds from now. */
+function hs256(secret, sub, expiresIn) {
+  const b64 = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
+  const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ sub, exp: Math.floor(Date.now() / 1000) + expiresIn })}`;
+  return `${head}.${createHmac('sha256', secret).update(head).digest('base64url')}`;
+}
+
+test('jwt: a session whose token expires gets "token expired", and beforeConnect brings a fresh one', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'stoa-node-jwt-'));
+  const secret = 'the HMAC secret of this test, long enough for HS256';
+  writeFileSync(join(dir, 'secret'), secret);
+  const broker = await startBroker(['--auth', 'jwt', '--jwt-secret-file', join(dir, 'secret')], { dataDir: dir });
+  // The broker allows 30 s of leeway past `exp`: this first token has about 2 s left.
+  const tokens = [hs256(secret, 'erin', -28), hs256(secret, 'erin', 3600)];
+  const errors = [];
+  const names = [];
+  const inbox = new Inbox();
+  let ready;
+  const client = makeClient(broker.url, { reconnectDelay: 100 });
+  client.beforeConnect = () => {
+    // What a page does: ask its sign-in service for a token before every (re)connect.
+    client.connectHeaders = { passcode: tokens.shift() };
+  };
+  client.onStompError = (frame) => errors.push(frame.headers.message);
+  client.onConnect = async (frame) => {
+    names.push(frame.headers['user-name']);
+    await subscribeConfirmed(client, '/topic/room.jwt', (m) => {
+      if (!m.headers['x-event']) inbox.push(m);
+    });
+    ready?.();
+  };
+  await withTimeout(new Promise((resolve) => { ready = resolve; client.activate(); }), 'the first session');
+  const again = new Promise((resolve) => { ready = resolve; });
+  await withTimeout(again, 'the session with the fresh token', 15_000);
+  assert.deepEqual(errors, ['token expired']);
+  assert.deepEqual(names, ['erin', 'erin']);
+  // The renewed session works, and its messages carry the token's name, whatever was sent.
+  await publishConfirmed(client, { destination: '/topic/room.jwt', body: 'renewed', headers: { 'x-sender': 'mallory' } });
+  const [message] = await inbox.until((items) => items.length >= 1, 'the message of the renewed session');
+  assert.equal(message.body, 'renewed');
+  assert.equal(message.headers['x-sender'], 'erin');
+  await client.deactivate();
+  await broker.stop();
+});
+
+test('users: stomp.js logs in with login and passcode; a wrong passcode gets the one refusal', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'stoa-node-users-'));
+  const add = spawnSync(stoaBin(), ['users', '--data-dir', dir, 'add', 'frank', '--password-stdin'], {
+    input: 'open sesame\n', encoding: 'utf8',
+  });
+  assert.equal(add.status, 0, add.stderr);
+  const broker = await startBroker(['--auth', 'users', '--auth-failure-delay-ms', '200'], { dataDir: dir });
+  const good = makeClient(broker.url, { connectHeaders: { login: 'frank', passcode: 'open sesame' } });
+  const frame = await connected(good);
+  assert.equal(frame.headers['user-name'], 'frank');
+  for (const connectHeaders of [{ login: 'frank', passcode: 'wrong' }, { login: 'nobody', passcode: 'open sesame' }, { login: 'frank' }]) {
+    const bad = makeClient(broker.url, { connectHeaders });
+    const started = Date.now();
+    await assert.rejects(connected(bad), /ERROR: authentication failed/);
+    assert.ok(Date.now() - started >= 200, 'the refusal waits --auth-failure-delay-ms');
+    await bad.deactivate();
+  }
+  // The one who logged in is untouched.
+  const { done } = collect(good, '/topic/t.users', 1, { receipt: 'in' });
+  await withTimeout(new Promise((resolve) => good.watchForReceipt('in', resolve)), 'the subscription');
+  await publishConfirmed(good, { destination: '/topic/t.users', body: 'still in' });
+  assert.equal((await done)[0].body, 'still in');
+  await good.deactivate();
   await broker.stop();
 });

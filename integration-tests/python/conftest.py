@@ -145,8 +145,16 @@ TCP_CLASSES = {"1.0": stomp.StompConnection10, "1.1": stomp.StompConnection11, "
 PROTOCOLS = {"1.0": Protocol10, "1.1": Protocol11, "1.2": Protocol12}
 
 
-def open_conn(broker, transport, version, heartbeats=(0, 0), auto_decode=True, login="py"):
+def open_conn(broker, transport, version, heartbeats=(0, 0), auto_decode=True, login="py", passcode="secret"):
     """A connected stomp.py connection and its Recorder."""
+    conn, recorder = new_conn(broker, transport, version, heartbeats, auto_decode)
+    conn.connect(login, passcode, wait=True)
+    return conn, recorder
+
+
+def new_conn(broker, transport, version, heartbeats=(0, 0), auto_decode=True):
+    """A stomp.py connection of `version` over `transport` ("tcp" or "ws"), with its
+    Recorder as listener, not connected yet."""
     hosts = [("127.0.0.1", broker.stomp_port)]
     kwargs = {} if version == "1.0" else {"heartbeats": heartbeats}
     if transport == "tcp":
@@ -159,5 +167,4 @@ def open_conn(broker, transport, version, heartbeats=(0, 0), auto_decode=True, l
         conn = _ws_class(PROTOCOLS[version])(ws, **kwargs)
     recorder = Recorder()
     conn.set_listener("recorder", recorder)
-    conn.connect(login, "secret", wait=True)
     return conn, recorder

@@ -621,3 +621,36 @@ async fn no_secret_reaches_the_log_even_at_debug() {
     }
     std::fs::remove_dir_all(&jwt_dir).unwrap();
 }
+
+#[tokio::test]
+async fn stoa_cli_sends_its_token_as_the_passcode() {
+    let (broker, _dir) = jwt_broker(&[]);
+    let mut watcher = Conn::open(&broker, Transport::Tcp).await;
+    let watching = hs256(serde_json::json!({ "sub": "watcher", "exp": now() + 600 }));
+    try_connect(&mut watcher, None, Some(&watching)).await;
+    watcher.subscribe("w", "/topic/cli.token").await;
+    let cli = |token: &str, body: &str| {
+        Command::new(integration_tests::cli_bin())
+            .args(["--url", &broker.ws_url(), "--token", token])
+            .args(["send", "/topic/cli.token", body, "--receipt"])
+            .output()
+            .unwrap()
+    };
+    let good = hs256(serde_json::json!({ "sub": "gina", "exp": now() + 600 }));
+    let out = cli(&good, "from the cli");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = watcher.expect_frame().await;
+    assert_eq!(&got.body[..], b"from the cli");
+    assert_eq!(got.header("x-sender"), Some("gina"), "the token's sub");
+    // An expired token: the broker's ERROR, exit code 4, and the token is not echoed.
+    let expired = hs256(serde_json::json!({ "sub": "gina", "exp": now() - 600 }));
+    let out = cli(&expired, "too late");
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("authentication failed"), "{stderr}");
+    assert!(!stderr.contains(&expired), "the token is not printed");
+}

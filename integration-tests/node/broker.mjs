@@ -1,5 +1,6 @@
 // Starts the real stoa binary on free loopback ports, and stomp.js clients against it.
 import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
 import { mkdtempSync, rmSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
@@ -55,6 +56,13 @@ export async function startBroker(args = [], { dataDir, http = '127.0.0.1:0', st
   };
   live.brokers.add(broker);
   return broker;
+}
+
+/** An HS256 token for `sub` whose `exp` is `expiresIn` seconds from now (negative: past). */
+export function hs256(secret, sub, expiresIn) {
+  const b64 = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
+  const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ sub, exp: Math.floor(Date.now() / 1000) + expiresIn })}`;
+  return `${head}.${createHmac('sha256', secret).update(head).digest('base64url')}`;
 }
 
 /** A stomp.js client over `ws`, offering the STOMP subprotocols as browsers do. */

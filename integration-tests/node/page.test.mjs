@@ -4,12 +4,11 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
-import { createHmac } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { startBroker, makeClient, connected, publishConfirmed, stopAll, stoaBin } from './broker.mjs';
+import { startBroker, makeClient, connected, publishConfirmed, stopAll, stoaBin, hs256 } from './broker.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const screenshots = join(root, 'target', 'screenshots');
@@ -337,13 +336,6 @@ test('users mode: the page asks for a password, refuses a wrong one, honours the
   await context.close();
   await broker.stop();
 });
-
-/** An HS256 token for `sub`, expiring `expiresIn` seconds from now (negative: expired). */
-function hs256(secret, sub, expiresIn) {
-  const b64 = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
-  const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ sub, exp: Math.floor(Date.now() / 1000) + expiresIn })}`;
-  return `${head}.${createHmac('sha256', secret).update(head).digest('base64url')}`;
-}
 
 test('jwt mode: the token comes from the fragment, leaves the address bar, and an expired one says so', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'stoa-page-jwt-'));

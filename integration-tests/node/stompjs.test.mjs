@@ -3,11 +3,10 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
-import { createHmac } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
-  startBroker, makeClient, connected, collect, publishConfirmed, subscribeConfirmed, withTimeout, Inbox, stopAll, stoaBin,
+  startBroker, makeClient, connected, collect, publishConfirmed, subscribeConfirmed, withTimeout, Inbox, stopAll, stoaBin, hs256,
 } from './broker.mjs';
 
 after(stopAll);
@@ -142,13 +141,6 @@ test('a client reconnects after the socket drops and its onConnect subscribes ag
   await publisher.deactivate();
   await broker.stop();
 });
-
-/** An HS256 token for `sub` whose `exp` is `expiresIn` seconds from now. */
-function hs256(secret, sub, expiresIn) {
-  const b64 = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
-  const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ sub, exp: Math.floor(Date.now() / 1000) + expiresIn })}`;
-  return `${head}.${createHmac('sha256', secret).update(head).digest('base64url')}`;
-}
 
 test('jwt: a session whose token expires gets "token expired", and beforeConnect brings a fresh one', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'stoa-node-jwt-'));

@@ -19,9 +19,10 @@ use tracing::{Instrument, debug, info};
 
 use crate::admission::Ticket;
 use crate::auth::{Credentials, Mode, Refusal};
+use crate::error::{Rejected, SessionError};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Outgoing};
-use crate::session::{Outcome, Rejected, Session, SessionError, write_ack_id};
+use crate::session::{Outcome, Session, write_ack_id};
 use crate::state::Broker;
 
 /// Why a read failed.
@@ -318,7 +319,7 @@ struct Connection<T> {
 }
 
 impl<T: Transport> Connection<T> {
-    fn new(transport: T, broker: Arc<Broker>, id: crate::session::SessionId) -> Connection<T> {
+    fn new(transport: T, broker: Arc<Broker>, id: crate::message::SessionId) -> Connection<T> {
         let config = &broker.config;
         let outbox = Arc::new(Outbox::new(config.outbox_bytes));
         let session = Session::new(id, broker.clone(), outbox.clone());

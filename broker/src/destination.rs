@@ -6,6 +6,8 @@
 
 use smallvec::SmallVec;
 
+use crate::error::TopicError;
+
 /// The destinations the broker knows, by prefix (DESIGN.md "Destinations").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Destination<'a> {
@@ -38,23 +40,6 @@ impl<'a> Destination<'a> {
     }
 }
 
-/// Why a topic key or pattern is refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TopicError {
-    /// `/topic/` with nothing after it.
-    #[error("topic name is empty")]
-    Empty,
-    /// `a..b`, `.a` or `a.`.
-    #[error("topic {0:?} has an empty word")]
-    EmptyWord(String),
-    /// A SEND to `room.*`.
-    #[error("cannot send to a wildcard topic {0:?}")]
-    WildcardSend(String),
-    /// More words than a key may have.
-    #[error("topic {0:?} has more than {MAX_WORDS} words")]
-    TooManyWords(String),
-}
-
 /// Most dot-separated words in a key or pattern.
 pub const MAX_WORDS: usize = 32;
 
@@ -73,7 +58,7 @@ fn check_words(key: &str) -> Result<Words<'_>, TopicError> {
         return Err(TopicError::EmptyWord(key.to_owned()));
     }
     if w.len() > MAX_WORDS {
-        return Err(TopicError::TooManyWords(key.to_owned()));
+        return Err(TopicError::TooManyWords(key.to_owned(), MAX_WORDS));
     }
     Ok(w)
 }

@@ -15,10 +15,9 @@ use bytes::Bytes;
 use rusqlite::{Connection, params};
 use tracing::error;
 
+use crate::message::StoredMessage;
 use crate::outbox::{Outbox, Outgoing};
-use crate::store::{
-    StoreError, StoredMessage, kept_row, push_grouped, spawn_writer, stored_message,
-};
+use crate::store::{StoreError, kept_row, push_grouped, spawn_writer, stored_message};
 use crate::writer::{WriterThread, next_batch};
 
 /// A RECEIPT to send once everything before it is on disk.

@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use crate::error::SessionError;
+
 /// Marks a MESSAGE delivered to a subscription that must be acknowledged: the writer records
 /// it as unacknowledged and writes the `ack` header for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -401,6 +403,14 @@ impl Outbox {
     /// Bytes queued now (frames; backlogs count nothing).
     pub fn queued_bytes(&self) -> usize {
         self.lock().bytes
+    }
+}
+
+impl From<End> for SessionError {
+    fn from(end: End) -> SessionError {
+        match end {
+            End::Revoked => SessionError::SessionRevoked,
+        }
     }
 }
 

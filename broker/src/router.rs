@@ -6,23 +6,22 @@
 //! which offers [`Outgoing`] frames to subscribers' outboxes. It knows no transport and
 //! never waits.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use stomp_codec::{Frame, Headers, SharedMessage, Version};
+use stomp_codec::{Frame, Version};
 
 use crate::acl::Viewer;
 use crate::destination::{Destination, is_pattern};
 use crate::durable::{KeptQueue, QueueStore};
+use crate::error::SessionError;
+use crate::message::{KeptMessage, MessageIds, Publish, SessionId, message_headers};
 use crate::outbox::{AckTag, Mark, Outbox, Outgoing};
 use crate::services::{
     App, HistoryLimits, QueueLimits, Queues, Rooms, Topics, Users, is_user_queue,
 };
-use crate::session::{SessionError, SessionId};
-use crate::state::now_millis;
-use crate::store::{Store, StoredMessage};
+
+use crate::store::Store;
 
 /// One subscription as services see it: where to put messages and how to label them.
 #[derive(Debug, Clone)]
@@ -58,7 +57,7 @@ impl Subscriber {
     pub fn offer_marked(&self, publish: &Publish, mark: Mark) -> bool {
         self.offer_tail(
             publish.message_id,
-            publish.text,
+            publish.is_text(),
             publish.tail(self.version),
             mark,
         )
@@ -114,19 +113,18 @@ impl Stamp {
             self.key,
             &self.head,
             self.needs_ack,
-            (publish.message_id, publish.text, tail),
+            (publish.message_id, publish.is_text(), tail),
             mark,
         )
     }
 
     /// A kept message replayed to this subscription (`x-replay:true`).
     pub fn kept(&self, kept: &KeptMessage) -> Outgoing {
-        let tail = encode_tail(self.version, &kept.headers, &kept.body);
         message_frame(
             self.key,
             &self.head,
             self.needs_ack,
-            (kept.message_id, kept.text, tail),
+            (kept.message_id(), kept.is_text(), kept.tail(self.version)),
             Mark::Replay,
         )
     }
@@ -153,232 +151,6 @@ fn message_frame(
     }
 }
 
-/// A published message: its shared headers and body, encoded lazily once per version.
-///
-/// Rooms (as [`KeptMessage`]s), durable queues and offline users' queues keep messages by
-/// the thousand, so every byte here counts: the headers are packed, and the body has a
-/// block of its own rather than pinning the read buffer it arrived in.
-#[derive(Debug)]
-pub struct Publish {
-    /// The broker-assigned `message-id`, the same for every subscriber.
-    pub message_id: u64,
-    headers: PackedHeaders,
-    body: Bytes,
-    text: bool,
-    tails: [OnceLock<Bytes>; 3],
-}
-
-impl Publish {
-    /// A message with the headers every subscriber sees (`destination`, `message-id`, ...)
-    /// and its body.
-    pub fn new(message_id: u64, headers: Headers, body: Bytes) -> Publish {
-        let text = std::str::from_utf8(&body).is_ok();
-        Publish {
-            message_id,
-            headers: PackedHeaders::new(&headers),
-            body: Bytes::copy_from_slice(&body),
-            text,
-            tails: Default::default(),
-        }
-    }
-
-    /// The shared part as `version` writes it, encoded on first use.
-    pub fn tail(&self, version: Version) -> Bytes {
-        let slot = match version {
-            Version::V1_0 => &self.tails[0],
-            Version::V1_1 => &self.tails[1],
-            Version::V1_2 => &self.tails[2],
-        };
-        slot.get_or_init(|| encode_tail(version, &self.headers, &self.body))
-            .clone()
-    }
-
-    /// Whether the body is UTF-8 (the frame goes out as WebSocket text).
-    pub fn is_text(&self) -> bool {
-        self.text
-    }
-
-    /// The body.
-    pub fn body(&self) -> &Bytes {
-        &self.body
-    }
-
-    /// The message as a store keeps it, under `seq` (a room's sequence number, or the
-    /// message id in the durable queue store).
-    pub fn to_stored(&self, seq: u64) -> StoredMessage {
-        self.headers.to_stored(seq, self.message_id, &self.body)
-    }
-
-    /// The message without its encoded copies, for a room's history to keep.
-    pub fn into_kept(self) -> KeptMessage {
-        KeptMessage {
-            message_id: self.message_id,
-            headers: self.headers,
-            body: self.body,
-            text: self.text,
-        }
-    }
-
-    /// A message a store kept, as it was published.
-    pub fn from_stored(stored: StoredMessage) -> Publish {
-        let headers: Headers = stored
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
-        Publish::new(stored.message_id, headers, stored.body)
-    }
-}
-
-/// A message as a room's history keeps it: the headers and body of a [`Publish`] without
-/// the encoded copies made for its live delivery; a replay encodes it again
-/// ([`Stamp::kept`]). A room keeps up to `--room-history` of these (10,000 by
-/// default); docs/PERFORMANCE.md has what leaving the copies out saved.
-#[derive(Debug)]
-pub struct KeptMessage {
-    message_id: u64,
-    headers: PackedHeaders,
-    body: Bytes,
-    text: bool,
-}
-
-impl KeptMessage {
-    /// The broker-assigned `message-id`.
-    pub fn message_id(&self) -> u64 {
-        self.message_id
-    }
-
-    /// The `(name, value)` pairs in order.
-    pub fn headers(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + '_ {
-        self.headers.iter()
-    }
-
-    /// The body.
-    pub fn body(&self) -> &Bytes {
-        &self.body
-    }
-
-    /// The message as a store keeps it, under `seq`.
-    pub fn to_stored(&self, seq: u64) -> StoredMessage {
-        self.headers.to_stored(seq, self.message_id, &self.body)
-    }
-
-    /// Bytes it takes in memory: headers and body, their bookkeeping, and the message
-    /// itself. What `--room-history-bytes` and `--history-total-bytes` count.
-    pub fn size(&self) -> usize {
-        std::mem::size_of::<KeptMessage>()
-            + self.headers.text.len()
-            + std::mem::size_of_val(&*self.headers.ends)
-            + self.body.len()
-    }
-}
-
-/// The shared part of a MESSAGE (headers, body, NUL) as `version` writes it.
-fn encode_tail(version: Version, headers: &PackedHeaders, body: &[u8]) -> Bytes {
-    SharedMessage::new(version, headers.iter(), body)
-        .tail()
-        .clone()
-}
-
-/// Headers as a [`Publish`] keeps them: names and values back to back in one string of
-/// exactly their size, and where each name and value ends. (A [`Headers`] has room for ten
-/// headers inline: 240 bytes before any text.)
-#[derive(Debug)]
-struct PackedHeaders {
-    text: Box<str>,
-    ends: Box<[(usize, usize)]>,
-}
-
-impl PackedHeaders {
-    fn new(headers: &Headers) -> PackedHeaders {
-        let len = headers.iter().map(|(n, v)| n.len() + v.len()).sum();
-        let mut text = String::with_capacity(len);
-        let mut ends = Vec::with_capacity(headers.len());
-        for (name, value) in headers {
-            text.push_str(name);
-            let name_end = text.len();
-            text.push_str(value);
-            ends.push((name_end, text.len()));
-        }
-        PackedHeaders {
-            text: text.into_boxed_str(),
-            ends: ends.into_boxed_slice(),
-        }
-    }
-
-    fn to_stored(&self, seq: u64, message_id: u64, body: &Bytes) -> StoredMessage {
-        StoredMessage {
-            seq,
-            message_id,
-            headers: self
-                .iter()
-                .map(|(n, v)| (n.to_owned(), v.to_owned()))
-                .collect(),
-            body: body.clone(),
-        }
-    }
-
-    /// The `(name, value)` pairs in order.
-    fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + Clone + '_ {
-        self.ends.iter().enumerate().map(|(i, &(name_end, end))| {
-            // A header starts where the one before it ended.
-            let start = i
-                .checked_sub(1)
-                .and_then(|before| self.ends.get(before))
-                .map_or(0, |&(_, end)| end);
-            // The offsets were taken between whole strings pushed above.
-            let name = self.text.get(start..name_end).unwrap_or_default();
-            let value = self.text.get(name_end..end).unwrap_or_default();
-            (name, value)
-        })
-    }
-}
-
-/// Headers only the broker may set on a MESSAGE; a SEND's copies are dropped.
-pub const BROKER_OWNED: [&str; 14] = [
-    "destination",
-    "message-id",
-    "subscription",
-    "ack",
-    "receipt",
-    "transaction",
-    "content-length",
-    "redelivered",
-    "x-sender",
-    "x-timestamp",
-    "x-seq",
-    "x-event",
-    "x-replay",
-    "x-first-seq",
-];
-
-/// The shared headers of a MESSAGE made from a SEND: `destination` and `message-id`
-/// first, the SEND's own headers in order (less the broker-owned ones), then `extra`, then
-/// `x-sender` and `x-timestamp`.
-pub fn message_headers(
-    destination: &str,
-    message_id: u64,
-    send: &Headers,
-    user: &str,
-    extra: &[(&str, &str)],
-) -> Headers {
-    let mut digits = itoa::Buffer::new();
-    let mut headers = Headers::new();
-    headers.push("destination", destination);
-    headers.push("message-id", digits.format(message_id));
-    for (name, value) in send {
-        if !BROKER_OWNED.contains(&name) {
-            headers.push(name, value);
-        }
-    }
-    for (name, value) in extra {
-        headers.push(name, value);
-    }
-    headers.push("x-sender", user);
-    headers.push("x-timestamp", digits.format(now_millis()));
-    headers
-}
-
 /// Offers `publish` to every subscriber; one encoding per version.
 pub fn deliver<'a>(
     subscribers: impl IntoIterator<Item = &'a Subscriber>,
@@ -396,7 +168,7 @@ pub fn deliver<'a>(
                 tail
             }
         };
-        if sub.offer_tail(publish.message_id, publish.text, tail, Mark::None) {
+        if sub.offer_tail(publish.message_id, publish.is_text(), tail, Mark::None) {
             fanout.delivered += 1;
         } else {
             fanout.refused += 1;
@@ -508,32 +280,6 @@ pub trait Service: Send + Sync {
     /// Settles messages with these ids that `subscriber` ACKed (`ack`) or NACKed. Only
     /// services that keep messages until they are acknowledged care.
     fn settle(&self, _key: &str, _subscriber: &Subscriber, _ids: &[u64], _ack: bool) {}
-}
-
-/// Broker-wide message ids.
-#[derive(Debug)]
-pub struct MessageIds(AtomicU64);
-
-impl MessageIds {
-    /// Ids starting at the current time in microseconds, so that they keep increasing across
-    /// restarts (at fewer than a million publishes a second on average).
-    pub fn new() -> MessageIds {
-        let start = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
-        MessageIds(AtomicU64::new(start))
-    }
-
-    /// The next id.
-    pub fn next(&self) -> u64 {
-        self.0.fetch_add(1, Ordering::Relaxed)
-    }
-}
-
-impl Default for MessageIds {
-    fn default() -> Self {
-        MessageIds::new()
-    }
 }
 
 /// Settings the services need.
@@ -648,27 +394,9 @@ impl Router {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use stomp_codec::Headers;
+
     use super::*;
-
-    #[test]
-    fn a_publish_keeps_its_headers_in_order_with_repeats_and_empty_values() {
-        let mut headers = Headers::new();
-        headers.push("destination", "/topic/room.방");
-        headers.push("x-tag", "first");
-        headers.push("x-empty", "");
-        headers.push("x-tag", "second:with\ncolon");
-        let publish = Publish::new(7, headers.clone(), Bytes::from_static(b"hi"));
-
-        let kept: Vec<(String, String)> = headers
-            .iter()
-            .map(|(n, v)| (n.to_owned(), v.to_owned()))
-            .collect();
-        assert_eq!(publish.to_stored(1).headers, kept);
-        for version in [Version::V1_0, Version::V1_1, Version::V1_2] {
-            let whole = SharedMessage::new(version, headers.iter(), b"hi");
-            assert_eq!(&publish.tail(version), whole.tail(), "{version}");
-        }
-    }
 
     #[test]
     fn a_kept_message_is_replayed_as_it_was_published() {
@@ -712,11 +440,5 @@ mod tests {
             ack.as_ref().map(|a| (a.subscription, a.message_id)),
             Some((4, 9))
         );
-    }
-
-    #[test]
-    fn a_publish_without_headers_or_body_encodes_only_its_length() {
-        let publish = Publish::new(1, Headers::new(), Bytes::new());
-        assert_eq!(&publish.tail(Version::V1_2)[..], b"content-length:0\n\n\0");
     }
 }

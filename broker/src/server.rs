@@ -24,8 +24,9 @@ use crate::admission::{Busy, Ticket};
 use crate::config::Config;
 use crate::connection::Transport;
 use crate::connection::{self, Arrival};
+use crate::error::SessionError;
 use crate::http::{AppState, routes};
-use crate::session::SessionError;
+
 use crate::state::Broker;
 use crate::tls::Tls;
 use crate::transport::tcp::{StreamTransport, TcpTransport};

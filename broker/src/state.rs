@@ -6,18 +6,18 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::acl::{AclError, AclHandle};
 use crate::admission::{Admission, OriginError, Origins};
 use crate::auth::{Auth, AuthConfigError};
 use crate::config::Config;
 use crate::durable::QueueStore;
+use crate::message::SessionId;
 use crate::metrics::Metrics;
 use crate::pace::Pace;
 use crate::router::{Router, RouterLimits};
 use crate::services::{HistoryLimits, QueueLimits};
-use crate::session::SessionId;
+
 use crate::store::{SqliteStore, Store, StoreError};
 use crate::tls::{Tls, TlsError};
 
@@ -138,13 +138,6 @@ impl Broker {
     pub fn next_session_id(&self) -> SessionId {
         SessionId(self.next_session.fetch_add(1, Ordering::Relaxed))
     }
-}
-
-/// Milliseconds since the Unix epoch, for `x-timestamp`.
-pub fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

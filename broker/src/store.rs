@@ -14,38 +14,13 @@ use bytes::Bytes;
 use rusqlite::{Connection, params};
 use tracing::{error, warn};
 
-use crate::router::KeptMessage;
+use crate::message::{KeptMessage, StoredMessage};
 use crate::writer::{Pending, WriterThread, next_batch};
 
 mod chunk;
 
 pub use chunk::ChunkError;
 use chunk::{ChunkWriter, read_chunk};
-
-/// A message as kept: headers in order and the body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredMessage {
-    /// The room sequence number (the message id in the durable queue store).
-    pub seq: u64,
-    /// The broker-assigned `message-id`.
-    pub message_id: u64,
-    /// Shared headers in wire order.
-    pub headers: Vec<(String, String)>,
-    /// The body.
-    pub body: Bytes,
-}
-
-impl StoredMessage {
-    /// About what it takes as a kept message: its headers' and body's bytes (no more than
-    /// [`KeptMessage::size`] counts).
-    pub fn approximate_size(&self) -> usize {
-        self.headers
-            .iter()
-            .map(|(n, v)| n.len() + v.len())
-            .sum::<usize>()
-            + self.body.len()
-    }
-}
 
 /// Why the store could not be opened or read.
 #[derive(Debug, thiserror::Error)]
@@ -710,7 +685,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::Publish;
+    use crate::message::Publish;
 
     fn message(seq: u64, body: &str) -> StoredMessage {
         StoredMessage {

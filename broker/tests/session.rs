@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use broker::Config;
 use broker::connection::compose;
+use broker::error::{Rejected, SessionError};
 use broker::outbox::{Outbox, Outgoing};
-use broker::session::{Outcome, Rejected, Session, SessionError};
+use broker::session::{Outcome, Session};
 use broker::state::Broker;
 use broker::store::MemoryStore;
 use bytes::BytesMut;

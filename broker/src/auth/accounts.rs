@@ -6,6 +6,7 @@
 //! that a running broker notices (and revokes the sessions of accounts removed or whose
 //! password changed).
 
+use crate::message::check_user_name;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -15,8 +16,6 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 use tracing::debug;
-
-use crate::session::check_user_name;
 
 /// Schema changes of `users.db`, applied in order (`PRAGMA user_version` counts them).
 const MIGRATIONS: &[M<'static>] = &[M::up(

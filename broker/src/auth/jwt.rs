@@ -6,12 +6,11 @@
 //! names must belong to the key's family: `alg:none` and an HS* token under a public key are
 //! refused, whatever the token says.
 
+use crate::message::check_user_name;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-
-use crate::session::check_user_name;
 
 /// Seconds of clock difference allowed around `exp` and `nbf`.
 pub const LEEWAY_SECONDS: u64 = 30;

@@ -29,8 +29,9 @@ use ring::hmac;
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 
+use crate::message::SessionId;
 use crate::outbox::{End, Outbox};
-use crate::session::SessionId;
+
 use accounts::{Account, AccountError, Accounts};
 use jwt::{JwtConfigError, JwtVerifier};
 

@@ -10,11 +10,10 @@ use bytes::Bytes;
 use stomp_codec::Headers;
 
 use crate::acl::Viewer;
-use crate::router::{
-    MessageIds, Publish, PublishRequest, Published, Service, SubscribeRequest, Subscriber,
-};
+use crate::error::SessionError;
+use crate::message::{MessageIds, Publish};
+use crate::router::{PublishRequest, Published, Service, SubscribeRequest, Subscriber};
 use crate::services::{RoomDetail, Rooms, check_room_name};
-use crate::session::SessionError;
 
 /// The `/app` replies.
 #[derive(Debug)]

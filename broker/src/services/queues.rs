@@ -13,11 +13,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use dashmap::DashMap;
 
 use crate::durable::{KeptQueue, QueueStore};
+use crate::error::SessionError;
+use crate::message::{Publish, SessionId};
 use crate::outbox::Mark;
-use crate::router::{
-    Fanout, Publish, PublishRequest, Published, Service, SubscribeRequest, Subscriber,
-};
-use crate::session::{SessionError, SessionId};
+use crate::router::{Fanout, PublishRequest, Published, Service, SubscribeRequest, Subscriber};
 
 /// Queue limits.
 #[derive(Debug, Clone, Copy)]

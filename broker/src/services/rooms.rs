@@ -20,14 +20,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use dashmap::DashMap;
 use stomp_codec::Headers;
 
+use crate::error::SessionError;
+use crate::message::{KeptMessage, MessageIds, Publish, message_headers, now_millis};
 use crate::outbox::{Backlog, Outgoing, fill_from};
 use crate::router::{
-    Fanout, KeptMessage, MessageIds, Publish, PublishRequest, Published, Replay, Service, Stamp,
-    SubscribeRequest, Subscriber, deliver, message_headers,
+    Fanout, PublishRequest, Published, Replay, Service, Stamp, SubscribeRequest, Subscriber,
+    deliver,
 };
 use crate::services::Topics;
-use crate::session::SessionError;
-use crate::state::now_millis;
+
 use crate::store::{HistoryLimits, Store, StoreError};
 
 /// Longest room name, in characters.

@@ -10,10 +10,11 @@ use dashmap::DashMap;
 use crate::destination::{
     TopicPattern, check_publish_key, check_subscribe_key, is_pattern, key_words,
 };
+use crate::error::SessionError;
+use crate::message::Publish;
 use crate::router::{
-    Fanout, Publish, PublishRequest, Published, Service, SubscribeRequest, Subscriber, deliver,
+    Fanout, PublishRequest, Published, Service, SubscribeRequest, Subscriber, deliver,
 };
-use crate::session::SessionError;
 
 /// The topic subscription map.
 #[derive(Debug, Default)]
@@ -148,8 +149,8 @@ mod tests {
     use stomp_codec::{Headers, Version};
 
     use super::*;
+    use crate::message::SessionId;
     use crate::outbox::Outbox;
-    use crate::session::SessionId;
 
     fn subscriber(session: u64, key: u32, outbox: &Arc<Outbox>) -> Subscriber {
         Subscriber {

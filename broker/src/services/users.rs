@@ -12,12 +12,13 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use crate::durable::{KeptQueue, QueueStore};
+use crate::error::SessionError;
+use crate::message::Publish;
+use crate::message::check_user_name;
 use crate::outbox::{Backlog, Mark, Outgoing, fill_from};
 use crate::router::{
-    Fanout, Publish, PublishRequest, Published, Service, Stamp, SubscribeRequest, Subscriber,
-    deliver,
+    Fanout, PublishRequest, Published, Service, Stamp, SubscribeRequest, Subscriber, deliver,
 };
-use crate::session::{SessionError, check_user_name};
 
 /// Store names of user queues start with this, which no queue name can (queue names have
 /// no control characters).

@@ -9,9 +9,8 @@
 //! (u64), `message-id` (u64), header count (u32), each header as name length (u32), name,
 //! value length (u32), value, then body length (u32) and body.
 
+use crate::message::StoredMessage;
 use bytes::Bytes;
-
-use super::StoredMessage;
 
 /// The layout's number, first in every chunk.
 pub const FORMAT: u8 = 1;

@@ -28,8 +28,9 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 
 use crate::connection::{CloseKind, LINGER, Transport, TransportError, compose};
+use crate::error::SessionError;
 use crate::outbox::Outgoing;
-use crate::session::SessionError;
+
 use crate::transport::tcp::discard_input;
 
 /// Picks the highest STOMP version among the subprotocols a client offers.

@@ -9,11 +9,12 @@
 use crate::message::check_user_name;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
 use tracing::debug;
 
@@ -138,8 +139,9 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
     })
 }
 
-/// Times a process tries to bring `users.db` to the latest schema before giving up.
-const MIGRATION_ATTEMPTS: u32 = 3;
+/// How long opening `users.db` keeps trying while other processes hold it (the broker and
+/// `stoa users` share it): the same as SQLite's busy timeout.
+const OPEN_PATIENCE: Duration = Duration::from_secs(5);
 
 impl Accounts {
     /// Opens (creating and migrating) `users.db` in `dir`.
@@ -151,22 +153,38 @@ impl Accounts {
         let sqlite = at(&path);
         let mut conn = Connection::open(&path).map_err(&sqlite)?;
         // The broker and `stoa users` share the file: wait for each other's writes.
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(&sqlite)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sqlite)?;
-        // Processes that open a new file at the same moment (two `stoa users add`, or one
-        // and a starting broker) may all find it unmigrated; all but one then find the
-        // tables made meanwhile and fail. Trying again, they find the file up to date.
+        conn.busy_timeout(OPEN_PATIENCE).map_err(&sqlite)?;
+        // Two steps SQLite does not always wait for: switching a new file to WAL, and a
+        // migration that read the schema version and then finds another process writing
+        // (its lock cannot be upgraded, so SQLite answers "locked" at once). Processes that
+        // open a new file at the same moment (two `stoa users add`, or one and a starting
+        // broker) meet there; so they try again, briefly, until the file is up to date.
         let migrations = Migrations::from_slice(MIGRATIONS);
-        let mut attempts = 0;
-        while let Err(source) = migrations.to_latest(&mut conn) {
-            attempts += 1;
-            if attempts == MIGRATION_ATTEMPTS {
-                return Err(AccountError::Migration { path, source });
+        let deadline = Instant::now() + OPEN_PATIENCE;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let attempt = conn
+                .pragma_update(None, "journal_mode", "WAL")
+                .map_err(&sqlite)
+                .and_then(|()| {
+                    migrations
+                        .to_latest(&mut conn)
+                        .map_err(|source| AccountError::Migration {
+                            path: path.clone(),
+                            source,
+                        })
+                });
+            match attempt {
+                Ok(()) => break,
+                Err(e) if Instant::now() < deadline => {
+                    debug!(path = %path.display(), error = %e, "opening users.db raced another process; trying again");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
             }
-            debug!(path = %path.display(), %source, "migrating users.db raced another process; trying again");
         }
+        drop(sqlite);
         Ok(Accounts { path, conn })
     }
 
@@ -194,7 +212,10 @@ impl Accounts {
         let hash = hash_password(password)?;
         let groups = serde_json::json!(groups).to_string();
         let sqlite = at(&self.path);
-        let tx = self.conn.transaction().map_err(&sqlite)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&sqlite)?;
         let inserted = tx
             .execute(
                 "INSERT OR IGNORE INTO users (name, hash, groups, version) VALUES (?1, ?2, ?3, 1)",
@@ -218,7 +239,10 @@ impl Accounts {
         }
         let hash = hash_password(password)?;
         let sqlite = at(&self.path);
-        let tx = self.conn.transaction().map_err(&sqlite)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&sqlite)?;
         let changed = tx
             .execute(
                 "UPDATE users SET hash = ?2, version = version + 1 WHERE name = ?1",
@@ -238,7 +262,10 @@ impl Accounts {
     /// No such user, or SQLite.
     pub fn remove(&mut self, name: &str) -> Result<(), AccountError> {
         let sqlite = at(&self.path);
-        let tx = self.conn.transaction().map_err(&sqlite)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&sqlite)?;
         let removed = tx
             .execute("DELETE FROM users WHERE name = ?1", params![name])
             .map_err(&sqlite)?;

@@ -1,40 +1,41 @@
 //! The durable queue store: messages on disk before their RECEIPT, many publishers sharing
 //! one fsync.
 //!
-//! In: puts (with the RECEIPT to release once they are on disk), removals, and receipts
-//! that must wait behind earlier durable work. Out: one SQLite commit (an fsync, with
-//! `synchronous=FULL`) per batch of whatever arrived meanwhile (group commit), after which
-//! the batch's receipts go to their clients' outboxes. At start, every message still kept.
+//! In: puts, removals, and [`Completion`]s that must wait behind earlier durable work (a
+//! session's RECEIPT). Out: one SQLite commit (an fsync, with `synchronous=FULL`) per batch
+//! of whatever arrived meanwhile (group commit), after which the batch's completions run.
+//! At start, every message still kept. It knows nothing of sessions or outboxes.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 
-use bytes::Bytes;
 use rusqlite::{Connection, params};
 use tracing::error;
 
 use crate::message::StoredMessage;
-use crate::outbox::{Outbox, Outgoing};
 use crate::store::{StoreError, kept_row, push_grouped, spawn_writer, stored_message};
 use crate::writer::{WriterThread, next_batch};
 
-/// A RECEIPT to send once everything before it is on disk.
-#[derive(Debug)]
-pub struct DeferredReceipt {
-    /// The client's outbox.
-    pub outbox: Arc<Outbox>,
-    /// The encoded RECEIPT frame.
-    pub frame: Bytes,
-    /// The session's count of receipts still waiting, decremented when this one goes.
-    pub pending: Arc<AtomicUsize>,
+/// What to do once everything handed over before it is settled: called with `true` when it
+/// is on disk, `false` when its commit failed (then nothing may be confirmed: the client
+/// times out and sends again). A session's RECEIPT waits in one.
+pub struct Completion(Box<dyn FnOnce(bool) + Send>);
+
+impl Completion {
+    /// A completion that runs `then`.
+    pub fn new(then: impl FnOnce(bool) + Send + 'static) -> Completion {
+        Completion(Box::new(then))
+    }
+
+    fn run(self, on_disk: bool) {
+        (self.0)(on_disk);
+    }
 }
 
-impl DeferredReceipt {
-    fn release(self) {
-        self.outbox.offer(Outgoing::Frame(self.frame));
-        self.pending.fetch_sub(1, Ordering::AcqRel);
+impl fmt::Debug for Completion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Completion")
     }
 }
 
@@ -45,7 +46,7 @@ enum Op {
         message: StoredMessage,
     },
     Remove(u64),
-    Receipt(DeferredReceipt),
+    Completion(Completion),
     Flush(SyncSender<()>),
 }
 
@@ -117,22 +118,13 @@ impl QueueStore {
         }
     }
 
-    /// Keeps a message; `receipt` goes out once it is on disk.
-    pub fn put(
-        &self,
-        id: u64,
-        queue: &str,
-        message: StoredMessage,
-        receipt: Option<DeferredReceipt>,
-    ) {
+    /// Keeps a message.
+    pub fn put(&self, id: u64, queue: &str, message: StoredMessage) {
         self.send(Op::Put {
             id,
             queue: queue.to_owned(),
             message,
         });
-        if let Some(receipt) = receipt {
-            self.send(Op::Receipt(receipt));
-        }
     }
 
     /// Forgets a consumed message.
@@ -140,9 +132,9 @@ impl QueueStore {
         self.send(Op::Remove(id));
     }
 
-    /// Sends `receipt` after everything handed over before it is on disk.
-    pub fn receipt_after(&self, receipt: DeferredReceipt) {
-        self.send(Op::Receipt(receipt));
+    /// Runs `completion` once everything handed over before it is on disk (or failed to be).
+    pub fn after(&self, completion: Completion) {
+        self.send(Op::Completion(completion));
     }
 
     /// Returns once everything handed over so far is on disk.
@@ -182,18 +174,18 @@ fn load(conn: &Connection, path: &Path) -> Result<Vec<KeptQueue>, StoreError> {
 fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path) {
     // Group commit needs no lingering: publishers waiting for receipts keep it busy.
     while let Some(batch) = next_batch(&rx, (BATCH, BATCH_BYTES), Op::weight, None, |_| false) {
-        let mut receipts = Vec::new();
+        let mut completions = Vec::new();
         let mut flushes = Vec::new();
-        match write_batch(&mut conn, batch, &mut receipts, &mut flushes) {
-            // On disk: now, and only now, the receipts may go.
-            Ok(()) => receipts.into_iter().for_each(DeferredReceipt::release),
-            // Not on disk: the receipts must not go. Their clients time out and resend.
+        // On disk: now, and only now, what waited for it may be confirmed.
+        let on_disk = match write_batch(&mut conn, batch, &mut completions, &mut flushes) {
+            Ok(()) => true,
             Err(e) => {
-                error!(path = %path.display(), "queue store commit failed, {} receipts withheld: {e}", receipts.len());
-                for r in receipts {
-                    r.pending.fetch_sub(1, Ordering::AcqRel);
-                }
+                error!(path = %path.display(), "queue store commit failed, {} receipts withheld: {e}", completions.len());
+                false
             }
+        };
+        for completion in completions {
+            completion.run(on_disk);
         }
         for ack in flushes {
             let _ = ack.send(());
@@ -204,7 +196,7 @@ fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path) {
 fn write_batch(
     conn: &mut Connection,
     batch: Vec<Op>,
-    receipts: &mut Vec<DeferredReceipt>,
+    completions: &mut Vec<Completion>,
     flushes: &mut Vec<SyncSender<()>>,
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
@@ -229,7 +221,7 @@ fn write_batch(
                 Op::Remove(id) => {
                     delete.execute(params![i64::try_from(id).unwrap_or(i64::MAX)])?;
                 }
-                Op::Receipt(receipt) => receipts.push(receipt),
+                Op::Completion(completion) => completions.push(completion),
                 Op::Flush(ack) => flushes.push(ack),
             }
         }

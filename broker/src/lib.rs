@@ -1,7 +1,8 @@
 //! The Stoa broker: STOMP 1.0-1.2 over WebSocket and TCP, with topic routing.
 //!
-//! The data path (DESIGN.md): socket -> [`transport`] -> codec -> [`session`] ->
-//! [`router`] -> [`outbox`] (per connection) -> writer ([`connection`]) -> socket.
+//! The data path (docs/ARCHITECTURE.md, which also gives the layers and what each module
+//! may import): socket -> [`transport`] -> codec -> [`session`] -> [`router`] ->
+//! [`service`] -> [`outbox`] (per connection) -> writer ([`connection`]) -> socket.
 //! [`server::run`] starts it all.
 
 pub mod acl;
@@ -20,6 +21,7 @@ pub mod outbox;
 pub mod pace;
 pub mod router;
 pub mod server;
+pub mod service;
 pub mod services;
 pub mod session;
 pub mod state;

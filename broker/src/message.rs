@@ -103,7 +103,7 @@ impl Publish {
 
 /// A message as a room's history keeps it: the headers and body of a [`Publish`] without
 /// the encoded copies made for its live delivery; a replay encodes it again
-/// ([`Stamp::kept`]). A room keeps up to `--room-history` of these (10,000 by
+/// ([`Stamp::kept`](crate::service::Stamp::kept)). A room keeps up to `--room-history` of these (10,000 by
 /// default); docs/PERFORMANCE.md has what leaving the copies out saved.
 #[derive(Debug)]
 pub struct KeptMessage {

@@ -15,13 +15,14 @@ use stomp_codec::{Command, Frame, HeartBeat, Version, encode, encode_message_hea
 use crate::acl::{Action, User, Viewer};
 use crate::auth::Identity;
 use crate::error::{Rejected, SessionError};
+use crate::service::{PublishRequest, Published, Replay, SubscribeRequest, Subscriber};
 
 use crate::destination::{Destination, is_pattern};
-use crate::durable::DeferredReceipt;
+use crate::durable::Completion;
 use crate::message::{SessionId, check_user_name};
 use crate::metrics::Metrics;
 use crate::outbox::{AckTag, Outbox, Outgoing};
-use crate::router::{PublishRequest, Published, Replay, SubscribeRequest, Subscriber};
+
 use crate::state::Broker;
 
 /// A SUBSCRIBE's `ack` mode.
@@ -209,15 +210,21 @@ impl Session {
         let mut buf = BytesMut::new();
         encode(receipt, self.version, &mut buf);
         self.durable_receipts.fetch_add(1, Ordering::AcqRel);
+        let outbox = self.outbox.clone();
+        let frame = buf.freeze();
+        let pending = self.durable_receipts.clone();
+        // Only what is on disk is confirmed; either way the receipt no longer waits.
+        let release = move |on_disk: bool| {
+            if on_disk {
+                outbox.offer(Outgoing::Frame(frame));
+            }
+            pending.fetch_sub(1, Ordering::AcqRel);
+        };
         self.broker
             .router
             .queues
             .store()
-            .receipt_after(DeferredReceipt {
-                outbox: self.outbox.clone(),
-                frame: buf.freeze(),
-                pending: self.durable_receipts.clone(),
-            });
+            .after(Completion::new(release));
     }
 
     /// Whether RECEIPTs are still waiting for the store (the connection waits for them

@@ -12,7 +12,8 @@ use stomp_codec::Headers;
 use crate::acl::Viewer;
 use crate::error::SessionError;
 use crate::message::{MessageIds, Publish};
-use crate::router::{PublishRequest, Published, Service, SubscribeRequest, Subscriber};
+use crate::service::{PublishRequest, Published, Service, SubscribeRequest, Subscriber};
+
 use crate::services::{RoomDetail, Rooms, check_room_name};
 
 /// The `/app` replies.

@@ -1,4 +1,4 @@
-//! The services behind destinations, each a [`Service`](crate::router::Service).
+//! The services behind destinations, each a [`Service`](crate::service::Service).
 
 mod app;
 mod queues;

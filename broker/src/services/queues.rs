@@ -16,7 +16,7 @@ use crate::durable::{KeptQueue, QueueStore};
 use crate::error::SessionError;
 use crate::message::{Publish, SessionId};
 use crate::outbox::Mark;
-use crate::router::{Fanout, PublishRequest, Published, Service, SubscribeRequest, Subscriber};
+use crate::service::{Fanout, PublishRequest, Published, Service, SubscribeRequest, Subscriber};
 
 /// Queue limits.
 #[derive(Debug, Clone, Copy)]
@@ -304,7 +304,6 @@ impl Service for Queues {
             request.message_id,
             name,
             publish.to_stored(request.message_id),
-            None,
         );
         q.bytes += frame.body.len();
         q.ready.push_back(QueuedMessage {

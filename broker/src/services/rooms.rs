@@ -23,10 +23,11 @@ use stomp_codec::Headers;
 use crate::error::SessionError;
 use crate::message::{KeptMessage, MessageIds, Publish, message_headers, now_millis};
 use crate::outbox::{Backlog, Outgoing, fill_from};
-use crate::router::{
+use crate::service::{
     Fanout, PublishRequest, Published, Replay, Service, Stamp, SubscribeRequest, Subscriber,
     deliver,
 };
+
 use crate::services::Topics;
 
 use crate::store::{HistoryLimits, Store, StoreError};

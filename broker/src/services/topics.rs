@@ -12,7 +12,7 @@ use crate::destination::{
 };
 use crate::error::SessionError;
 use crate::message::Publish;
-use crate::router::{
+use crate::service::{
     Fanout, PublishRequest, Published, Service, SubscribeRequest, Subscriber, deliver,
 };
 

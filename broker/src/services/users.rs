@@ -16,7 +16,7 @@ use crate::error::SessionError;
 use crate::message::Publish;
 use crate::message::check_user_name;
 use crate::outbox::{Backlog, Mark, Outgoing, fill_from};
-use crate::router::{
+use crate::service::{
     Fanout, PublishRequest, Published, Service, Stamp, SubscribeRequest, Subscriber, deliver,
 };
 
@@ -225,7 +225,6 @@ impl Service for Users {
                 publish.message_id,
                 &store_name(user, name),
                 publish.to_stored(publish.message_id),
-                None,
             );
             queue.bytes += size;
             queue.waiting.push_back(publish);

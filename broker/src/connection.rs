@@ -192,13 +192,14 @@ pub fn serve<T: Transport>(
         }));
     }
     async move {
-        let metrics = &conn.broker.metrics;
+        let metrics = &conn.broker.shared.metrics;
         Metrics::add(&metrics.connections_total, 1);
         Metrics::add(&metrics.connections_open, 1);
         info!("connected");
         let stop = conn.run(shutdown).await;
         Box::pin(conn.finish(stop)).await;
         conn.broker
+            .shared
             .metrics
             .connections_open
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -320,9 +321,9 @@ struct Connection<T> {
 
 impl<T: Transport> Connection<T> {
     fn new(transport: T, broker: Arc<Broker>, id: crate::message::SessionId) -> Connection<T> {
-        let config = &broker.config;
+        let config = &broker.shared.config;
         let outbox = Arc::new(Outbox::new(config.outbox_bytes));
-        let session = Session::new(id, broker.clone(), outbox.clone());
+        let session = Session::new(id, broker.shared.clone(), outbox.clone());
         let now = Instant::now();
         let throttle = (config.max_send_rate > 0).then(|| {
             let burst = config.max_send_burst.unwrap_or(config.max_send_rate);
@@ -349,7 +350,7 @@ impl<T: Transport> Connection<T> {
 
     /// The next moment the timer must look at the connection.
     fn next_check(&self) -> Instant {
-        let config = &self.broker.config;
+        let config = &self.broker.shared.config;
         if !self.session.is_connected() {
             return self.started + config.connect_timeout();
         }
@@ -424,7 +425,7 @@ impl<T: Transport> Connection<T> {
                 () = &mut timer => {
                     let now = Instant::now();
                     if paused_until.is_some_and(|at| now >= at) {
-                        paused_until = if self.broker.router.store_pending().is_over() {
+                        paused_until = if self.broker.shared.router.store_pending().is_over() {
                             Some(now + PAUSE_POLL)
                         } else {
                             // The client was not read meanwhile: its silence is the broker's.
@@ -482,8 +483,8 @@ impl<T: Transport> Connection<T> {
             Ok(()) => None,
             Err(Flush::Slow) => Some(self.slow_consumer()),
             Err(Flush::TimedOut) => {
-                Metrics::add(&self.broker.metrics.slow_consumers, 1);
-                let ms = self.broker.config.write_timeout_ms;
+                Metrics::add(&self.broker.shared.metrics.slow_consumers, 1);
+                let ms = self.broker.shared.config.write_timeout_ms;
                 Some(Stop::Reject(SessionError::WriteTimeout(ms).into()))
             }
             Err(Flush::Io(e)) => {
@@ -512,6 +513,7 @@ impl<T: Transport> Connection<T> {
         self.reclaim_read_buffer();
         Ok(self
             .broker
+            .shared
             .router
             .store_pending()
             .is_over()
@@ -633,7 +635,7 @@ impl<T: Transport> Connection<T> {
 
     async fn on_timer(&mut self) -> Option<Stop> {
         let now = Instant::now();
-        let config = &self.broker.config;
+        let config = &self.broker.shared.config;
         if self
             .auth
             .as_ref()
@@ -653,7 +655,7 @@ impl<T: Transport> Connection<T> {
         if let Some(every) = self.expect_every {
             let window = every * config.heart_beat_tolerance;
             if now.duration_since(self.last_read) >= window {
-                Metrics::add(&self.broker.metrics.heart_beat_timeouts, 1);
+                Metrics::add(&self.broker.shared.metrics.heart_beat_timeouts, 1);
                 let silent = u64::try_from(now.duration_since(self.last_read).as_millis())
                     .unwrap_or(u64::MAX);
                 return Some(Stop::Reject(SessionError::HeartBeatTimeout(silent).into()));
@@ -677,8 +679,8 @@ impl<T: Transport> Connection<T> {
     }
 
     fn slow_consumer_error(&self) -> Rejected {
-        Metrics::add(&self.broker.metrics.slow_consumers, 1);
-        SessionError::SlowConsumer(self.broker.config.outbox_bytes).into()
+        Metrics::add(&self.broker.shared.metrics.slow_consumers, 1);
+        SessionError::SlowConsumer(self.broker.shared.config.outbox_bytes).into()
     }
 
     /// Writes what is queued, batch by batch, recording deliveries that await an ACK. A write
@@ -695,7 +697,7 @@ impl<T: Transport> Connection<T> {
             }
             // The pinned write borrows the batch: keep it to this block.
             {
-                let timeout = self.broker.config.write_timeout();
+                let timeout = self.broker.shared.config.write_timeout();
                 let outbox = &self.outbox;
                 let write = tokio::time::timeout(timeout, self.transport.write(&self.batch));
                 tokio::pin!(write);
@@ -757,7 +759,7 @@ impl<T: Transport> Connection<T> {
     /// Writes out everything queued, dropping whatever the client sends meanwhile (the
     /// connection is ending: nothing more is read).
     async fn write_out(&mut self) -> Result<(), Flush> {
-        let timeout = self.broker.config.write_timeout();
+        let timeout = self.broker.shared.config.write_timeout();
         while self.take_batch()? {
             match tokio::time::timeout(timeout, self.transport.write_discarding(&self.batch)).await
             {
@@ -781,9 +783,10 @@ impl<T: Transport> Connection<T> {
                 // the outbox before the final flush.
                 if self.session.has_durable_receipts() {
                     let broker = self.broker.clone();
-                    let _ =
-                        tokio::task::spawn_blocking(move || broker.router.queues.store().flush())
-                            .await;
+                    let _ = tokio::task::spawn_blocking(move || {
+                        broker.shared.router.queues.store().flush()
+                    })
+                    .await;
                 }
                 (None, CloseKind::Normal)
             }
@@ -813,8 +816,8 @@ impl<T: Transport> Connection<T> {
                     true
                 }
                 Err(Flush::TimedOut) => {
-                    Metrics::add(&self.broker.metrics.slow_consumers, 1);
-                    let ms = self.broker.config.write_timeout_ms;
+                    Metrics::add(&self.broker.shared.metrics.slow_consumers, 1);
+                    let ms = self.broker.shared.config.write_timeout_ms;
                     error = Some(SessionError::WriteTimeout(ms).into());
                     true
                 }
@@ -835,10 +838,10 @@ impl<T: Transport> Connection<T> {
             let error_frame = [Outgoing::Frame(bytes)];
             let write = self.transport.write_discarding(&error_frame);
             if matches!(
-                tokio::time::timeout(self.broker.config.write_timeout(), write).await,
+                tokio::time::timeout(self.broker.shared.config.write_timeout(), write).await,
                 Ok(Ok(()))
             ) {
-                Metrics::add(&self.broker.metrics.errors_sent, 1);
+                Metrics::add(&self.broker.shared.metrics.errors_sent, 1);
             }
         }
         self.transport.close(kind).await;

@@ -232,7 +232,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.broker.metrics.render() + &state.broker.pace.render(),
+        state.broker.shared.metrics.render() + &state.broker.pace.render(),
     )
         .into_response()
 }
@@ -240,7 +240,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 /// The caller as the ACL sees them (`None` without `--acl`). Anonymous callers (`--auth
 /// none`) are nameless: only rules for `*` speak of them.
 fn viewer(broker: &Broker, caller: &Caller) -> Option<Viewer> {
-    let acl = broker.acl.clone()?;
+    let acl = broker.shared.acl.clone()?;
     let (name, groups) = match &caller.0 {
         Some(identity) => (identity.name.clone(), identity.groups.clone()),
         None => (Arc::from(""), Arc::from([])),
@@ -255,12 +255,13 @@ async fn api_rooms(
     let viewer = viewer(&state.broker, &caller);
     json_response(
         StatusCode::OK,
-        state.broker.router.app.rooms_json(viewer.as_ref()),
+        state.broker.shared.router.app.rooms_json(viewer.as_ref()),
     )
 }
 
 async fn api_queues(State(state): State<AppState>) -> Response {
-    let body = serde_json::json!({ "queues": state.broker.router.queues.stats() }).to_string();
+    let body =
+        serde_json::json!({ "queues": state.broker.shared.router.queues.stats() }).to_string();
     json_response(StatusCode::OK, body)
 }
 
@@ -274,7 +275,7 @@ async fn api_room(
         return json_response(StatusCode::BAD_REQUEST, body);
     }
     let viewer = viewer(&state.broker, &caller);
-    let app = &state.broker.router.app;
+    let app = &state.broker.shared.router.app;
     match app.detail(&room, viewer.as_ref()) {
         Some(detail) => json_value(StatusCode::OK, &detail),
         None => {
@@ -324,7 +325,7 @@ async fn websocket(
     let bearer = (state.broker.auth.mode() == Mode::Jwt)
         .then(|| upgrade_token(&request))
         .flatten();
-    let config = &state.broker.config;
+    let config = &state.broker.shared.config;
     // One STOMP frame may arrive in several messages, or several frames in one: the
     // decoder enforces the frame limit; a message may hold at most one frame's worth more.
     let max_message = config.max_frame_bytes.saturating_add(64 * 1024);

@@ -103,7 +103,7 @@ pub async fn run(
         http,
         app,
         stop_rx.clone(),
-        broker.config.connect_timeout(),
+        broker.shared.config.connect_timeout(),
         broker.tls.clone(),
     ));
     tokio::spawn(broker.auth.clone().watch_accounts(stop_rx.clone()));
@@ -111,7 +111,7 @@ pub async fn run(
     let pace_broker = broker.clone();
     let pace_stop = stop_rx.clone();
     tokio::spawn(async move {
-        let max = pace_broker.config.write_coalesce_max();
+        let max = pace_broker.shared.config.write_coalesce_max();
         pace_broker.pace.probe(max, pace_stop).await;
     });
     let tcp_task = tokio::spawn(accept_tcp(
@@ -136,7 +136,7 @@ pub async fn run(
     // Upgraded WebSockets are done: the HTTP server has only idle keep-alives left.
     let _ = tokio::time::timeout(grace, http_task).await;
     let store_broker = broker.clone();
-    let _ = tokio::task::spawn_blocking(move || store_broker.router.flush_store()).await;
+    let _ = tokio::task::spawn_blocking(move || store_broker.shared.router.flush_store()).await;
     Ok(())
 }
 
@@ -236,7 +236,7 @@ async fn reload_on_hangup(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) 
                 _ = stop.changed() => return,
                 received = hangup.recv() => if received.is_none() { return },
             }
-            if let Some(acl) = &broker.acl {
+            if let Some(acl) = &broker.shared.acl {
                 match acl.reload() {
                     Ok(()) => info!("ACL reloaded"),
                     Err(e) => warn!("ACL not reloaded, the rules in force stay: {e}"),
@@ -314,7 +314,7 @@ fn spawn_tcp(
         debug!(%peer, "connection refused: server busy");
     }
     let Some(tls) = &broker.tls else {
-        let transport = TcpTransport::new(stream, broker.config.read_buffer_bytes);
+        let transport = TcpTransport::new(stream, broker.shared.config.read_buffer_bytes);
         tracker.spawn(serve_stomp(
             transport,
             admitted,
@@ -330,10 +330,11 @@ fn spawn_tcp(
     let (broker, stop) = (broker.clone(), stop.clone());
     tracker.spawn(async move {
         // The handshake in the connection's task, bounded like the wait for CONNECT.
-        let timeout = broker.config.connect_timeout();
+        let timeout = broker.shared.config.connect_timeout();
         match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
             Ok(Ok(stream)) => {
-                let transport = StreamTransport::over(stream, broker.config.read_buffer_bytes);
+                let transport =
+                    StreamTransport::over(stream, broker.shared.config.read_buffer_bytes);
                 serve_stomp(transport, admitted, broker, stop, peer, "tcp+tls").await;
             }
             Ok(Err(e)) => debug!(%peer, "tls handshake failed: {e}"),
@@ -361,7 +362,7 @@ async fn serve_stomp<T: Transport>(
             connection::serve(transport, broker, stop, arrival).await;
         }
         Err(Busy) => {
-            let timeout = broker.config.write_timeout();
+            let timeout = broker.shared.config.write_timeout();
             connection::refuse(transport, SessionError::ServerBusy, timeout).await;
         }
     }

@@ -12,9 +12,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use bytes::BytesMut;
 use stomp_codec::{Command, Frame, HeartBeat, Version, encode, encode_message_head};
 
-use crate::acl::{Action, User, Viewer};
+use crate::acl::{AclHandle, Action, User, Viewer};
 use crate::auth::Identity;
+use crate::config::Config;
 use crate::error::{Rejected, SessionError};
+use crate::router::Router;
 use crate::service::{PublishRequest, Published, Replay, SubscribeRequest, Subscriber};
 
 use crate::destination::{Destination, is_pattern};
@@ -22,8 +24,6 @@ use crate::durable::Completion;
 use crate::message::{SessionId, check_user_name};
 use crate::metrics::Metrics;
 use crate::outbox::{AckTag, Outbox, Outgoing};
-
-use crate::state::Broker;
 
 /// A SUBSCRIBE's `ack` mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,11 +72,26 @@ enum State {
     Disconnected,
 }
 
+/// What every session shares: the settings, the router with its services, the ACL and the
+/// counters. The broker ([`crate::state::Broker`]) holds one; a session holds nothing else
+/// of it.
+#[derive(Debug)]
+pub struct Shared {
+    /// Settings.
+    pub config: Config,
+    /// What users may do (`--acl`).
+    pub acl: Option<Arc<AclHandle>>,
+    /// Destinations and the services behind them.
+    pub router: Router,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+}
+
 /// One connection's protocol state.
 #[derive(Debug)]
 pub struct Session {
     id: SessionId,
-    broker: Arc<Broker>,
+    shared: Arc<Shared>,
     outbox: Arc<Outbox>,
     state: State,
     version: Version,
@@ -101,10 +116,10 @@ pub struct Session {
 
 impl Session {
     /// A session waiting for CONNECT, whose frames go to `outbox`.
-    pub fn new(id: SessionId, broker: Arc<Broker>, outbox: Arc<Outbox>) -> Session {
+    pub fn new(id: SessionId, shared: Arc<Shared>, outbox: Arc<Outbox>) -> Session {
         Session {
             id,
-            broker,
+            shared,
             outbox,
             state: State::AwaitingConnect,
             version: Version::V1_2,
@@ -166,7 +181,7 @@ impl Session {
     /// [`Rejected`] when the frame breaks the protocol: send
     /// [`SessionError::to_error_frame`] and close.
     pub fn handle(&mut self, frame: Frame) -> Result<Outcome, Rejected> {
-        Metrics::add(&self.broker.metrics.frames_received, 1);
+        Metrics::add(&self.shared.metrics.frames_received, 1);
         // CONNECT may not ask for a receipt (1.2 "Header receipt"); any other frame may.
         let receipt = match frame.command {
             Command::Connect | Command::Stomp => None,
@@ -220,7 +235,7 @@ impl Session {
             }
             pending.fetch_sub(1, Ordering::AcqRel);
         };
-        self.broker
+        self.shared
             .router
             .queues
             .store()
@@ -286,7 +301,7 @@ impl Session {
             (None, Some(login)) => check_user_name(login)?.into(),
             (None, None) => format!("guest-{}", self.id).into(),
         };
-        if let Some(acl) = &self.broker.acl {
+        if let Some(acl) = &self.shared.acl {
             let groups = self
                 .identity
                 .as_ref()
@@ -297,7 +312,7 @@ impl Session {
                 acl: acl.clone(),
             }));
         }
-        let config = &self.broker.config;
+        let config = &self.shared.config;
         let server_beat = config.heart_beat;
         self.state = State::Connected;
         let limits = config.limits();
@@ -327,7 +342,7 @@ impl Session {
     fn on_send(&mut self, frame: Frame) -> Result<(), SessionError> {
         let destination = required(&frame, "destination")?;
         // Check the destination now, also inside a transaction, so COMMIT cannot fail on it.
-        let (service, key) = self.broker.router.resolve(destination)?;
+        let (service, key) = self.shared.router.resolve(destination)?;
         service.check_send(key)?;
         self.check_access(Action::Publish, destination)?;
         if let Some(tx) = frame.header("transaction") {
@@ -364,7 +379,7 @@ impl Session {
 
     fn publish(&mut self, frame: &Frame) -> Result<Published, SessionError> {
         let destination = required(frame, "destination")?;
-        let router = &self.broker.router;
+        let router = &self.shared.router;
         let (service, key) = router.resolve(destination)?;
         let published = service.publish(PublishRequest {
             key,
@@ -373,7 +388,7 @@ impl Session {
             user: &self.user,
             message_id: router.ids.next(),
         })?;
-        let metrics = &self.broker.metrics;
+        let metrics = &self.shared.metrics;
         Metrics::add(&metrics.messages_published, 1);
         Metrics::add(
             &metrics.messages_delivered,
@@ -402,7 +417,7 @@ impl Session {
             "client-individual" => AckMode::ClientIndividual,
             other => return Err(SessionError::InvalidAckMode(other.to_owned())),
         };
-        let limit = self.broker.config.max_subscriptions;
+        let limit = self.shared.config.max_subscriptions;
         if self.subscriptions.len() >= limit {
             return Err(SessionError::TooManySubscriptions(limit));
         }
@@ -410,7 +425,7 @@ impl Session {
             return Err(SessionError::DuplicateSubscription(id.to_owned()));
         }
         let replay = replay_of(frame)?;
-        let (service, key) = self.broker.router.resolve(destination)?;
+        let (service, key) = self.shared.router.resolve(destination)?;
         self.check_access(Action::Subscribe, destination)?;
         let sub_key = self.next_key;
         let mut head = BytesMut::new();
@@ -545,20 +560,20 @@ impl Session {
                 sub.unacked.remove(pos).into_iter().collect()
             }
         };
-        if let Ok((service, service_key)) = self.broker.router.resolve(&sub.destination) {
+        if let Ok((service, service_key)) = self.shared.router.resolve(&sub.destination) {
             service.settle(service_key, &sub.subscriber, &ids, ack);
         }
     }
 
     /// Records that a MESSAGE needing acknowledgement was written to the client.
     pub fn record_delivery(&mut self, tag: AckTag) {
-        let limit = self.broker.config.max_unacked;
+        let limit = self.shared.config.max_unacked;
         let Some(sub) = self.subscriptions.get_mut(&tag.subscription) else {
             return;
         };
         if sub.ack == AckMode::Auto {
             // ack:auto on a queue: written is consumed, and the queue may send the next one.
-            if let Ok((service, key)) = self.broker.router.resolve(&sub.destination) {
+            if let Ok((service, key)) = self.shared.router.resolve(&sub.destination) {
                 service.settle(key, &sub.subscriber, &[tag.message_id], true);
             }
             return;
@@ -570,7 +585,7 @@ impl Session {
     }
 
     fn hold(&mut self, tx: String, frame: Frame) -> Result<(), SessionError> {
-        let limit = self.broker.config.max_transaction_frames;
+        let limit = self.shared.config.max_transaction_frames;
         let held = self
             .transactions
             .get_mut(&tx)
@@ -587,7 +602,7 @@ impl Session {
 
     fn on_begin(&mut self, frame: &Frame) -> Result<(), SessionError> {
         let tx = transaction_of(frame)?;
-        let limit = self.broker.config.max_transactions;
+        let limit = self.shared.config.max_transactions;
         if self.transactions.contains_key(tx) {
             return Err(SessionError::DuplicateTransaction(tx.to_owned()));
         }
@@ -650,7 +665,7 @@ impl Session {
 
     fn leave(&self, sub: &Subscription) {
         // It resolved when the subscription was made; destinations do not change meaning.
-        if let Ok((service, key)) = self.broker.router.resolve(&sub.destination) {
+        if let Ok((service, key)) = self.shared.router.resolve(&sub.destination) {
             service.unsubscribe(key, &sub.subscriber);
         }
     }

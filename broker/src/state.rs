@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::pace::Pace;
 use crate::router::{Router, RouterLimits};
 use crate::services::{HistoryLimits, QueueLimits};
+use crate::session::Shared;
 
 use crate::store::{SqliteStore, Store, StoreError};
 use crate::tls::{Tls, TlsError};
@@ -44,22 +45,16 @@ pub enum OpenError {
 /// The broker's shared state.
 #[derive(Debug)]
 pub struct Broker {
-    /// Settings.
-    pub config: Config,
+    /// What every session shares: settings, the router, the ACL, the counters.
+    pub shared: Arc<Shared>,
     /// Who may connect, and as whom.
     pub auth: Arc<Auth>,
-    /// What users may do (`--acl`).
-    pub acl: Option<Arc<AclHandle>>,
     /// TLS on both listeners (`--tls-cert`, `--tls-key`).
     pub tls: Option<Arc<Tls>>,
     /// The origins browser pages may connect from.
     pub origins: Origins,
     /// Client connections, counted against `--max-connections` and its per-address limit.
     pub admission: Arc<Admission>,
-    /// Destinations and the services behind them.
-    pub router: Router,
-    /// Counters for `/metrics`.
-    pub metrics: Metrics,
     /// How long connections coalesce writes under load.
     pub pace: Pace,
     next_session: AtomicU64,
@@ -115,15 +110,18 @@ impl Broker {
             config.max_connections,
             config.max_connections_per_ip,
         ));
+        let router = Router::open(store, queue_store, kept_queues, limits)?;
         Ok(Broker {
+            shared: Arc::new(Shared {
+                config,
+                acl,
+                router,
+                metrics: Metrics::default(),
+            }),
             auth,
-            acl,
             tls,
             origins,
             admission,
-            router: Router::open(store, queue_store, kept_queues, limits)?,
-            config,
-            metrics: Metrics::default(),
             pace: Pace::default(),
             next_session: AtomicU64::new(1),
         })

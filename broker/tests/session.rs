@@ -34,8 +34,12 @@ fn broker_with(args: &[&str]) -> Arc<Broker> {
 
 impl Client {
     fn new(broker: &Arc<Broker>) -> Client {
-        let outbox = Arc::new(Outbox::new(broker.config.outbox_bytes));
-        let session = Session::new(broker.next_session_id(), broker.clone(), outbox.clone());
+        let outbox = Arc::new(Outbox::new(broker.shared.config.outbox_bytes));
+        let session = Session::new(
+            broker.next_session_id(),
+            broker.shared.clone(),
+            outbox.clone(),
+        );
         Client {
             session,
             outbox,
@@ -626,9 +630,9 @@ fn a_closed_session_leaves_the_router() {
         &[("id", "s"), ("destination", "/topic/a")],
     ))
     .unwrap();
-    assert_eq!(broker.router.topics.exact_subscribers("a"), 1);
+    assert_eq!(broker.shared.router.topics.exact_subscribers("a"), 1);
     drop(c);
-    assert_eq!(broker.router.topics.exact_subscribers("a"), 0);
+    assert_eq!(broker.shared.router.topics.exact_subscribers("a"), 0);
 }
 
 #[test]

@@ -190,7 +190,10 @@ impl Sub {
 }
 
 struct Driver {
-    endpoint: Endpoint,
+    /// Where it may connect, in order of preference.
+    endpoints: Vec<Endpoint>,
+    /// The one it is (or was last) connected to.
+    current: usize,
     options: Options,
     requests: mpsc::UnboundedReceiver<Request>,
     subs: HashMap<String, Sub>,
@@ -198,16 +201,34 @@ struct Driver {
     next_receipt: u64,
 }
 
-/// Connects, then runs the driver in its own task.
+/// Connects to the first of `endpoints` that answers (there is at least one), then runs
+/// the driver in its own task.
 pub(crate) async fn start(
-    endpoint: Endpoint,
+    endpoints: Vec<Endpoint>,
     options: Options,
 ) -> Result<(mpsc::UnboundedSender<Request>, ConnectedInfo), ClientError> {
-    let conn = Connection::open(&endpoint, &options).await?;
+    let mut failure = None;
+    let mut opened = None;
+    for (index, endpoint) in endpoints.iter().enumerate() {
+        match Connection::open(endpoint, &options).await {
+            Ok(conn) => {
+                opened = Some((index, conn));
+                break;
+            }
+            Err(e) => {
+                debug!(url = %endpoint, "connect failed: {e}");
+                failure = Some(e);
+            }
+        }
+    }
+    let Some((current, conn)) = opened else {
+        return Err(failure.unwrap_or_else(|| ClientError::InvalidUrl("no URL given".to_owned())));
+    };
     let info = conn.info.clone();
     let (tx, rx) = mpsc::unbounded_channel();
     let driver = Driver {
-        endpoint,
+        endpoints,
+        current,
         options,
         requests: rx,
         subs: HashMap::new(),
@@ -255,13 +276,19 @@ impl Driver {
             }
             let mut hasher = random.build_hasher();
             hasher.write_u32(attempt);
-            tokio::time::sleep(backoff.delay(attempt, hasher.finish())).await;
+            // The same place first (a blip), then the others; the delay grows per round.
+            let count = self.endpoints.len();
+            let round = attempt / u32::try_from(count).unwrap_or(u32::MAX).max(1);
+            tokio::time::sleep(backoff.delay(round, hasher.finish())).await;
             if self.requests.is_closed() {
                 return None;
             }
-            match Connection::open(&self.endpoint, &self.options).await {
+            let index = (self.current + attempt as usize) % count;
+            let endpoint = &self.endpoints[index];
+            match Connection::open(endpoint, &self.options).await {
                 Ok(mut conn) => {
-                    info!(attempt, "reconnected");
+                    info!(attempt, url = %endpoint, "reconnected");
+                    self.current = index;
                     let resubscribe: Vec<Frame> = self
                         .subs
                         .iter()
@@ -278,7 +305,7 @@ impl Driver {
                         return Some(conn);
                     }
                 }
-                Err(e) => debug!(attempt, "reconnect failed: {e}"),
+                Err(e) => debug!(attempt, url = %endpoint, "reconnect failed: {e}"),
             }
             attempt = attempt.saturating_add(1);
         }

@@ -6,7 +6,9 @@
 //! ways, notices a silent server, and (if asked) reconnects with exponential backoff and
 //! jitter, subscribing everything again. For chat rooms (`/topic/room.<room>`) it resumes
 //! after the last `x-seq` it delivered with `x-since`, so a dropped connection loses nothing
-//! the room still keeps.
+//! the room still keeps. Given several URLs ([`Client::connect_any`], the nodes of one
+//! cluster behind no load balancer, say), it connects to the first that answers and, when
+//! the connection is lost, tries the same one again and then the others in turn.
 //!
 //! ```no_run
 //! use client::{Client, Options, SubscribeOptions};
@@ -347,9 +349,27 @@ impl Client {
     /// The URL is wrong, nothing listens, TLS fails, the broker answers ERROR, or CONNECTED
     /// does not come within the timeout.
     pub async fn connect(url: &str, options: Options) -> Result<Client, ClientError> {
-        let endpoint = Endpoint::parse(url)?;
+        Client::connect_any(&[url], options).await
+    }
+
+    /// Connects to the first of `urls` that accepts, in order, and waits for CONNECTED.
+    /// Reconnecting (with [`Options::reconnect`]) tries the URL it was on first, then the
+    /// next ones, round and round: attempt `n` goes to the `n`-th URL after it, and waits
+    /// as the backoff says for round `n / urls.len()`.
+    ///
+    /// # Errors
+    /// A URL is wrong, or none answered CONNECTED: the last one's failure. No URL at all is
+    /// [`ClientError::InvalidUrl`].
+    pub async fn connect_any(urls: &[&str], options: Options) -> Result<Client, ClientError> {
+        let endpoints = urls
+            .iter()
+            .map(|url| Endpoint::parse(url))
+            .collect::<Result<Vec<_>, _>>()?;
+        if endpoints.is_empty() {
+            return Err(ClientError::InvalidUrl("no URL given".to_owned()));
+        }
         let timeout = options.timeout;
-        let (requests, info) = driver::start(endpoint, options).await?;
+        let (requests, info) = driver::start(endpoints, options).await?;
         Ok(Client {
             requests,
             next_id: Arc::new(AtomicU64::new(0)),

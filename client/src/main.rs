@@ -29,16 +29,33 @@ struct Cli {
     command: Cmd,
 }
 
+impl Global {
+    /// The URLs given, in order.
+    fn urls(&self) -> Vec<&str> {
+        self.url.iter().map(String::as_str).collect()
+    }
+
+    /// The first URL (clap's default makes sure there is one).
+    fn first_url(&self) -> &str {
+        self.url
+            .first()
+            .map_or("ws://127.0.0.1:8080/ws", String::as_str)
+    }
+}
+
 #[derive(Debug, Args)]
 struct Global {
-    /// Broker URL: ws://, wss://, tcp:// or tcp+tls://.
+    /// Broker URL: ws://, wss://, tcp:// or tcp+tls://. Several (repeated, or separated by
+    /// commas) are the nodes of one service: the first that answers is used, and `chat`
+    /// moves to the next when its connection is lost. `bench` uses the first.
     #[arg(
         long,
         global = true,
         env = "STOA_URL",
+        value_delimiter = ',',
         default_value = "ws://127.0.0.1:8080/ws"
     )]
-    url: String,
+    url: Vec<String>,
     /// CONNECT login (in Stoa's anonymous mode, your display name).
     #[arg(long, global = true, env = "STOA_LOGIN")]
     login: Option<String>,
@@ -239,7 +256,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     Bytes::from(buf)
                 }
             };
-            let client = Client::connect(&cli.global.url, options(&cli.global, None)?).await?;
+            let client =
+                Client::connect_any(&cli.global.urls(), options(&cli.global, None)?).await?;
             let mut frame = Frame::new(Command::Send)
                 .with_header("destination", &destination)
                 .with_body(body);
@@ -276,7 +294,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             headers,
             json,
         } => {
-            let client = Client::connect(&cli.global.url, options(&cli.global, None)?).await?;
+            let client =
+                Client::connect_any(&cli.global.urls(), options(&cli.global, None)?).await?;
             let mut sub_options = SubscribeOptions::new();
             if ack != "auto" {
                 sub_options = sub_options.ack(&ack);
@@ -338,7 +357,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Chat { room, name } => chat(&cli.global, &room, &name).await,
         Cmd::Bench(scenario) => {
             let options = options(&cli.global, None)?.heart_beat(0, 0);
-            let result = bench::run(&cli.global.url, &options, scenario)
+            let result = bench::run(cli.global.first_url(), &options, scenario)
                 .await
                 .map_err(|e| match e {
                     bench::BenchError::Client(e) => Failure::from(e),
@@ -396,7 +415,7 @@ async fn chat(global: &Global, first_room: &str, name: &str) -> Result<(), Failu
         max: Duration::from_secs(5),
         max_attempts: None,
     });
-    let client = Client::connect(&global.url, options).await?;
+    let client = Client::connect_any(&global.urls(), options).await?;
     let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
     // Standard input is blocking: read it on a thread of its own.
     std::thread::spawn(move || {

@@ -42,6 +42,22 @@ pub enum Endpoint {
     },
 }
 
+/// Where it points, for logs: scheme and `host:port` only (a WebSocket URL's path and query
+/// may carry a token).
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp { addr } => write!(f, "tcp://{addr}"),
+            Endpoint::TcpTls { addr, .. } => write!(f, "tcp+tls://{addr}"),
+            Endpoint::WebSocket { url } => {
+                let (scheme, rest) = url.split_once("://").unwrap_or(("ws", url));
+                let authority = rest.split(['/', '?']).next().unwrap_or_default();
+                write!(f, "{scheme}://{authority}")
+            }
+        }
+    }
+}
+
 impl Endpoint {
     /// Parses a broker URL.
     ///

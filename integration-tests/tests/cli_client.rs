@@ -257,3 +257,52 @@ fn send_and_sub_work_against_rabbitmq() {
     assert!(sub.wait().unwrap().success());
     assert_eq!(bodies, ["over web-stomp", "over stomp"]);
 }
+
+#[test]
+fn several_urls_reach_the_first_that_answers() {
+    let broker = Broker::start(&[]);
+    // A loopback port where nothing listens.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (mut sub, mut out) = spawn_sub(&[
+        "--url",
+        &format!("tcp://{dead}"),
+        "--url",
+        &broker.ws_url(),
+        "sub",
+        "/topic/cli.urls",
+        "--count",
+        "1",
+        "--timeout",
+        "20",
+    ]);
+    let urls = format!("ws://{dead}/ws,tcp://{}", broker.stomp);
+    let sent = cli(&[
+        "--url",
+        &urls,
+        "send",
+        "/topic/cli.urls",
+        "by the second",
+        "--receipt",
+    ]);
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains("by the second"), "sub printed {line:?}");
+    assert!(sub.wait().unwrap().success());
+    // Only dead ones: connection refused, exit code 3.
+    let refused = cli(&[
+        "--url",
+        &format!("tcp://{dead}"),
+        "send",
+        "/topic/cli.urls",
+        "x",
+    ]);
+    assert_eq!(refused.status.code(), Some(3));
+}

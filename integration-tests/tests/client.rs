@@ -466,3 +466,116 @@ async fn the_client_works_against_rabbitmq() {
         client.disconnect().await.unwrap();
     }
 }
+
+/// A loopback address where nothing listens (bound, then let go).
+async fn dead_address() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn of_several_urls_the_first_that_answers_is_used() {
+    let broker = Broker::start(&[]);
+    let dead = dead_address().await;
+    let urls = [format!("tcp://{dead}"), broker.ws_url()];
+    let client = Client::connect_any(
+        &urls.iter().map(String::as_str).collect::<Vec<_>>(),
+        Options::new().login("patient"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        client
+            .connected()
+            .headers
+            .get("user-name")
+            .map(String::as_str),
+        Some("patient")
+    );
+    client
+        .send_with_receipt("/topic/t.any", "through the second")
+        .await
+        .unwrap();
+    // None answering: the last one's failure, and no URL at all is an error too.
+    let err = Client::connect_any(&[&format!("tcp://{dead}")], Options::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::ConnectionRefused(_)), "{err:?}");
+    let err = Client::connect_any(&[], Options::new()).await.unwrap_err();
+    assert!(matches!(err, ClientError::InvalidUrl(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_lost_connection_fails_over_to_the_next_url_and_subscribes_again() {
+    let mut first = Broker::start(&[]);
+    let second = Broker::start(&[]);
+    let options = Options::new().login("nomad").reconnect(Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(400),
+        max_attempts: None,
+    });
+    let urls = [first.ws_url(), format!("tcp://{}", second.stomp)];
+    let client = Client::connect_any(
+        &urls.iter().map(String::as_str).collect::<Vec<_>>(),
+        options,
+    )
+    .await
+    .unwrap();
+    let mut room = client
+        .subscribe(
+            "/topic/room.travel",
+            SubscribeOptions::new().header("x-history", "0"),
+        )
+        .await
+        .unwrap();
+    let mut topic = client
+        .subscribe("/topic/plain", SubscribeOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(room.next().await.unwrap().header("x-event"), Some("join"));
+    client
+        .send_with_receipt("/topic/room.travel", "on the first")
+        .await
+        .unwrap();
+    assert_eq!(room.next().await.unwrap().text(), "on the first");
+
+    // The first node dies; the client moves to the second and subscribes there again: the
+    // second node's room, which numbered nothing yet, says so (a gap notice for the
+    // x-since it was asked) and then posts the rejoin.
+    first.kill();
+    let rejoined = tokio::time::timeout(WAIT, async {
+        loop {
+            let m = room.next().await.unwrap();
+            if m.header("x-event") == Some("join") {
+                return m;
+            }
+            assert_eq!(
+                m.header("x-event"),
+                Some("gap"),
+                "only a gap notice before the rejoin: {m:?}"
+            );
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(rejoined.header("x-sender"), Some("nomad"));
+    // Both subscriptions live on the second node now.
+    let mut other = Conn::open(&second, Transport::Tcp).await;
+    other.login("local").await;
+    let send = frame("SEND", &[("destination", "/topic/plain")]).with_body("on the second");
+    other.send_with_receipt(&send, "p").await;
+    let got = tokio::time::timeout(WAIT, topic.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.text(), "on the second");
+    client
+        .send_with_receipt("/topic/room.travel", "still talking")
+        .await
+        .unwrap();
+    let echoed = tokio::time::timeout(WAIT, room.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed.text(), "still talking");
+}

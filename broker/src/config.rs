@@ -11,6 +11,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, parser::ValueSour
 use stomp_codec::{HeartBeat, Limits};
 
 use crate::auth::{AuthSettings, Mode};
+use crate::cluster::ClusterSettings;
 
 /// Every setting of the broker. `stoa --help` lists them with their defaults.
 #[derive(Debug, Clone, Parser)]
@@ -230,6 +231,31 @@ pub struct Config {
     #[arg(long, env = "STOA_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
+    /// Run as one node of several sharing Redis: `redis://[user:pass@]HOST:PORT[/DB]`
+    /// (`rediss://` for TLS). In progress (issue #16): nodes register, list each other
+    /// (`/api/nodes`) and report Redis outages on `/healthz`; rooms, presence, queues and
+    /// direct messages are not shared yet. A node that cannot reach Redis does not start.
+    #[arg(long, env = "STOA_CLUSTER")]
+    pub cluster: Option<String>,
+
+    /// This node's name in the cluster [default: the host name and a random suffix].
+    #[arg(long, env = "STOA_NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// What every Redis key and channel of this cluster starts with, so that several
+    /// clusters can share one Redis.
+    #[arg(long, env = "STOA_CLUSTER_PREFIX", default_value = "stoa:")]
+    pub cluster_prefix: String,
+
+    /// Milliseconds after its last heartbeat that a node counts as gone.
+    #[arg(long, env = "STOA_CLUSTER_NODE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub cluster_node_timeout_ms: u64,
+
+    /// Milliseconds a frame that needs Redis waits for it at most; also the limit for
+    /// reaching Redis at start.
+    #[arg(long, env = "STOA_CLUSTER_TIMEOUT_MS", default_value_t = 5_000)]
+    pub cluster_timeout_ms: u64,
+
     /// Most milliseconds a connection that has just written waits before its next write
     /// when the broker is busy, so that one write carries what arrives meanwhile. The wait
     /// grows with the worker threads' busy time: none below 60% busy, this much at 90%.
@@ -337,6 +363,21 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// How to join the cluster (`--cluster`), if this node is one of several.
+    pub fn cluster_settings(&self) -> Option<ClusterSettings> {
+        let url = self.cluster.clone()?;
+        Some(ClusterSettings {
+            url,
+            node: self
+                .node_name
+                .clone()
+                .unwrap_or_else(crate::cluster::default_node_name),
+            prefix: self.cluster_prefix.clone(),
+            node_timeout: Duration::from_millis(self.cluster_node_timeout_ms.max(1)),
+            timeout: Duration::from_millis(self.cluster_timeout_ms.max(1)),
+        })
     }
 
     /// What authentication takes from these settings.

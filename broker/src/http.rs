@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Extension, Path, Request, State};
@@ -21,7 +22,9 @@ use tokio_util::task::TaskTracker;
 use crate::acl::Viewer;
 use crate::admission::Busy;
 use crate::auth::{Credentials, Identity, Mode, Refusal};
+use crate::cluster::NodeInfo;
 use crate::connection::{self, Arrival};
+use crate::message::now_millis;
 use crate::services::check_room_name;
 use crate::state::Broker;
 use crate::transport::ws::{self, WsTransport};
@@ -50,6 +53,7 @@ pub fn routes(state: AppState) -> Router {
         .route("/api/rooms", get(api_rooms))
         .route("/api/queues", get(api_queues))
         .route("/api/rooms/{room}", get(api_room))
+        .route("/api/nodes", get(api_nodes))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/", get(index))
@@ -224,8 +228,42 @@ async fn asset(content_type: &'static str, body: &'static str) -> Response {
     (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// `ok`, or 503 while Redis does not answer (`--cluster`).
+async fn healthz(State(state): State<AppState>) -> Response {
+    match &state.broker.cluster {
+        Some(cluster) if !cluster.is_reachable() => {
+            let body = serde_json::json!({ "status": "degraded", "cluster": "unreachable" });
+            json_response(StatusCode::SERVICE_UNAVAILABLE, body.to_string())
+        }
+        _ => (StatusCode::OK, "ok\n").into_response(),
+    }
+}
+
+/// The nodes of the cluster with their connections; without `--cluster`, this one.
+async fn api_nodes(State(state): State<AppState>) -> Response {
+    let nodes = match &state.broker.cluster {
+        Some(cluster) => match cluster.nodes().await {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                let body = serde_json::json!({ "error": format!("cluster unavailable: {e}") });
+                return json_response(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
+            }
+        },
+        None => vec![NodeInfo {
+            name: "local".to_owned(),
+            connections: state
+                .broker
+                .shared
+                .metrics
+                .connections_open
+                .load(Ordering::Relaxed),
+            last_seen_ms: now_millis(),
+        }],
+    };
+    json_response(
+        StatusCode::OK,
+        serde_json::json!({ "nodes": nodes }).to_string(),
+    )
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

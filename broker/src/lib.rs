@@ -9,6 +9,7 @@ pub mod acl;
 pub mod admission;
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod destination;

@@ -21,6 +21,7 @@ use tower_service::Service as _;
 use tracing::{debug, info, warn};
 
 use crate::admission::{Busy, Ticket};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::connection::Transport;
 use crate::connection::{self, Arrival};
@@ -45,6 +46,9 @@ pub enum ServerError {
     /// The stores or authentication could not be set up.
     #[error("{0}")]
     Open(#[from] crate::state::OpenError),
+    /// Redis could not be reached (`--cluster`).
+    #[error("{0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// The data directory could not be created.
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
@@ -90,8 +94,24 @@ pub async fn run(
         })?,
     };
     let grace = config.shutdown_grace();
-    let broker = Arc::new(Broker::open(config)?);
+    let cluster = config.cluster_settings();
+    let mut broker = Broker::open(config)?;
+    if let Some(settings) = cluster {
+        broker = broker.with_cluster(Arc::new(Cluster::join(settings, 0).await?));
+    }
+    let broker = Arc::new(broker);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let cluster_task = broker.cluster.clone().map(|cluster| {
+        let counting = broker.clone();
+        let connections = move || {
+            counting
+                .shared
+                .metrics
+                .connections_open
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        tokio::spawn(cluster.run(connections, stop_rx.clone()))
+    });
     let tracker = TaskTracker::new();
 
     let app = routes(AppState {
@@ -121,7 +141,15 @@ pub async fn run(
         tracker.clone(),
     ));
 
-    println!("listening http={} stomp={}", bound.http, bound.stomp);
+    match &broker.cluster {
+        Some(cluster) => println!(
+            "listening http={} stomp={} node={}",
+            bound.http,
+            bound.stomp,
+            cluster.node()
+        ),
+        None => println!("listening http={} stomp={}", bound.http, bound.stomp),
+    }
     let _ = std::io::stdout().flush();
     info!(http = %bound.http, stomp = %bound.stomp, "listening");
 
@@ -129,6 +157,10 @@ pub async fn run(
     info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = tcp_task.await;
+    // Out of the cluster's list at once, not when the heartbeat expires.
+    if let Some(task) = cluster_task {
+        let _ = task.await;
+    }
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         warn!("shutdown grace period passed with connections still open");

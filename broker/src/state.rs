@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::acl::{AclError, AclHandle};
 use crate::admission::{Admission, OriginError, Origins};
 use crate::auth::{Auth, AuthConfigError};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::durable::QueueStore;
 use crate::message::SessionId;
@@ -55,6 +56,8 @@ pub struct Broker {
     pub origins: Origins,
     /// Client connections, counted against `--max-connections` and its per-address limit.
     pub admission: Arc<Admission>,
+    /// This node's place among several (`--cluster`).
+    pub cluster: Option<Arc<Cluster>>,
     /// How long connections coalesce writes under load.
     pub pace: Pace,
     next_session: AtomicU64,
@@ -122,9 +125,17 @@ impl Broker {
             tls,
             origins,
             admission,
+            cluster: None,
             pace: Pace::default(),
             next_session: AtomicU64::new(1),
         })
+    }
+
+    /// The same broker as one node of a cluster.
+    #[must_use]
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Broker {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// The scheme of the HTTP listener (`https` with TLS), for same-origin checks.

@@ -23,6 +23,7 @@ const LAYERS: &[(&str, u8)] = &[
     // 2. Storage.
     ("store", 2),
     ("durable", 2),
+    ("cluster", 2),
     // 3. Services, identity and settings.
     ("service", 3),
     ("services", 3),

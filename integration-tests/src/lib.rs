@@ -308,6 +308,68 @@ impl Drop for Broker {
     }
 }
 
+/// Debian's `redis-server` on a free loopback port, in memory only, stopped on drop.
+pub struct Redis {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Redis {
+    /// Starts it on a free port and waits until it accepts connections.
+    pub fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        Redis::start_on(port)
+    }
+
+    /// Starts it on `port` (again, after [`Redis::stop`]).
+    pub fn start_on(port: u16) -> Redis {
+        let mut child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect(
+                "start redis-server (Debian's redis-server package; scripts/test.sh installs it)",
+            );
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        // Its log says when it listens; what it logs after that goes nowhere.
+        loop {
+            let line = lines
+                .next()
+                .expect("redis-server exited before it was ready")
+                .expect("read redis-server's log");
+            if line.contains("Ready to accept connections") {
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Redis { child, port }
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it at once (`kill -9`).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// What came back from the broker.
 // Events live for one match in a test; boxing the frame would only add noise.
 #[allow(clippy::large_enum_variant)]

@@ -1,0 +1,167 @@
+//! `--cluster` (`../shared/design/cluster.md`), as far as it is built: nodes join through
+//! Debian's `redis-server` (started here on a free port), refuse to start without it
+//! (naming the URL, never its password), list each other on `/api/nodes`, leave the list at
+//! once on a graceful stop, and report a Redis outage on `/healthz` until Redis is back.
+
+// Test code: a panic is the test failing, with its message.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::{Broker, Conn, Redis, Transport, stoa_bin};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn node(redis: &Redis, name: &str) -> Broker {
+    Broker::start(&[
+        "--cluster",
+        &redis.url(),
+        "--node-name",
+        name,
+        "--cluster-node-timeout-ms",
+        "3000",
+    ])
+}
+
+/// `/api/nodes` as (name, connections) pairs, by name.
+async fn nodes(broker: &Broker) -> Vec<(String, u64)> {
+    let (status, body) = broker.http_get("/api/nodes").await;
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    json["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            assert!(n["last_seen_ms"].as_u64().unwrap() > 0);
+            (
+                n["name"].as_str().unwrap().to_owned(),
+                n["connections"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Asks `ask` until `done` holds of its answer (heartbeats come once a second), at most
+/// [`WAIT`]; the last answer.
+async fn until<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
+    mut ask: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let answer = ask().await;
+        if done(&answer) {
+            return answer;
+        }
+        assert!(Instant::now() < deadline, "still {answer:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn a_node_that_cannot_reach_redis_does_not_start_and_names_the_url_without_its_password() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("stoa-cluster-dead-{}", std::process::id()));
+    let out = Command::new(stoa_bin())
+        .args([
+            "--http-listen",
+            "127.0.0.1:0",
+            "--stomp-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["--cluster", &format!("redis://stoa:hunter2@{dead}/0")])
+        .args(["--cluster-timeout-ms", "1000"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot reach Redis at redis://stoa@{dead}/0")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("hunter2"),
+        "the password stays out: {stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).is_empty(),
+        "never listening"
+    );
+}
+
+#[tokio::test]
+async fn nodes_list_each_other_with_their_connections_and_a_stopped_one_leaves_at_once() {
+    let redis = Redis::start();
+    let a = node(&redis, "node-a");
+    let mut b = node(&redis, "node-b");
+    // Each wrote its first heartbeat before it said it was listening.
+    let names: Vec<String> = nodes(&a).await.into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["node-a", "node-b"]);
+    let mut client = Conn::open(&b, Transport::Tcp).await;
+    client.login("visitor").await;
+    let listed = until(|| nodes(&a), |n| n.contains(&("node-b".to_owned(), 1))).await;
+    assert!(listed.contains(&("node-a".to_owned(), 0)), "{listed:?}");
+    drop(client);
+    // A graceful stop takes the node out of the list before the process ends.
+    assert!(b.terminate().success());
+    let names: Vec<String> = nodes(&a).await.into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["node-a"]);
+}
+
+#[tokio::test]
+async fn a_node_that_dies_leaves_the_list_when_its_heartbeat_expires() {
+    let redis = Redis::start();
+    let a = node(&redis, "node-a");
+    let mut c = node(&redis, "node-c");
+    assert_eq!(nodes(&a).await.len(), 2);
+    c.kill();
+    let started = Instant::now();
+    let left = until(|| nodes(&a), |n| n.len() == 1).await;
+    assert_eq!(left, [("node-a".to_owned(), 0)]);
+    // The node time-out is 3 s: gone no later than that after its last heartbeat.
+    assert!(
+        started.elapsed() < Duration::from_millis(3000 + 2000),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn healthz_reports_a_redis_outage_and_recovers_without_a_restart() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let a = node(&redis, "node-a");
+    assert_eq!(a.http_get("/healthz").await, (200, "ok\n".to_owned()));
+    redis.stop();
+    let (status, body) = until(|| a.http_get("/healthz"), |(s, _)| *s == 503).await;
+    assert_eq!(status, 503);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({ "status": "degraded", "cluster": "unreachable" })
+    );
+    // Clients are still served meanwhile.
+    let mut client = Conn::open(&a, Transport::Tcp).await;
+    client.login("during-the-outage").await;
+    let _redis = Redis::start_on(port);
+    until(|| a.http_get("/healthz"), |(s, _)| *s == 200).await;
+    let names: Vec<String> = until(|| nodes(&a), |n| !n.is_empty())
+        .await
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        names,
+        ["node-a"],
+        "back in the list (Redis forgot everything)"
+    );
+}

@@ -233,8 +233,9 @@ pub struct Config {
 
     /// Run as one node of several sharing Redis: `redis://[user:pass@]HOST:PORT[/DB]`
     /// (`rediss://` for TLS). In progress (issue #16): nodes register, list each other
-    /// (`/api/nodes`) and report Redis outages on `/healthz`; rooms, presence, queues and
-    /// direct messages are not shared yet. A node that cannot reach Redis does not start.
+    /// (`/api/nodes`), report Redis outages on `/healthz`, and share plain topics
+    /// (`/topic/...` other than rooms); rooms, presence, queues and direct messages are not
+    /// shared yet. A node that cannot reach Redis does not start.
     #[arg(long, env = "STOA_CLUSTER")]
     pub cluster: Option<String>,
 

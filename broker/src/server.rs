@@ -101,6 +101,15 @@ pub async fn run(
     }
     let broker = Arc::new(broker);
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(cluster) = broker.cluster.clone() {
+        let topics = broker.shared.router.topics.clone();
+        topics.attach(cluster.clone());
+        // What other nodes publish goes to this node's subscribers only.
+        let inbound: crate::cluster::Inbound = Arc::new(move |key, glob, publish| {
+            topics.fan_out_from_cluster(key, glob, publish);
+        });
+        tokio::spawn(cluster.run_bus(inbound, stop_rx.clone()));
+    }
     let cluster_task = broker.cluster.clone().map(|cluster| {
         let counting = broker.clone();
         let connections = move || {

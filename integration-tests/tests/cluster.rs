@@ -165,3 +165,95 @@ async fn healthz_reports_a_redis_outage_and_recovers_without_a_restart() {
         "back in the list (Redis forgot everything)"
     );
 }
+
+/// Redis's answer to `PUBSUB NUMSUB <channel>`: how many connections listen to it.
+async fn listeners(redis: &Redis, channel: &str) -> i64 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", redis.port))
+        .await
+        .unwrap();
+    let command = format!(
+        "*3\r\n$6\r\nPUBSUB\r\n$6\r\nNUMSUB\r\n${}\r\n{channel}\r\n",
+        channel.len()
+    );
+    socket.write_all(command.as_bytes()).await.unwrap();
+    // *2, $len, the channel, :count
+    let mut lines = BufReader::new(socket).lines();
+    let mut last = String::new();
+    for _ in 0..4 {
+        last = lines.next_line().await.unwrap().unwrap();
+    }
+    last.trim_start_matches(':').parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_topic_message_reaches_subscribers_on_every_node_once_and_in_order() {
+    let redis = Redis::start();
+    let a = node(&redis, "node-a");
+    let b = node(&redis, "node-b");
+    let mut far = Conn::open(&b, Transport::Tcp).await;
+    far.login("far").await;
+    far.subscribe("x", "/topic/news.sport").await;
+    let mut watcher = Conn::open(&b, Transport::Ws).await;
+    watcher.login("watcher").await;
+    watcher.subscribe("w", "/topic/news.*").await;
+    let mut near = Conn::open(&a, Transport::Tcp).await;
+    near.login("near").await;
+    near.subscribe("n", "/topic/news.sport").await;
+    let mut publisher = Conn::open(&a, Transport::Tcp).await;
+    publisher.login("publisher").await;
+    let send = |body: &str| {
+        integration_tests::frame("SEND", &[("destination", "/topic/news.sport")])
+            .with_body(body.to_owned())
+    };
+    // Node b starts listening to Redis shortly after the subscriptions' receipts: probe
+    // until a message gets through to both of its subscribers.
+    let mut probes = 0;
+    for (conn, name) in [(&mut far, "far"), (&mut watcher, "watcher")] {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            probes += 1;
+            publisher
+                .send_with_receipt(&send("probe"), &format!("p{probes}"))
+                .await;
+            if let Some(integration_tests::Event::Frame(f)) =
+                conn.next_event_within(Duration::from_millis(200)).await
+            {
+                assert_eq!(&f.body[..], b"probe", "{name}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{name} never heard from node a");
+        }
+    }
+    for i in 1..=50 {
+        publisher.send(&send(&format!("m{i}"))).await;
+    }
+    publisher.send_with_receipt(&send("end"), "end").await;
+    let expected: Vec<String> = (1..=50)
+        .map(|i| format!("m{i}"))
+        .chain(["end".to_owned()])
+        .collect();
+    for (conn, name) in [
+        (&mut far, "far"),
+        (&mut watcher, "watcher"),
+        (&mut near, "near"),
+    ] {
+        let mut got = Vec::new();
+        while got.last().map(String::as_str) != Some("end") {
+            let f = conn.expect_frame().await;
+            let body = String::from_utf8(f.body.to_vec()).unwrap();
+            if body != "probe" {
+                assert_eq!(f.header("destination"), Some("/topic/news.sport"));
+                got.push(body);
+            }
+        }
+        assert_eq!(got, expected, "{name}: each once, in publish order");
+    }
+    // One listener per node with subscribers to the key, not one per subscriber; none for
+    // a key nobody subscribes to (the watcher's pattern has a glob of its own).
+    let mut second = Conn::open(&b, Transport::Tcp).await;
+    second.login("second").await;
+    second.subscribe("y", "/topic/news.sport").await;
+    assert_eq!(listeners(&redis, "stoa:topic:news.sport").await, 2);
+    assert_eq!(listeners(&redis, "stoa:topic:news.weather").await, 0);
+}

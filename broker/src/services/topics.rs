@@ -1,12 +1,17 @@
 //! `/topic/<key>`: publish/subscribe with `*` and `#` wildcards.
 //!
 //! In: subscriptions by key or pattern, publishes by key. Out: each publish offered to
-//! exact subscribers and to every pattern that matches.
+//! exact subscribers and to every pattern that matches. With `--cluster`, publishes also go
+//! to the other nodes, and this node listens to the keys and patterns its clients subscribe
+//! to, for theirs ([`Topics::attach`]).
 
+use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
+use crate::cluster::Cluster;
 use crate::destination::{
     TopicPattern, check_publish_key, check_subscribe_key, is_pattern, key_words,
 };
@@ -22,6 +27,8 @@ pub struct Topics {
     exact: DashMap<Box<str>, Vec<Subscriber>>,
     patterns: DashMap<Box<str>, (TopicPattern, Vec<Subscriber>)>,
     pattern_subscribers: AtomicUsize,
+    /// The other nodes, with `--cluster`.
+    cluster: OnceLock<Arc<Cluster>>,
 }
 
 impl Topics {
@@ -30,17 +37,38 @@ impl Topics {
         Topics::default()
     }
 
+    /// Sends publishes to the other nodes of `cluster` too, and listens there for the keys
+    /// and patterns subscribed here. Called once, before any client connects.
+    pub fn attach(&self, cluster: Arc<Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// Starts or stops listening to other nodes for `key`. Called under the map's lock for
+    /// `key`, so that the changes for one key reach the bus in the order they happened.
+    fn listen(&self, key: &str, pattern: bool, on: bool) {
+        if let Some(cluster) = self.cluster.get() {
+            cluster.listen(key, pattern, on);
+        }
+    }
+
     /// Adds a subscriber for a key or a pattern (`room.*`, `room.#`).
     pub fn add(&self, key: &str, subscriber: Subscriber) {
         if is_pattern(key) {
-            self.patterns
+            let mut entry = self
+                .patterns
                 .entry(key.into())
-                .or_insert_with(|| (TopicPattern::new(key), Vec::new()))
-                .1
-                .push(subscriber);
+                .or_insert_with(|| (TopicPattern::new(key), Vec::new()));
+            entry.1.push(subscriber);
+            if entry.1.len() == 1 {
+                self.listen(key, true, true);
+            }
             self.pattern_subscribers.fetch_add(1, Ordering::Relaxed);
         } else {
-            self.exact.entry(key.into()).or_default().push(subscriber);
+            let mut subs = self.exact.entry(key.into()).or_default();
+            subs.push(subscriber);
+            if subs.len() == 1 {
+                self.listen(key, false, true);
+            }
         }
     }
 
@@ -54,7 +82,13 @@ impl Topics {
                 entry.1.retain(|s| !is_target(s));
                 removed = entry.1.len() < before;
             }
-            self.patterns.remove_if(key, |_, (_, subs)| subs.is_empty());
+            self.patterns.remove_if(key, |_, (_, subs)| {
+                let last = subs.is_empty();
+                if last {
+                    self.listen(key, true, false);
+                }
+                last
+            });
             if removed {
                 self.pattern_subscribers.fetch_sub(1, Ordering::Relaxed);
             }
@@ -64,7 +98,13 @@ impl Topics {
                 subs.retain(|s| !is_target(s));
                 removed = subs.len() < before;
             }
-            self.exact.remove_if(key, |_, subs| subs.is_empty());
+            self.exact.remove_if(key, |_, subs| {
+                let last = subs.is_empty();
+                if last {
+                    self.listen(key, false, false);
+                }
+                last
+            });
         }
         removed
     }
@@ -109,6 +149,36 @@ impl Topics {
         }
     }
 
+    /// Offers a message another node published on `key` to this node's subscribers: the
+    /// exact ones when it came on the key's channel (`glob` is `None`), else the patterns
+    /// this node listens to through `glob`.
+    pub fn fan_out_from_cluster(&self, key: &str, glob: Option<&str>, publish: &Publish) {
+        let mut fanout = Fanout::default();
+        let Some(glob) = glob else {
+            if let Some(subs) = self.exact.get(key) {
+                deliver(subs.iter(), publish, &mut fanout);
+            }
+            return;
+        };
+        let Some(cluster) = self.cluster.get() else {
+            return;
+        };
+        let words = key_words(key);
+        let destination = format!("/topic/{key}");
+        for entry in &self.patterns {
+            let (pattern, subs) = entry.value();
+            if cluster.glob_of(entry.key()) != glob || !pattern.matches_words(&words) {
+                continue;
+            }
+            let allowed = subs.iter().filter(|s| {
+                s.viewer
+                    .as_ref()
+                    .is_none_or(|viewer| viewer.may_subscribe(&destination))
+            });
+            deliver(allowed, publish, &mut fanout);
+        }
+    }
+
     /// How many subscribers a key has exactly (not counting patterns).
     pub fn exact_subscribers(&self, key: &str) -> usize {
         self.exact.get(key).map_or(0, |s| s.len())
@@ -132,10 +202,14 @@ impl Service for Topics {
 
     fn publish(&self, request: PublishRequest<'_>) -> Result<Published, SessionError> {
         let publish = request.message(request.destination, &[]);
+        let fanout = self.fan_out(request.key, &publish);
+        if let Some(cluster) = self.cluster.get() {
+            cluster.publish_topic(request.key, &publish);
+        }
         Ok(Published {
             message_id: request.message_id,
             seq: None,
-            fanout: self.fan_out(request.key, &publish),
+            fanout,
             durable: false,
         })
     }

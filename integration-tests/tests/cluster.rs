@@ -257,3 +257,47 @@ async fn a_topic_message_reaches_subscribers_on_every_node_once_and_in_order() {
     assert_eq!(listeners(&redis, "stoa:topic:news.sport").await, 2);
     assert_eq!(listeners(&redis, "stoa:topic:news.weather").await, 0);
 }
+
+#[tokio::test]
+async fn topics_flow_between_nodes_again_after_redis_restarts() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let a = node(&redis, "node-a");
+    let b = node(&redis, "node-b");
+    let mut far = Conn::open(&b, Transport::Tcp).await;
+    far.login("far").await;
+    far.subscribe("x", "/topic/alerts").await;
+    let mut publisher = Conn::open(&a, Transport::Tcp).await;
+    publisher.login("publisher").await;
+    let mut n = 0;
+    // Sends until `far` hears one; the body it heard.
+    let mut probe = async |publisher: &mut Conn, far: &mut Conn, what: &str| -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            n += 1;
+            let body = format!("{what} {n}");
+            let send = integration_tests::frame("SEND", &[("destination", "/topic/alerts")])
+                .with_body(body.clone());
+            publisher.send_with_receipt(&send, &format!("r{n}")).await;
+            if let Some(integration_tests::Event::Frame(f)) =
+                far.next_event_within(Duration::from_millis(200)).await
+            {
+                return String::from_utf8(f.body.to_vec()).unwrap();
+            }
+            assert!(Instant::now() < deadline, "nothing from node a: {what}");
+        }
+    };
+    assert!(
+        probe(&mut publisher, &mut far, "before")
+            .await
+            .starts_with("before")
+    );
+    redis.stop();
+    let _back = Redis::start_on(port);
+    // Both nodes reconnect by themselves; node b listens to its keys again.
+    assert!(
+        probe(&mut publisher, &mut far, "after")
+            .await
+            .starts_with("after")
+    );
+}

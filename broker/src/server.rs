@@ -136,7 +136,17 @@ pub async fn run(
         broker.tls.clone(),
     ));
     tokio::spawn(broker.auth.clone().watch_accounts(stop_rx.clone()));
-    tokio::spawn(reload_on_hangup(broker.clone(), stop_rx.clone()));
+    // Listening for SIGHUP from here on, before the `listening` line: a signal sent right
+    // after it must not be lost (or, were SIGHUP's default action in force, end the broker).
+    #[cfg(unix)]
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    #[cfg(unix)]
+    match hangup {
+        Ok(hangup) => {
+            tokio::spawn(reload_on_hangup(broker.clone(), hangup, stop_rx.clone()));
+        }
+        Err(e) => warn!("cannot listen for SIGHUP: nothing will be reloaded: {e}"),
+    }
     let pace_broker = broker.clone();
     let pace_stop = stop_rx.clone();
     tokio::spawn(async move {
@@ -262,38 +272,31 @@ async fn serve_http_connection<S, V>(
     }
 }
 
-/// On SIGHUP, reads the ACL file again (a bad file keeps the rules in force, and says why
-/// in the log).
-async fn reload_on_hangup(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-            warn!("cannot listen for SIGHUP: nothing will be reloaded");
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = stop.changed() => return,
-                received = hangup.recv() => if received.is_none() { return },
-            }
-            if let Some(acl) = &broker.shared.acl {
-                match acl.reload() {
-                    Ok(()) => info!("ACL reloaded"),
-                    Err(e) => warn!("ACL not reloaded, the rules in force stay: {e}"),
-                }
-            }
-            if let Some(tls) = &broker.tls {
-                match tls.reload() {
-                    Ok(()) => info!("TLS certificate reloaded"),
-                    Err(e) => warn!("TLS certificate not reloaded, the one in force stays: {e}"),
-                }
+/// On every SIGHUP until `stop`, reads the ACL file and the TLS pair again (a bad file
+/// keeps what is in force, and says why in the log).
+#[cfg(unix)]
+async fn reload_on_hangup(
+    broker: Arc<Broker>,
+    mut hangup: tokio::signal::unix::Signal,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            received = hangup.recv() => if received.is_none() { return },
+        }
+        if let Some(acl) = &broker.shared.acl {
+            match acl.reload() {
+                Ok(()) => info!("ACL reloaded"),
+                Err(e) => warn!("ACL not reloaded, the rules in force stay: {e}"),
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (broker, stop.changed().await);
+        if let Some(tls) = &broker.tls {
+            match tls.reload() {
+                Ok(()) => info!("TLS certificate reloaded"),
+                Err(e) => warn!("TLS certificate not reloaded, the one in force stays: {e}"),
+            }
+        }
     }
 }
 

@@ -21,11 +21,20 @@ use crate::service::{
     Fanout, PublishRequest, Published, Service, SubscribeRequest, Subscriber, deliver,
 };
 
+/// The subscribers of one pattern.
+#[derive(Debug)]
+struct Watchers {
+    pattern: TopicPattern,
+    subs: Vec<Subscriber>,
+    /// With `--cluster`: the glob this node listens to for the pattern, made once.
+    glob: Option<Box<str>>,
+}
+
 /// The topic subscription map.
 #[derive(Debug, Default)]
 pub struct Topics {
     exact: DashMap<Box<str>, Vec<Subscriber>>,
-    patterns: DashMap<Box<str>, (TopicPattern, Vec<Subscriber>)>,
+    patterns: DashMap<Box<str>, Watchers>,
     pattern_subscribers: AtomicUsize,
     /// The other nodes, with `--cluster`.
     cluster: OnceLock<Arc<Cluster>>,
@@ -54,12 +63,13 @@ impl Topics {
     /// Adds a subscriber for a key or a pattern (`room.*`, `room.#`).
     pub fn add(&self, key: &str, subscriber: Subscriber) {
         if is_pattern(key) {
-            let mut entry = self
-                .patterns
-                .entry(key.into())
-                .or_insert_with(|| (TopicPattern::new(key), Vec::new()));
-            entry.1.push(subscriber);
-            if entry.1.len() == 1 {
+            let mut entry = self.patterns.entry(key.into()).or_insert_with(|| Watchers {
+                pattern: TopicPattern::new(key),
+                subs: Vec::new(),
+                glob: self.cluster.get().map(|c| c.glob_of(key).into()),
+            });
+            entry.subs.push(subscriber);
+            if entry.subs.len() == 1 {
                 self.listen(key, true, true);
             }
             self.pattern_subscribers.fetch_add(1, Ordering::Relaxed);
@@ -78,12 +88,12 @@ impl Topics {
         let mut removed = false;
         if is_pattern(key) {
             if let Some(mut entry) = self.patterns.get_mut(key) {
-                let before = entry.1.len();
-                entry.1.retain(|s| !is_target(s));
-                removed = entry.1.len() < before;
+                let before = entry.subs.len();
+                entry.subs.retain(|s| !is_target(s));
+                removed = entry.subs.len() < before;
             }
-            self.patterns.remove_if(key, |_, (_, subs)| {
-                let last = subs.is_empty();
+            self.patterns.remove_if(key, |_, watchers| {
+                let last = watchers.subs.is_empty();
                 if last {
                     self.listen(key, true, false);
                 }
@@ -123,6 +133,17 @@ impl Topics {
 
     /// Offers `publish` to the patterns matching `key` only (rooms use this for watchers).
     pub fn fan_out_to_patterns(&self, key: &str, publish: &Publish, fanout: &mut Fanout) {
+        self.fan_out_to_watchers(key, publish, fanout, |_| true);
+    }
+
+    /// Offers `publish` to the patterns matching `key` among those `through` lets by.
+    fn fan_out_to_watchers(
+        &self,
+        key: &str,
+        publish: &Publish,
+        fanout: &mut Fanout,
+        through: impl Fn(&Watchers) -> bool,
+    ) {
         if self.pattern_subscribers.load(Ordering::Relaxed) == 0 {
             return;
         }
@@ -130,10 +151,11 @@ impl Topics {
         // Made once, and only if some watcher's deliveries go through the ACL.
         let mut destination: Option<String> = None;
         for entry in &self.patterns {
-            let (pattern, subs) = entry.value();
-            if !pattern.matches_words(&words) {
+            let watchers = entry.value();
+            if !through(watchers) || !watchers.pattern.matches_words(&words) {
                 continue;
             }
+            let subs = &watchers.subs;
             if subs.iter().all(|s| s.viewer.is_none()) {
                 deliver(subs.iter(), publish, fanout);
                 continue;
@@ -154,28 +176,15 @@ impl Topics {
     /// this node listens to through `glob`.
     pub fn fan_out_from_cluster(&self, key: &str, glob: Option<&str>, publish: &Publish) {
         let mut fanout = Fanout::default();
-        let Some(glob) = glob else {
-            if let Some(subs) = self.exact.get(key) {
-                deliver(subs.iter(), publish, &mut fanout);
+        match glob {
+            None => {
+                if let Some(subs) = self.exact.get(key) {
+                    deliver(subs.iter(), publish, &mut fanout);
+                }
             }
-            return;
-        };
-        let Some(cluster) = self.cluster.get() else {
-            return;
-        };
-        let words = key_words(key);
-        let destination = format!("/topic/{key}");
-        for entry in &self.patterns {
-            let (pattern, subs) = entry.value();
-            if cluster.glob_of(entry.key()) != glob || !pattern.matches_words(&words) {
-                continue;
-            }
-            let allowed = subs.iter().filter(|s| {
-                s.viewer
-                    .as_ref()
-                    .is_none_or(|viewer| viewer.may_subscribe(&destination))
-            });
-            deliver(allowed, publish, &mut fanout);
+            Some(glob) => self.fan_out_to_watchers(key, publish, &mut fanout, |w| {
+                w.glob.as_deref() == Some(glob)
+            }),
         }
     }
 

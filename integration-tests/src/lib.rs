@@ -308,6 +308,24 @@ impl Drop for Broker {
     }
 }
 
+/// Runs `stoa` on free loopback ports in `data_dir` with `args`, to its end: for settings
+/// that must stop it from starting. Its standard input is closed.
+pub fn run_stoa_to_end(data_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(stoa_bin())
+        .args([
+            "--http-listen",
+            "127.0.0.1:0",
+            "--stomp-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run stoa")
+}
+
 /// Debian's `redis-server` on a free loopback port, in memory only, stopped on drop.
 pub struct Redis {
     child: Child,

@@ -6,10 +6,9 @@
 // Test code: a panic is the test failing, with its message.
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::{Broker, Conn, Redis, Transport, stoa_bin};
+use integration_tests::{Broker, Conn, Redis, Transport, run_stoa_to_end};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -67,20 +66,8 @@ fn a_node_that_cannot_reach_redis_does_not_start_and_names_the_url_without_its_p
         .local_addr()
         .unwrap();
     let dir = std::env::temp_dir().join(format!("stoa-cluster-dead-{}", std::process::id()));
-    let out = Command::new(stoa_bin())
-        .args([
-            "--http-listen",
-            "127.0.0.1:0",
-            "--stomp-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(&dir)
-        .args(["--cluster", &format!("redis://stoa:hunter2@{dead}/0")])
-        .args(["--cluster-timeout-ms", "1000"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let url = format!("redis://stoa:hunter2@{dead}/0");
+    let out = run_stoa_to_end(&dir, &["--cluster", &url, "--cluster-timeout-ms", "1000"]);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

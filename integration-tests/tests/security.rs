@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use integration_tests::{Broker, Conn, Event, Transport, frame, stoa_bin};
+use integration_tests::{Broker, Conn, Event, Transport, frame, run_stoa_to_end, stoa_bin};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use stomp_codec::Frame;
 
@@ -545,18 +545,7 @@ fn a_jwt_broker_without_a_usable_key_does_not_start() {
             "/nonexistent/secret",
         ),
     ] {
-        let out = Command::new(stoa_bin())
-            .args([
-                "--http-listen",
-                "127.0.0.1:0",
-                "--stomp-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(&dir)
-            .args(&args)
-            .output()
-            .unwrap();
+        let out = run_stoa_to_end(&dir, &args);
         assert!(!out.status.success(), "{args:?} started");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(says), "{args:?}: {stderr}");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use client::{Client, Options, SubscribeOptions};
 use futures_util::StreamExt;
-use integration_tests::{Broker, TestPki, WAIT, cli_bin, stoa_bin};
+use integration_tests::{Broker, TestPki, WAIT, cli_bin, run_stoa_to_end};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -248,18 +248,7 @@ fn a_missing_or_mismatched_pair_stops_the_start_naming_the_file() {
             "no certificate",
         ),
     ] {
-        let out = Command::new(stoa_bin())
-            .args([
-                "--http-listen",
-                "127.0.0.1:0",
-                "--stomp-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .args(&args)
-            .output()
-            .unwrap();
+        let out = run_stoa_to_end(&dir.join("data"), &args);
         assert!(!out.status.success(), "{args:?} started");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(says), "{args:?}: {stderr}");

@@ -296,6 +296,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn logs_name_a_url_by_scheme_and_address_only() {
+        let shown = |url: &str| Endpoint::parse(url).unwrap().to_string();
+        assert_eq!(
+            shown("ws://127.0.0.1:8080/ws?access_token=secret"),
+            "ws://127.0.0.1:8080"
+        );
+        assert_eq!(shown("wss://chat.example.com/ws"), "wss://chat.example.com");
+        assert_eq!(shown("tcp://h"), "tcp://h:61613");
+        assert_eq!(shown("tcp+tls://h:1"), "tcp+tls://h:1");
+    }
+
+    #[test]
     fn urls_name_their_transport() {
         assert_eq!(
             Endpoint::parse("tcp://127.0.0.1:61613").unwrap(),

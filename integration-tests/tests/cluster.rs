@@ -288,3 +288,20 @@ async fn topics_flow_between_nodes_again_after_redis_restarts() {
             .starts_with("after")
     );
 }
+
+#[tokio::test]
+async fn clusters_with_different_prefixes_share_a_redis_without_seeing_each_other() {
+    let redis = Redis::start();
+    let a = node(&redis, "node-a");
+    let other = Broker::start(&[
+        "--cluster",
+        &redis.url(),
+        "--node-name",
+        "elsewhere",
+        "--cluster-prefix",
+        "other:",
+    ]);
+    let names = |list: Vec<(String, u64)>| list.into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+    assert_eq!(names(nodes(&a).await), ["node-a"]);
+    assert_eq!(names(nodes(&other).await), ["elsewhere"]);
+}

@@ -278,6 +278,15 @@ async fn the_http_api_takes_the_same_identity_and_config_and_health_stay_open() 
     let good = [("Authorization", "Basic YWxpY2U6czNjcmV0")];
     let bad = [("Authorization", "Basic YWxpY2U6d3Jvbmc=")];
     assert_eq!(broker.http_get_with("/api/rooms", &good).await.0, 200);
+    // The node list is part of the API: names and counts only for those who logged in.
+    assert_eq!(broker.http_get("/api/nodes").await.0, 401);
+    let (status, body) = broker.http_get_with("/api/nodes", &good).await;
+    assert_eq!(status, 200, "{body}");
+    let nodes: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        nodes["nodes"][0]["name"], "local",
+        "one node without --cluster: {body}"
+    );
     let (status, body) = broker.http_get_with("/api/queues", &bad).await;
     assert_eq!(
         (status, body.as_str()),

@@ -19,6 +19,15 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// Options for `login` that reconnect quickly and for ever.
+fn reconnecting(login: &str) -> Options {
+    Options::new().login(login).reconnect(Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(400),
+        max_attempts: None,
+    })
+}
+
 /// A TLS terminator in front of `target`, with a fresh self-signed certificate for
 /// `localhost`; returns its address and the certificate to trust.
 async fn tls_proxy(target: SocketAddr) -> (SocketAddr, Vec<u8>) {
@@ -202,11 +211,7 @@ async fn acks_and_nacks_in_every_version() {
 #[tokio::test]
 async fn reconnecting_resubscribes_and_a_room_loses_nothing() {
     let mut broker = Broker::start(&[]);
-    let options = Options::new().login("survivor").reconnect(Backoff {
-        initial: Duration::from_millis(50),
-        max: Duration::from_millis(400),
-        max_attempts: None,
-    });
+    let options = reconnecting("survivor");
     let client = Client::connect(&broker.ws_url(), options).await.unwrap();
     let mut room = client
         .subscribe(
@@ -274,11 +279,7 @@ async fn reconnecting_resubscribes_and_a_room_loses_nothing() {
 #[tokio::test]
 async fn a_room_forgotten_while_the_client_was_away_is_followed_from_its_new_numbers() {
     let mut broker = Broker::start(&[]);
-    let options = Options::new().login("returner").reconnect(Backoff {
-        initial: Duration::from_millis(50),
-        max: Duration::from_millis(400),
-        max_attempts: None,
-    });
+    let options = reconnecting("returner");
     let client = Client::connect(&broker.ws_url(), options).await.unwrap();
     let mut room = client
         .subscribe("/topic/room.gone", SubscribeOptions::new())
@@ -509,11 +510,7 @@ async fn of_several_urls_the_first_that_answers_is_used() {
 async fn a_lost_connection_fails_over_to_the_next_url_and_subscribes_again() {
     let mut first = Broker::start(&[]);
     let second = Broker::start(&[]);
-    let options = Options::new().login("nomad").reconnect(Backoff {
-        initial: Duration::from_millis(50),
-        max: Duration::from_millis(400),
-        max_attempts: None,
-    });
+    let options = reconnecting("nomad");
     let urls = [first.ws_url(), format!("tcp://{}", second.stomp)];
     let client = Client::connect_any(
         &urls.iter().map(String::as_str).collect::<Vec<_>>(),

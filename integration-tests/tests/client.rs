@@ -19,6 +19,27 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// Subscribes to `/topic/room.<room>` (live only) and to `/topic/plain`, and takes the
+/// room's join notice.
+async fn room_and_topic(
+    client: &Client,
+    room: &str,
+) -> (client::Subscription, client::Subscription) {
+    let mut joined = client
+        .subscribe(
+            &format!("/topic/room.{room}"),
+            SubscribeOptions::new().header("x-history", "0"),
+        )
+        .await
+        .unwrap();
+    let topic = client
+        .subscribe("/topic/plain", SubscribeOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(joined.next().await.unwrap().header("x-event"), Some("join"));
+    (joined, topic)
+}
+
 /// Options for `login` that reconnect quickly and for ever.
 fn reconnecting(login: &str) -> Options {
     Options::new().login(login).reconnect(Backoff {
@@ -213,18 +234,7 @@ async fn reconnecting_resubscribes_and_a_room_loses_nothing() {
     let mut broker = Broker::start(&[]);
     let options = reconnecting("survivor");
     let client = Client::connect(&broker.ws_url(), options).await.unwrap();
-    let mut room = client
-        .subscribe(
-            "/topic/room.resume",
-            SubscribeOptions::new().header("x-history", "0"),
-        )
-        .await
-        .unwrap();
-    let mut topic = client
-        .subscribe("/topic/plain", SubscribeOptions::new())
-        .await
-        .unwrap();
-    assert_eq!(room.next().await.unwrap().header("x-event"), Some("join"));
+    let (mut room, mut topic) = room_and_topic(&client, "resume").await;
     for i in 1..=3 {
         client
             .send_with_receipt("/topic/room.resume", format!("before {i}"))
@@ -518,18 +528,7 @@ async fn a_lost_connection_fails_over_to_the_next_url_and_subscribes_again() {
     )
     .await
     .unwrap();
-    let mut room = client
-        .subscribe(
-            "/topic/room.travel",
-            SubscribeOptions::new().header("x-history", "0"),
-        )
-        .await
-        .unwrap();
-    let mut topic = client
-        .subscribe("/topic/plain", SubscribeOptions::new())
-        .await
-        .unwrap();
-    assert_eq!(room.next().await.unwrap().header("x-event"), Some("join"));
+    let (mut room, mut topic) = room_and_topic(&client, "travel").await;
     client
         .send_with_receipt("/topic/room.travel", "on the first")
         .await

@@ -59,17 +59,22 @@ async fn https_get(addr: SocketAddr, ca_der: &[u8], path: &str) -> (String, Stri
     (head.to_ascii_lowercase(), body.to_owned())
 }
 
+/// A broker with TLS on both listeners.
+fn tls_broker(cert: &std::path::Path, key: &std::path::Path) -> Broker {
+    Broker::start(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ])
+}
+
 #[tokio::test]
 async fn both_listeners_speak_tls_and_plain_clients_get_nothing() {
     let pki = TestPki::new("stoa one");
     let dir = tls_dir("both");
     let (cert, key, ca) = pki.write(&dir);
-    let broker = Broker::start(&[
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-    ]);
+    let broker = tls_broker(&cert, &key);
     // STOMP over TLS and wss://, through the client library trusting the test CA.
     for url in [
         format!("tcp+tls://127.0.0.1:{}", broker.stomp.port()),
@@ -146,12 +151,7 @@ async fn sighup_reloads_the_pair_and_open_connections_stay() {
     let first = TestPki::new("stoa before");
     let dir = tls_dir("reload");
     let (cert, key, _) = first.write(&dir);
-    let broker = Broker::start(&[
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-    ]);
+    let broker = tls_broker(&cert, &key);
     let before = tls_connect(broker.stomp, &first.ca_der).await;
     assert_eq!(peer_certificate(&before), first.cert_der);
     let options = Options::new()

@@ -324,6 +324,7 @@ impl<T: Transport> Connection<T> {
         let config = &broker.shared.config;
         let outbox = Arc::new(Outbox::new(config.outbox_bytes));
         let session = Session::new(id, broker.shared.clone(), outbox.clone());
+        broker.open_session(id, &outbox);
         let now = Instant::now();
         let throttle = (config.max_send_rate > 0).then(|| {
             let burst = config.max_send_burst.unwrap_or(config.max_send_rate);
@@ -781,12 +782,22 @@ impl<T: Transport> Connection<T> {
             Stop::Disconnect => {
                 // RECEIPTs that wait for the disk (the DISCONNECT's among them) must reach
                 // the outbox before the final flush.
-                if self.session.has_durable_receipts() {
+                if self.session.has_waiting_receipts() {
                     let broker = self.broker.clone();
                     let _ = tokio::task::spawn_blocking(move || {
                         broker.shared.router.queues.store().flush()
                     })
                     .await;
+                    // Answers from the cluster come within its time-out, or fail.
+                    let receipts = self.session.receipts();
+                    let wait = self
+                        .broker
+                        .shared
+                        .config
+                        .cluster_timeout_ms
+                        .saturating_add(1000);
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(wait), receipts.idle()).await;
                 }
                 (None, CloseKind::Normal)
             }
@@ -852,6 +863,7 @@ impl<T: Transport> Connection<T> {
     /// sessions no longer count it.
     fn end_session(&mut self) {
         self.outbox.close();
+        self.broker.close_session(self.session.id());
         if let Some(identity) = self.session.identity() {
             self.broker
                 .auth

@@ -179,6 +179,12 @@ pub enum SessionError {
     /// The user's account was removed or its password changed.
     #[error("session revoked")]
     SessionRevoked,
+    /// Redis did not take a change this session asked for within `--cluster-timeout-ms`.
+    #[error("cluster unavailable")]
+    ClusterUnavailable,
+    /// This node was declared dead by the cluster (it froze) and closed its sessions.
+    #[error("cluster membership lost")]
+    MembershipLost,
     /// The token the session was opened with has expired.
     #[error("token expired")]
     TokenExpired,

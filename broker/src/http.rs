@@ -291,10 +291,23 @@ async fn api_rooms(
     Extension(caller): Extension<Caller>,
 ) -> Response {
     let viewer = viewer(&state.broker, &caller);
-    json_response(
-        StatusCode::OK,
-        state.broker.shared.router.app.rooms_json(viewer.as_ref()),
-    )
+    match state
+        .broker
+        .shared
+        .router
+        .app
+        .rooms_answer(viewer.as_ref())
+        .await
+    {
+        Ok(body) => json_response(StatusCode::OK, body),
+        Err(_) => cluster_unavailable(),
+    }
+}
+
+/// 503 for a question Redis did not answer (`--cluster`).
+fn cluster_unavailable() -> Response {
+    let body = serde_json::json!({ "error": "cluster unavailable" }).to_string();
+    json_response(StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 async fn api_queues(State(state): State<AppState>) -> Response {
@@ -314,9 +327,10 @@ async fn api_room(
     }
     let viewer = viewer(&state.broker, &caller);
     let app = &state.broker.shared.router.app;
-    match app.detail(&room, viewer.as_ref()) {
-        Some(detail) => json_value(StatusCode::OK, &detail),
-        None => {
+    match app.detail_answer(&room, viewer.as_ref()).await {
+        Err(_) => cluster_unavailable(),
+        Ok(Some(detail)) => json_value(StatusCode::OK, &detail),
+        Ok(None) => {
             let body = serde_json::json!({ "error": format!("no room {room:?}") }).to_string();
             json_response(StatusCode::NOT_FOUND, body)
         }

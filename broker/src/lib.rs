@@ -20,6 +20,7 @@ pub mod message;
 pub mod metrics;
 pub mod outbox;
 pub mod pace;
+pub mod receipts;
 pub mod router;
 pub mod server;
 pub mod service;

@@ -74,6 +74,11 @@ impl Publish {
         &self.body
     }
 
+    /// The `(name, value)` pairs in order.
+    pub fn headers(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + '_ {
+        self.headers.iter()
+    }
+
     /// The message as a store keeps it, under `seq` (a room's sequence number, or the
     /// message id in the durable queue store).
     pub fn to_stored(&self, seq: u64) -> StoredMessage {
@@ -263,22 +268,49 @@ pub fn message_headers(
 
 /// Broker-wide message ids.
 #[derive(Debug)]
-pub struct MessageIds(AtomicU64);
+pub struct MessageIds {
+    next: AtomicU64,
+    /// 1 on one node; with `--cluster`, [`MessageIds::NODE_SLOTS`]: each node's ids are
+    /// its slot modulo that, so no two live nodes give the same id.
+    step: AtomicU64,
+}
 
 impl MessageIds {
+    /// How many nodes can give ids at once without two of them sharing a slot.
+    pub const NODE_SLOTS: u64 = 1024;
+
     /// Ids starting at the current time in microseconds, so that they keep increasing across
     /// restarts (at fewer than a million publishes a second on average).
     pub fn new() -> MessageIds {
-        let start = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
-        MessageIds(AtomicU64::new(start))
+        MessageIds {
+            next: AtomicU64::new(micros_now()),
+            step: AtomicU64::new(1),
+        }
+    }
+
+    /// From now on, ids unique among the nodes of a cluster: this node's are `slot` modulo
+    /// [`MessageIds::NODE_SLOTS`], and larger than every id given so far (on one node or
+    /// as a member), so they still grow across restarts.
+    pub fn join_cluster(&self, slot: u64) {
+        let start = micros_now()
+            .saturating_mul(Self::NODE_SLOTS)
+            .max(self.next.load(Ordering::Relaxed));
+        let start = start - start % Self::NODE_SLOTS + Self::NODE_SLOTS + slot % Self::NODE_SLOTS;
+        self.step.store(Self::NODE_SLOTS, Ordering::Relaxed);
+        self.next.store(start, Ordering::Relaxed);
     }
 
     /// The next id.
     pub fn next(&self) -> u64 {
-        self.0.fetch_add(1, Ordering::Relaxed)
+        let step = self.step.load(Ordering::Relaxed);
+        self.next.fetch_add(step, Ordering::Relaxed)
     }
+}
+
+fn micros_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
 }
 
 impl Default for MessageIds {

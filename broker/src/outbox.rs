@@ -131,6 +131,11 @@ pub fn fill_from<T>(
 pub enum End {
     /// The user's account was removed or its password changed.
     Revoked = 1,
+    /// A change this connection asked for could not reach the cluster's shared state in
+    /// time (`--cluster-timeout-ms`).
+    ClusterUnavailable = 2,
+    /// This node was declared dead by the others (it froze) and closes its sessions.
+    MembershipLost = 3,
 }
 
 /// About how many bytes the writer pulls from a backlog per batch.
@@ -197,6 +202,8 @@ impl Outbox {
     pub fn ended(&self) -> Option<End> {
         match self.end.load(Ordering::Acquire) {
             1 => Some(End::Revoked),
+            2 => Some(End::ClusterUnavailable),
+            3 => Some(End::MembershipLost),
             _ => None,
         }
     }
@@ -410,6 +417,8 @@ impl From<End> for SessionError {
     fn from(end: End) -> SessionError {
         match end {
             End::Revoked => SessionError::SessionRevoked,
+            End::ClusterUnavailable => SessionError::ClusterUnavailable,
+            End::MembershipLost => SessionError::MembershipLost,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::connect_info::IntoMakeServiceWithConnectInfo;
@@ -21,12 +22,14 @@ use tower_service::Service as _;
 use tracing::{debug, info, warn};
 
 use crate::admission::{Busy, Ticket};
-use crate::cluster::Cluster;
+use crate::cluster::rooms::{RoomBus, RoomLimits};
+use crate::cluster::{Cluster, Handlers};
 use crate::config::Config;
 use crate::connection::Transport;
 use crate::connection::{self, Arrival};
 use crate::error::SessionError;
 use crate::http::{AppState, routes};
+use crate::outbox::End;
 
 use crate::state::Broker;
 use crate::tls::Tls;
@@ -101,26 +104,13 @@ pub async fn run(
     }
     let broker = Arc::new(broker);
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The cluster's writes and heartbeat stop last: after the connections closed, so that
+    // their leave notices are posted before the node leaves the list.
+    let (last_tx, last_rx) = watch::channel(false);
+    let mut cluster_tasks = Vec::new();
     if let Some(cluster) = broker.cluster.clone() {
-        let topics = broker.shared.router.topics.clone();
-        topics.attach(cluster.clone());
-        // What other nodes publish goes to this node's subscribers only.
-        let inbound: crate::cluster::Inbound = Arc::new(move |key, glob, publish| {
-            topics.fan_out_from_cluster(key, glob, publish);
-        });
-        tokio::spawn(cluster.run_bus(inbound, stop_rx.clone()));
+        cluster_tasks = join_cluster(&broker, &cluster, &stop_rx, &last_rx).await;
     }
-    let cluster_task = broker.cluster.clone().map(|cluster| {
-        let counting = broker.clone();
-        let connections = move || {
-            counting
-                .shared
-                .metrics
-                .connections_open
-                .load(std::sync::atomic::Ordering::Relaxed)
-        };
-        tokio::spawn(cluster.run(connections, stop_rx.clone()))
-    });
     let tracker = TaskTracker::new();
 
     let app = routes(AppState {
@@ -176,19 +166,132 @@ pub async fn run(
     info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = tcp_task.await;
-    // Out of the cluster's list at once, not when the heartbeat expires.
-    if let Some(task) = cluster_task {
-        let _ = task.await;
-    }
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         warn!("shutdown grace period passed with connections still open");
+    }
+    // Leave notices posted, then out of the cluster's list at once, not when the heartbeat
+    // expires.
+    let _ = last_tx.send(true);
+    for task in cluster_tasks {
+        let _ = task.await;
     }
     // Upgraded WebSockets are done: the HTTP server has only idle keep-alives left.
     let _ = tokio::time::timeout(grace, http_task).await;
     let store_broker = broker.clone();
     let _ = tokio::task::spawn_blocking(move || store_broker.shared.router.flush_store()).await;
     Ok(())
+}
+
+/// Starts this node's part in the cluster: topics and rooms shared, this node's previous
+/// life cleaned up after, dead nodes cleaned up after, the heartbeat. Returns the tasks
+/// that must finish before the process exits (room writes, then leaving the list).
+async fn join_cluster(
+    broker: &Arc<Broker>,
+    cluster: &Arc<Cluster>,
+    stop: &watch::Receiver<bool>,
+    last: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let router = &broker.shared.router;
+    let config = &broker.shared.config;
+    router.ids.join_cluster(cluster.incarnation());
+    let topics = router.topics.clone();
+    topics.attach(cluster.clone());
+    let rooms = router.rooms.clone();
+    let bus = Arc::new(RoomBus::new(
+        cluster.clone(),
+        RoomLimits {
+            messages: config.room_history,
+            bytes: config.room_history_bytes,
+        },
+    ));
+    rooms.attach(bus.clone());
+    let writes = tokio::spawn(bus.run(last.clone()));
+    // Sessions this node had before it restarted under the same name are gone.
+    match rooms.reap(cluster.node(), true).await {
+        Ok(0) => {}
+        Ok(n) => info!(
+            leaves = n,
+            "posted the leave notices of this node's previous run"
+        ),
+        Err(e) => warn!("could not clean up after this node's previous run: {e}"),
+    }
+    let (room_rooms, caught_up) = (rooms.clone(), rooms.clone());
+    let handlers = Handlers {
+        // What other nodes publish goes to this node's subscribers only.
+        topic: Arc::new(move |key, glob, publish| topics.fan_out_from_cluster(key, glob, publish)),
+        room: Arc::new(move |room, publish| room_rooms.from_cluster(room, publish)),
+        relistened: Arc::new(move || caught_up.catch_up()),
+    };
+    tokio::spawn(cluster.clone().run_bus(handlers, stop.clone()));
+    tokio::spawn(clean_up_after_dead_nodes(
+        cluster.clone(),
+        rooms.clone(),
+        stop.clone(),
+    ));
+    let mut fenced = cluster.fenced();
+    let fencing = broker.clone();
+    let mut fence_stop = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = fenced.changed() => if changed.is_err() { return },
+                _ = fence_stop.changed() => return,
+            }
+            // Declared dead while frozen: what this node holds is stale.
+            fencing.end_sessions(End::MembershipLost);
+            fencing.shared.router.rooms.drop_copies();
+        }
+    });
+    let counting = broker.clone();
+    let connections = move || {
+        counting
+            .shared
+            .metrics
+            .connections_open
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let heartbeat = tokio::spawn(cluster.clone().run(connections, last.clone()));
+    vec![writes, heartbeat]
+}
+
+/// Every third of the node time-out: nodes whose heartbeat expired are declared dead
+/// (so that they fence themselves if they come back) and their sessions' leave notices
+/// posted, once each, whichever node gets there first.
+async fn clean_up_after_dead_nodes(
+    cluster: Arc<Cluster>,
+    rooms: Arc<crate::services::Rooms>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = (cluster.node_timeout() / 3).max(Duration::from_millis(100));
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let Ok(dead) = cluster.dead_nodes().await else {
+            continue;
+        };
+        for node in dead {
+            match cluster.declare_dead(&node).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    debug!("declaring {node} dead: {e}");
+                    continue;
+                }
+            }
+            match rooms.reap(&node, false).await {
+                Ok(n) => {
+                    info!(%node, leaves = n, "a node stopped answering: its sessions left their rooms");
+                    let _ = cluster.forget_node(&node).await;
+                }
+                Err(e) => debug!("cleaning up after {node}: {e}"),
+            }
+        }
+    }
 }
 
 /// Serves HTTP/1.1 (the page, the API and WebSocket upgrades) until `stop` changes; then

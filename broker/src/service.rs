@@ -13,6 +13,7 @@ use crate::acl::Viewer;
 use crate::error::SessionError;
 use crate::message::{KeptMessage, Publish, SessionId, message_headers};
 use crate::outbox::{AckTag, Mark, Outbox, Outgoing};
+use crate::receipts::Pending;
 
 /// One subscription as services see it: where to put messages and how to label them.
 #[derive(Debug, Clone)]
@@ -233,7 +234,7 @@ impl PublishRequest<'_> {
 }
 
 /// What a SEND became, for its RECEIPT.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Published {
     /// The assigned `message-id`.
     pub message_id: u64,
@@ -243,6 +244,9 @@ pub struct Published {
     pub fanout: Fanout,
     /// Whether it went to durable storage: the RECEIPT must wait until it is on disk.
     pub durable: bool,
+    /// An answer the RECEIPT must wait for (with `--cluster`, a room message being kept in
+    /// Redis, which gives it its `x-seq`).
+    pub pending: Option<Pending>,
 }
 
 /// What serves one kind of destination.
@@ -253,11 +257,14 @@ pub trait Service: Send + Sync {
     /// The destination cannot take a SEND.
     fn check_send(&self, key: &str) -> Result<(), SessionError>;
 
-    /// Adds a subscription (and replays or answers, where the service does that).
+    /// Adds a subscription (and replays or answers, where the service does that); a
+    /// pending answer when the subscription is complete only later (with `--cluster`, a
+    /// room once its state was read from Redis and the member noted there), which the
+    /// SUBSCRIBE's RECEIPT waits for.
     ///
     /// # Errors
     /// The destination cannot be subscribed to.
-    fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<(), SessionError>;
+    fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<Option<Pending>, SessionError>;
 
     /// Removes a subscription that `subscribe` accepted.
     fn unsubscribe(&self, key: &str, subscriber: &Subscriber);

@@ -7,7 +7,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::BytesMut;
 use stomp_codec::{Command, Frame, HeartBeat, Version, encode, encode_message_head};
@@ -23,7 +22,8 @@ use crate::destination::{Destination, is_pattern};
 use crate::durable::Completion;
 use crate::message::{SessionId, check_user_name};
 use crate::metrics::Metrics;
-use crate::outbox::{AckTag, Outbox, Outgoing};
+use crate::outbox::{AckTag, End, Outbox, Outgoing};
+use crate::receipts::{Pending, Receipts};
 
 /// A SUBSCRIBE's `ack` mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,8 +110,10 @@ pub struct Session {
     viewer: Option<Arc<Viewer>>,
     /// Whether the frame being handled put something in durable storage.
     durable_published: bool,
-    /// RECEIPTs handed to the durable store and not yet released.
-    durable_receipts: Arc<AtomicUsize>,
+    /// Answers the frame being handled waits for (room messages kept in Redis).
+    waits: Vec<Pending>,
+    /// RECEIPTs waiting for the disk or the cluster, in order.
+    receipts: Arc<Receipts>,
 }
 
 impl Session {
@@ -120,7 +122,6 @@ impl Session {
         Session {
             id,
             shared,
-            outbox,
             state: State::AwaitingConnect,
             version: Version::V1_2,
             user: Arc::from(""),
@@ -132,7 +133,9 @@ impl Session {
             identity: None,
             viewer: None,
             durable_published: false,
-            durable_receipts: Arc::new(AtomicUsize::new(0)),
+            waits: Vec::new(),
+            receipts: Arc::new(Receipts::new(outbox.clone())),
+            outbox,
         }
     }
 
@@ -191,10 +194,10 @@ impl Session {
         let published = self.published.take();
         match result {
             Ok(outcome) => {
-                if let Some(id) = receipt {
+                let receipt = receipt.map(|id| {
                     let mut receipt = Frame::new(Command::Receipt).with_header("receipt-id", &id);
                     // DESIGN.md "Guarantees": a SEND's RECEIPT names what the broker assigned.
-                    if let Some(p) = published {
+                    if let Some(p) = &published {
                         let mut digits = itoa::Buffer::new();
                         receipt
                             .headers
@@ -203,49 +206,76 @@ impl Session {
                             receipt.headers.push("x-seq", digits.format(seq));
                         }
                     }
-                    self.send_receipt(&receipt);
-                }
-                self.durable_published = false;
+                    receipt
+                });
+                self.settle_frame(receipt);
                 Ok(outcome)
             }
             Err(error) => {
-                self.durable_published = false;
+                // What the frame handed on before failing still ends the session if it
+                // fails; its RECEIPT is not sent.
+                self.settle_frame(None);
                 Err(Rejected { error, receipt })
             }
         }
     }
 
-    /// Sends a RECEIPT, after the store has made durable everything this session handed it
-    /// if anything is still on its way to disk: a RECEIPT confirms every earlier frame.
-    fn send_receipt(&self, receipt: &Frame) {
-        if !self.durable_published && self.durable_receipts.load(Ordering::Acquire) == 0 {
-            self.reply(receipt);
+    /// Sends the handled frame's RECEIPT (if it asked for one) once everything it handed on
+    /// is done: durable writes on disk, room messages kept in Redis. A RECEIPT confirms every
+    /// earlier frame too, so receipts go out in order. An answer that fails ends the
+    /// session with `cluster unavailable`, receipt or not.
+    fn settle_frame(&mut self, receipt: Option<Frame>) {
+        let durable = std::mem::take(&mut self.durable_published);
+        let waits = std::mem::take(&mut self.waits);
+        let Some(receipt) = receipt else {
+            for wait in waits {
+                let outbox = self.outbox.clone();
+                wait.then(move |settled| {
+                    if settled.is_err() {
+                        outbox.end(End::ClusterUnavailable);
+                    }
+                });
+            }
+            return;
+        };
+        let answers = waits.len() + usize::from(durable);
+        if answers == 0 && self.receipts.is_idle() {
+            self.reply(&receipt);
             return;
         }
-        let mut buf = BytesMut::new();
-        encode(receipt, self.version, &mut buf);
-        self.durable_receipts.fetch_add(1, Ordering::AcqRel);
-        let outbox = self.outbox.clone();
-        let frame = buf.freeze();
-        let pending = self.durable_receipts.clone();
-        // Only what is on disk is confirmed; either way the receipt no longer waits.
-        let release = move |on_disk: bool| {
-            if on_disk {
-                outbox.offer(Outgoing::Frame(frame));
-            }
-            pending.fetch_sub(1, Ordering::AcqRel);
-        };
-        self.shared
-            .router
-            .queues
-            .store()
-            .after(Completion::new(release));
+        let ticket = self.receipts.open(receipt, self.version, answers);
+        if durable {
+            let receipts = self.receipts.clone();
+            // Only what is on disk is confirmed; either way the receipt no longer waits.
+            let release = move |on_disk: bool| receipts.settle(ticket, on_disk, None);
+            self.shared
+                .router
+                .queues
+                .store()
+                .after(Completion::new(release));
+        }
+        for wait in waits {
+            let receipts = self.receipts.clone();
+            let outbox = self.outbox.clone();
+            wait.then(move |settled| match settled {
+                Ok(seq) => receipts.settle(ticket, true, seq),
+                Err(_) => {
+                    outbox.end(End::ClusterUnavailable);
+                    receipts.settle(ticket, false, None);
+                }
+            });
+        }
     }
 
-    /// Whether RECEIPTs are still waiting for the store (the connection waits for them
-    /// before it closes after DISCONNECT).
-    pub fn has_durable_receipts(&self) -> bool {
-        self.durable_receipts.load(Ordering::Acquire) > 0
+    /// Whether RECEIPTs are still waiting for the store or the cluster (the connection
+    /// waits for them before it closes after DISCONNECT).
+    pub fn has_waiting_receipts(&self) -> bool {
+        !self.receipts.is_idle()
+    }
+
+    /// The RECEIPTs that wait, to wait for them.
+    pub fn receipts(&self) -> Arc<Receipts> {
+        self.receipts.clone()
     }
 
     fn dispatch(&mut self, frame: Frame) -> Result<Outcome, SessionError> {
@@ -395,6 +425,10 @@ impl Session {
             published.fanout.delivered as u64,
         );
         self.durable_published |= published.durable;
+        let mut published = published;
+        if let Some(pending) = published.pending.take() {
+            self.waits.push(pending);
+        }
         Ok(published)
     }
 
@@ -443,13 +477,14 @@ impl Session {
             needs_ack: tracked,
             viewer: self.viewer.clone(),
         };
-        service.subscribe(SubscribeRequest {
+        let pending = service.subscribe(SubscribeRequest {
             key,
             destination,
             subscriber: subscriber.clone(),
             replay,
             prefetch: prefetch_of(frame)?,
         })?;
+        self.waits.extend(pending);
         self.next_key = self.next_key.wrapping_add(1);
         self.subscription_ids.insert(id.to_owned(), sub_key);
         self.subscriptions.insert(

@@ -4,8 +4,10 @@
 //! In: the validated [`Config`] and a [`Store`]. Out: one [`Broker`] behind an `Arc`,
 //! handed to each connection.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use dashmap::DashMap;
 
 use crate::acl::{AclError, AclHandle};
 use crate::admission::{Admission, OriginError, Origins};
@@ -15,6 +17,7 @@ use crate::config::Config;
 use crate::durable::QueueStore;
 use crate::message::SessionId;
 use crate::metrics::Metrics;
+use crate::outbox::{End, Outbox};
 use crate::pace::Pace;
 use crate::router::{Router, RouterLimits};
 use crate::services::{HistoryLimits, QueueLimits};
@@ -60,6 +63,9 @@ pub struct Broker {
     pub cluster: Option<Arc<Cluster>>,
     /// How long connections coalesce writes under load.
     pub pace: Pace,
+    /// With `--cluster`, every open session's outbox, to close them all when the node finds
+    /// it was declared dead.
+    pub sessions: Option<DashMap<SessionId, Weak<Outbox>>>,
     next_session: AtomicU64,
 }
 
@@ -127,6 +133,7 @@ impl Broker {
             admission,
             cluster: None,
             pace: Pace::default(),
+            sessions: None,
             next_session: AtomicU64::new(1),
         })
     }
@@ -135,7 +142,33 @@ impl Broker {
     #[must_use]
     pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Broker {
         self.cluster = Some(cluster);
+        self.sessions = Some(DashMap::new());
         self
+    }
+
+    /// Notes an open session (with `--cluster`).
+    pub fn open_session(&self, id: SessionId, outbox: &Arc<Outbox>) {
+        if let Some(sessions) = &self.sessions {
+            sessions.insert(id, Arc::downgrade(outbox));
+        }
+    }
+
+    /// Forgets a closed session.
+    pub fn close_session(&self, id: SessionId) {
+        if let Some(sessions) = &self.sessions {
+            sessions.remove(&id);
+        }
+    }
+
+    /// Ends every open session with `reason` (their connections send the ERROR).
+    pub fn end_sessions(&self, reason: End) {
+        if let Some(sessions) = &self.sessions {
+            for entry in sessions.iter() {
+                if let Some(outbox) = entry.value().upgrade() {
+                    outbox.end(reason);
+                }
+            }
+        }
     }
 
     /// The scheme of the HTTP listener (`https` with TLS), for same-origin checks.

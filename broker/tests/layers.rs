@@ -20,6 +20,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("tls", 1),
     ("writer", 1),
     ("acl", 1),
+    ("receipts", 1),
     // 2. Storage.
     ("store", 2),
     ("durable", 2),

@@ -326,11 +326,14 @@ pub fn run_stoa_to_end(data_dir: &std::path::Path, args: &[&str]) -> std::proces
         .expect("run stoa")
 }
 
-/// Debian's `redis-server` on a free loopback port, in memory only, stopped on drop.
+/// Debian's `redis-server` on a free loopback port, stopped on drop: in memory only, or
+/// with an append-only file written on every change (as docs/CLUSTER.md asks for).
 pub struct Redis {
     child: Child,
     /// Its port.
     pub port: u16,
+    /// Where it keeps its append-only file, if it keeps one.
+    pub dir: Option<PathBuf>,
 }
 
 impl Redis {
@@ -345,9 +348,39 @@ impl Redis {
 
     /// Starts it on `port` (again, after [`Redis::stop`]).
     pub fn start_on(port: u16) -> Redis {
-        let mut child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        Redis::start_with(port, None)
+    }
+
+    /// Starts it on a free port with `appendonly yes` and `appendfsync always` in `dir`.
+    pub fn start_durable(dir: &std::path::Path) -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        Redis::start_with(port, Some(dir.to_owned()))
+    }
+
+    /// Starts it again after [`Redis::stop`], on the same port and files.
+    pub fn restart(&mut self) -> Redis {
+        Redis::start_with(self.port, self.dir.clone())
+    }
+
+    fn start_with(port: u16, dir: Option<PathBuf>) -> Redis {
+        let mut command = Command::new("redis-server");
+        command.args(["--bind", "127.0.0.1", "--port", &port.to_string()]);
+        command.args(["--save", "", "--daemonize", "no"]);
+        match &dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).expect("make Redis's directory");
+                command
+                    .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                    .arg(dir);
+            }
+            None => {
+                command.args(["--appendonly", "no"]);
+            }
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -367,7 +400,7 @@ impl Redis {
             }
         }
         std::thread::spawn(move || for _ in lines {});
-        Redis { child, port }
+        Redis { child, port, dir }
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -744,6 +777,13 @@ impl Conn {
             early.is_empty(),
             "frames before the SUBSCRIBE receipt: {early:?}"
         );
+    }
+
+    /// A TCP connection to `broker`, connected as `login`.
+    pub async fn open_as(broker: &Broker, login: &str) -> Conn {
+        let mut conn = Conn::open(broker, Transport::Tcp).await;
+        conn.login(login).await;
+        conn
     }
 
     /// Closes the client side.

@@ -12,12 +12,14 @@ use stomp_codec::Headers;
 use crate::acl::Viewer;
 use crate::error::SessionError;
 use crate::message::{MessageIds, Publish};
+use crate::receipts::Pending;
 use crate::service::{PublishRequest, Published, Service, SubscribeRequest, Subscriber};
 
-use crate::services::{RoomDetail, Rooms, check_room_name};
+use crate::receipts::{Unavailable, pending};
+use crate::services::{RoomDetail, RoomSummary, Rooms, check_room_name};
 
 /// The `/app` replies.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct App {
     rooms: Arc<Rooms>,
     ids: Arc<MessageIds>,
@@ -62,6 +64,58 @@ impl App {
         self.rooms.detail(room)
     }
 
+    /// [`App::rooms_json`], cluster-wide with `--cluster` (read from Redis).
+    ///
+    /// # Errors
+    /// Redis did not answer.
+    pub async fn rooms_answer(&self, viewer: Option<&Viewer>) -> Result<String, Unavailable> {
+        let Some(shared) = self.rooms.cluster_rooms().await else {
+            return Ok(self.rooms_json(viewer));
+        };
+        let mut rooms: Vec<RoomSummary> = shared
+            .map_err(|e| {
+                tracing::warn!("listing the rooms from Redis: {e}");
+                Unavailable
+            })?
+            .into_iter()
+            .map(|r| RoomSummary {
+                room: r.room,
+                members: r.members.len(),
+                last_seq: r.last_seq,
+            })
+            .collect();
+        if let Some(viewer) = viewer {
+            rooms.retain(|r| viewer.may_subscribe(&format!("/topic/room.{}", r.room)));
+        }
+        Ok(serde_json::json!({ "rooms": rooms }).to_string())
+    }
+
+    /// [`App::detail`], cluster-wide with `--cluster` (read from Redis).
+    ///
+    /// # Errors
+    /// Redis did not answer.
+    pub async fn detail_answer(
+        &self,
+        room: &str,
+        viewer: Option<&Viewer>,
+    ) -> Result<Option<RoomDetail>, Unavailable> {
+        if viewer.is_some_and(|v| !v.may_subscribe(&format!("/topic/room.{room}"))) {
+            return Ok(None);
+        }
+        let Some(shared) = self.rooms.cluster_room(room).await else {
+            return Ok(self.rooms.detail(room));
+        };
+        let state = shared.map_err(|e| {
+            tracing::warn!("reading room {room:?} from Redis: {e}");
+            Unavailable
+        })?;
+        Ok(state.map(|r| RoomDetail {
+            room: r.room,
+            members: r.members,
+            last_seq: r.last_seq,
+        }))
+    }
+
     /// `{"room":"lobby","members":["alice","bob"],"last_seq":42}`; a room that never
     /// existed (or that `viewer` may not enter) has no members and `last_seq` 0.
     pub fn members_json(&self, room: &str, viewer: Option<&Viewer>) -> String {
@@ -86,12 +140,62 @@ impl App {
     }
 }
 
+impl App {
+    /// With `--cluster`: the answer is read from Redis, then sent; the SUBSCRIBE's RECEIPT
+    /// waits for it.
+    fn subscribe_shared(&self, request: SubscribeRequest<'_>) -> Result<Pending, SessionError> {
+        let room = match question(request.key) {
+            Some(Question::Rooms) => None,
+            Some(Question::Members(room)) => {
+                check_room_name(room)?;
+                Some(room.to_owned())
+            }
+            None => {
+                return Err(SessionError::NoApplicationHandler(
+                    request.destination.to_owned(),
+                ));
+            }
+        };
+        let (pending, answer) = pending();
+        let app = self.clone();
+        let subscriber = request.subscriber;
+        let destination = request.destination.to_owned();
+        tokio::spawn(async move {
+            let viewer = subscriber.viewer.as_deref();
+            let json = match &room {
+                None => app.rooms_answer(viewer).await,
+                Some(room) => app.detail_answer(room, viewer).await.map(|detail| {
+                    let detail = detail.unwrap_or_else(|| RoomDetail {
+                        room: room.clone(),
+                        members: Vec::new(),
+                        last_seq: 0,
+                    });
+                    serde_json::to_value(&detail)
+                        .map(|v| v.to_string())
+                        .unwrap_or_default()
+                }),
+            };
+            match json {
+                Ok(json) => {
+                    app.answer(&destination, json, &subscriber);
+                    answer.complete(Ok(None));
+                }
+                Err(e) => answer.complete(Err(e)),
+            }
+        });
+        Ok(pending)
+    }
+}
+
 impl Service for App {
     fn check_send(&self, key: &str) -> Result<(), SessionError> {
         Err(SessionError::NoApplicationHandler(format!("/app/{key}")))
     }
 
-    fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<(), SessionError> {
+    fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<Option<Pending>, SessionError> {
+        if self.rooms.bus().is_some() {
+            return self.subscribe_shared(request).map(Some);
+        }
         let json = match question(request.key) {
             Some(Question::Rooms) => self.rooms_json(request.subscriber.viewer.as_deref()),
             Some(Question::Members(room)) => {
@@ -105,7 +209,7 @@ impl Service for App {
             }
         };
         self.answer(request.destination, json, &request.subscriber);
-        Ok(())
+        Ok(None)
     }
 
     fn unsubscribe(&self, _key: &str, _subscriber: &Subscriber) {}

@@ -16,6 +16,7 @@ use crate::durable::{KeptQueue, QueueStore};
 use crate::error::SessionError;
 use crate::message::{Publish, SessionId};
 use crate::outbox::Mark;
+use crate::receipts::Pending;
 use crate::service::{Fanout, PublishRequest, Published, Service, SubscribeRequest, Subscriber};
 
 /// Queue limits.
@@ -242,7 +243,7 @@ impl Service for Queues {
         check_queue_name(key)
     }
 
-    fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<(), SessionError> {
+    fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<Option<Pending>, SessionError> {
         check_queue_name(request.key)?;
         let max = self.limits.max_prefetch;
         let prefetch = match request.prefetch {
@@ -257,7 +258,7 @@ impl Service for Queues {
             in_flight: 0,
         });
         self.dispatch(&mut q);
-        Ok(())
+        Ok(None)
     }
 
     fn unsubscribe(&self, key: &str, subscriber: &Subscriber) {
@@ -316,6 +317,7 @@ impl Service for Queues {
             seq: None,
             fanout: Fanout::default(),
             durable: true,
+            pending: None,
         })
     }
 

@@ -15,14 +15,17 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use stomp_codec::Headers;
 
+use crate::cluster::rooms::{RoomBus, RoomState, Synced, log_entry, seq_of};
 use crate::error::SessionError;
 use crate::message::{KeptMessage, MessageIds, Publish, message_headers, now_millis};
-use crate::outbox::{Backlog, Outgoing, fill_from};
+use crate::outbox::{Backlog, End, Outgoing, fill_from};
+use crate::receipts::{Answer, Pending, Unavailable, pending};
 use crate::service::{
     Fanout, PublishRequest, Published, Replay, Service, Stamp, SubscribeRequest, Subscriber,
     deliver,
@@ -80,6 +83,38 @@ struct Room {
     /// Taken out of the map (nothing kept, nobody in it): whoever still holds it looks the
     /// room up again.
     retired: bool,
+    /// With `--cluster`, where this node's copy of the room stands.
+    mirror: Mirror,
+}
+
+/// Where this node's copy of a room stands. One node owns its rooms; with `--cluster`,
+/// Redis does, and a node keeps a copy (the newest `x-seq`, the kept messages, who is
+/// present) of the rooms its own clients are in, made from Redis when the first one joins
+/// and kept up to date from the room's channel, in `x-seq` order.
+#[derive(Debug, Default)]
+enum Mirror {
+    /// The room is this node's own (one node), or a copy not made yet.
+    #[default]
+    Own,
+    /// Being read from Redis: joiners wait, messages heard meanwhile are held.
+    Syncing {
+        joiners: Vec<Joiner>,
+        early: BTreeMap<u64, Publish>,
+    },
+    /// Up to date as of `last_seq`: messages heard ahead of a missing one wait in `ahead`
+    /// while the missing ones are read from Redis (`filling`).
+    Live {
+        ahead: BTreeMap<u64, Publish>,
+        filling: bool,
+    },
+}
+
+/// A subscription waiting for its room's copy to be made.
+#[derive(Debug)]
+struct Joiner {
+    subscriber: Subscriber,
+    replay: Replay,
+    answer: Answer,
 }
 
 impl Room {
@@ -95,7 +130,14 @@ impl Room {
     }
 
     fn is_idle(&self) -> bool {
-        self.history.is_empty() && self.subscribers.is_empty() && self.members.is_empty()
+        match self.mirror {
+            Mirror::Own => {
+                self.history.is_empty() && self.subscribers.is_empty() && self.members.is_empty()
+            }
+            // A copy is kept while this node's clients are in the room.
+            Mirror::Syncing { .. } => false,
+            Mirror::Live { .. } => self.subscribers.is_empty(),
+        }
     }
 
     /// Drops the oldest kept message; its size.
@@ -141,6 +183,18 @@ pub struct Rooms {
     total_bytes: AtomicUsize,
     /// Held by the one thread evicting for `--history-total-bytes`.
     evicting: Mutex<()>,
+    /// With `--cluster`: the rooms' side of the cluster, which owns the rooms.
+    bus: OnceLock<Arc<RoomBus>>,
+    /// This service, for the tasks that read from Redis to find it again.
+    me: OnceLock<Weak<Rooms>>,
+}
+
+/// The newest `x-seq` of a room in the map (0 if it is not there).
+fn lock_seq(rooms: &DashMap<Arc<str>, Arc<Mutex<Room>>>, name: &str) -> u64 {
+    rooms
+        .get(name)
+        .map(|r| r.clone())
+        .map_or(0, |room| lock(&room).last_seq)
 }
 
 fn lock(room: &Mutex<Room>) -> MutexGuard<'_, Room> {
@@ -170,6 +224,8 @@ impl Rooms {
             limits,
             total_bytes: AtomicUsize::new(0),
             evicting: Mutex::new(()),
+            bus: OnceLock::new(),
+            me: OnceLock::new(),
         };
         for (name, messages) in rooms.store.load_rooms(limits)? {
             let name: Arc<str> = Arc::from(name);
@@ -226,8 +282,21 @@ impl Rooms {
     fn retire(&self, name: &Arc<str>, handle: &Arc<Mutex<Room>>, room: &mut Room) {
         room.retired = true;
         self.rooms.remove_if(name, |_, v| Arc::ptr_eq(v, handle));
-        if room.last_seq > 0 {
-            self.store.forget_room(name);
+        self.total_bytes.fetch_sub(room.bytes, Ordering::Relaxed);
+        room.bytes = 0;
+        match self.bus.get() {
+            // The copy goes; the room stays in Redis.
+            Some(bus) => drop(bus.listen(name, false)),
+            None if room.last_seq > 0 => self.store.forget_room(name),
+            None => {}
+        }
+    }
+
+    /// Writes to this node's store (one node): with `--cluster`, Redis keeps the rooms.
+    fn store(&self) -> Option<&Arc<dyn Store>> {
+        match self.bus.get() {
+            Some(_) => None,
+            None => Some(&self.store),
         }
     }
 
@@ -292,11 +361,17 @@ impl Rooms {
             self.total_bytes.fetch_sub(freed, Ordering::Relaxed);
             match room.oldest_id() {
                 Some(id) => {
-                    self.store.trim_room(&name, room.first_kept());
+                    if let Some(store) = self.store() {
+                        store.trim_room(&name, room.first_kept());
+                    }
                     oldest.push(Reverse((id, name)));
                 }
                 None if room.is_idle() => self.retire(&name, &handle, &mut room),
-                None => self.store.trim_room(&name, room.first_kept()),
+                None => {
+                    if let Some(store) = self.store() {
+                        store.trim_room(&name, room.first_kept());
+                    }
+                }
             }
         }
     }
@@ -383,6 +458,20 @@ impl Rooms {
         self.keep_and_deliver(name, room, message_id, headers, bytes::Bytes::new());
     }
 
+    /// An `x-event` notice (join, leave) from `user` as the room log keeps it, for Redis to
+    /// number (`--cluster`).
+    fn notice_entry(&self, name: &str, event: &str, user: &str) -> bytes::Bytes {
+        let message_id = self.ids.next();
+        let mut digits = itoa::Buffer::new();
+        let mut headers = Headers::new();
+        headers.push("destination", &format!("/topic/room.{name}"));
+        headers.push("message-id", digits.format(message_id));
+        headers.push("x-event", event);
+        headers.push("x-sender", user);
+        headers.push("x-timestamp", digits.format(now_millis()));
+        log_entry(&Publish::new(message_id, headers, bytes::Bytes::new()))
+    }
+
     /// Queues the replay `replay` asks for on the joiner's outbox, ahead of anything live.
     fn replay(&self, name: &str, room: &Room, subscriber: &Subscriber, replay: Replay) {
         let from = match replay {
@@ -414,6 +503,413 @@ impl Rooms {
                     .collect(),
                 stamp: subscriber.stamp(),
             });
+        }
+    }
+}
+
+/// With `--cluster`: Redis owns the rooms; this node keeps copies of the rooms its clients
+/// are in (see [`Mirror`]).
+impl Rooms {
+    /// Shares the rooms through `bus` from now on: what this node kept on its own stays in
+    /// its store, untouched, for when it runs alone again.
+    pub fn attach(self: &Arc<Self>, bus: Arc<RoomBus>) {
+        let _ = self.me.set(Arc::downgrade(self));
+        if self.bus.set(bus).is_ok() {
+            self.rooms.clear();
+            self.total_bytes.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The rooms' side of the cluster, with `--cluster`.
+    pub fn bus(&self) -> Option<&Arc<RoomBus>> {
+        self.bus.get()
+    }
+
+    /// Every room, cluster-wide (`None` without `--cluster`).
+    pub async fn cluster_rooms(&self) -> Option<Result<Vec<RoomState>, redis::RedisError>> {
+        Some(self.bus.get()?.rooms().await)
+    }
+
+    /// One room, cluster-wide (`None` without `--cluster`).
+    pub async fn cluster_room(
+        &self,
+        name: &str,
+    ) -> Option<Result<Option<RoomState>, redis::RedisError>> {
+        Some(self.bus.get()?.room(name).await)
+    }
+
+    fn subscribe_shared(&self, bus: &Arc<RoomBus>, request: SubscribeRequest<'_>) -> Pending {
+        let (pending, answer) = pending();
+        let joiner = Joiner {
+            subscriber: request.subscriber,
+            replay: request.replay,
+            answer,
+        };
+        self.with_room(request.key, |name, room| match &mut room.mirror {
+            Mirror::Own => {
+                room.mirror = Mirror::Syncing {
+                    joiners: vec![joiner],
+                    early: BTreeMap::new(),
+                };
+                self.start_sync(bus, name.clone());
+            }
+            Mirror::Syncing { joiners, .. } => joiners.push(joiner),
+            Mirror::Live { .. } => self.attach_joiner(bus, name, room, joiner),
+        });
+        pending
+    }
+
+    /// Replays to a joiner from the copy, adds it, and notes it present in Redis (which
+    /// posts the join notice if it is the user's first session anywhere; the joiner hears
+    /// it live, in order).
+    fn attach_joiner(&self, bus: &RoomBus, name: &Arc<str>, room: &mut Room, joiner: Joiner) {
+        let subscriber = joiner.subscriber;
+        self.replay(name, room, &subscriber, joiner.replay);
+        let field = RoomBus::field(name, subscriber.session.0, subscriber.key);
+        let notice = self.notice_entry(name, "join", &subscriber.user);
+        bus.join(name.clone(), field, &subscriber.user, notice, joiner.answer);
+        room.subscribers.push(subscriber);
+    }
+
+    /// Listens to the room's channel, then reads the room from Redis, trying again until
+    /// `--cluster-timeout-ms` has passed.
+    fn start_sync(&self, bus: &Arc<RoomBus>, name: Arc<str>) {
+        let Some(me) = self.me.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            let timeout = bus.cluster().timeout();
+            let deadline = Instant::now() + timeout;
+            // Confirmed, or the bus will listen to it when it reconnects (and say so).
+            let _ = tokio::time::timeout(timeout, bus.listen(&name, true)).await;
+            let mut backoff = Duration::from_millis(20);
+            let synced = loop {
+                match bus.sync(&name).await {
+                    Ok(synced) => break Ok(synced),
+                    Err(e) if Instant::now() + backoff >= deadline => break Err(e),
+                    Err(_) => {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                    }
+                }
+            };
+            me.synced(&bus, &name, synced);
+        });
+    }
+
+    /// The room as Redis holds it: the copy is made, what was heard meanwhile applied, and
+    /// the joiners added. If Redis could not be read, the joiners' sessions end.
+    fn synced(&self, bus: &RoomBus, name: &str, synced: Result<Synced, redis::RedisError>) {
+        if !self.rooms.contains_key(name) {
+            return;
+        }
+        self.with_room(name, |name, room| {
+            let Mirror::Syncing { joiners, early } = std::mem::take(&mut room.mirror) else {
+                return;
+            };
+            let synced = match synced {
+                Ok(synced) => synced,
+                Err(e) => {
+                    tracing::warn!(room = %name, "cannot read the room from Redis: {e}");
+                    for joiner in joiners {
+                        joiner.subscriber.outbox.end(End::ClusterUnavailable);
+                        joiner.answer.complete(Err(Unavailable));
+                    }
+                    // Own and empty: idle, forgotten on the way out.
+                    return;
+                }
+            };
+            self.total_bytes.fetch_sub(room.bytes, Ordering::Relaxed);
+            room.bytes = 0;
+            room.history.clear();
+            for numbered in synced.history {
+                self.keep(room, numbered.seq, numbered.publish);
+            }
+            self.trim(room);
+            room.last_seq = synced.seq;
+            room.members = synced
+                .members
+                .into_iter()
+                .map(|m| (Arc::from(m), 1))
+                .collect();
+            room.mirror = Mirror::Live {
+                ahead: early,
+                filling: false,
+            };
+            self.advance(name, room);
+            for joiner in joiners {
+                self.attach_joiner(bus, name, room, joiner);
+            }
+        });
+    }
+
+    /// Keeps a numbered message in the copy's history.
+    fn keep(&self, room: &mut Room, seq: u64, publish: Publish) {
+        let kept = Arc::new(publish.into_kept());
+        let size = kept.size();
+        room.bytes += size;
+        self.total_bytes.fetch_add(size, Ordering::Relaxed);
+        room.history.push_back(Kept { seq, message: kept });
+    }
+
+    /// A message heard on room `name`'s channel (`x-seq` first; none when transient).
+    pub fn from_cluster(&self, name: &str, publish: Publish) {
+        if !self.rooms.contains_key(name) {
+            return;
+        }
+        let Some(seq) = seq_of(&publish) else {
+            // Transient: to whoever is here now, in no particular order with the rest.
+            if let Some(room) = self.rooms.get(name).map(|r| r.clone()) {
+                let room = lock(&room);
+                deliver(room.subscribers.iter(), &publish, &mut Fanout::default());
+            }
+            return;
+        };
+        self.with_room(name, |name, room| {
+            if seq <= room.last_seq {
+                return;
+            }
+            match &mut room.mirror {
+                Mirror::Syncing { early, .. } => {
+                    early.insert(seq, publish);
+                }
+                Mirror::Live { ahead, .. } => {
+                    ahead.insert(seq, publish);
+                    self.advance(name, room);
+                }
+                Mirror::Own => {}
+            }
+        });
+    }
+
+    /// Delivers the messages that follow `last_seq` without a gap; on a gap, reads the
+    /// missing ones from Redis.
+    fn advance(&self, name: &Arc<str>, room: &mut Room) {
+        loop {
+            let next = room.last_seq + 1;
+            let Mirror::Live { ahead, filling } = &mut room.mirror else {
+                return;
+            };
+            while ahead.first_key_value().is_some_and(|(s, _)| *s < next) {
+                ahead.pop_first();
+            }
+            match ahead.first_key_value() {
+                Some((s, _)) if *s == next => {
+                    if let Some((seq, publish)) = ahead.pop_first() {
+                        self.accept(room, seq, publish);
+                    }
+                }
+                Some(_) if !*filling => {
+                    *filling = true;
+                    let after = room.last_seq;
+                    self.start_fill(name.clone(), after);
+                    return;
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// The next message in order: delivered to this node's members, kept in the copy, and
+    /// the copy's members updated from join and leave notices.
+    fn accept(&self, room: &mut Room, seq: u64, publish: Publish) {
+        room.last_seq = seq;
+        deliver(room.subscribers.iter(), &publish, &mut Fanout::default());
+        let event = publish
+            .headers()
+            .find(|(n, _)| *n == "x-event")
+            .map(|(_, v)| v == "join");
+        if let Some(joined) = event
+            && let Some((_, sender)) = publish.headers().find(|(n, _)| *n == "x-sender")
+        {
+            if joined {
+                room.members.insert(Arc::from(sender), 1);
+            } else {
+                room.members.remove(sender);
+            }
+        }
+        self.keep(room, seq, publish);
+        self.trim(room);
+    }
+
+    /// Reads what follows `after` from Redis (messages missed while the bus reconnected,
+    /// or lost on the way), then goes on in order. What Redis no longer keeps is skipped.
+    fn start_fill(&self, name: Arc<str>, after: u64) {
+        let (Some(me), Some(bus)) = (self.me.get().and_then(Weak::upgrade), self.bus.get()) else {
+            return;
+        };
+        let bus = bus.clone();
+        let limit = self.limits.messages.max(1);
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(20);
+            let read = loop {
+                match bus.range(&name, after, limit).await {
+                    Ok(read) => break read,
+                    Err(e) => {
+                        tracing::debug!(room = %name, "reading missed room messages: {e}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        if !me.rooms.contains_key(&*name) {
+                            return;
+                        }
+                    }
+                }
+            };
+            me.filled(&name, read);
+        });
+    }
+
+    fn filled(&self, name: &str, read: Vec<crate::cluster::rooms::Numbered>) {
+        if !self.rooms.contains_key(name) {
+            return;
+        }
+        self.with_room(name, |name, room| {
+            let last_seq = room.last_seq;
+            let Mirror::Live { ahead, filling } = &mut room.mirror else {
+                return;
+            };
+            *filling = false;
+            for numbered in read {
+                if numbered.seq > last_seq {
+                    ahead.insert(numbered.seq, numbered.publish);
+                }
+            }
+            // Redis keeps nothing between: skip to what it has (or to what was heard).
+            if let Some((first, _)) = ahead.first_key_value()
+                && *first > last_seq + 1
+            {
+                tracing::warn!(room = %name, from = last_seq + 1, to = *first - 1, "room messages no longer kept in Redis were skipped");
+                room.last_seq = *first - 1;
+            }
+            self.advance(name, room);
+        });
+    }
+
+    /// After the bus lost Redis and listened again: every copy reads the room again and
+    /// delivers what it missed meanwhile.
+    pub fn catch_up(&self) {
+        let (Some(me), Some(bus)) = (self.me.get().and_then(Weak::upgrade), self.bus.get()) else {
+            return;
+        };
+        let names: Vec<Arc<str>> = self
+            .rooms
+            .iter()
+            .filter(|e| matches!(lock(e.value()).mirror, Mirror::Live { .. }))
+            .map(|e| e.key().clone())
+            .collect();
+        for name in names {
+            let (me, bus) = (me.clone(), bus.clone());
+            tokio::spawn(async move {
+                let mut backoff = Duration::from_millis(20);
+                let synced = loop {
+                    match bus.sync(&name).await {
+                        Ok(synced) => break synced,
+                        Err(e) => {
+                            tracing::debug!(room = %name, "reading the room again: {e}");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                            if !me.rooms.contains_key(&*name) {
+                                return;
+                            }
+                        }
+                    }
+                };
+                me.resynced(&name, synced);
+            });
+        }
+    }
+
+    /// The room read again after an outage: what follows the copy is delivered; if Redis
+    /// holds less than the copy (it lost its data: it ran without an append-only file),
+    /// the copy starts again from what Redis holds.
+    fn resynced(&self, name: &str, synced: Synced) {
+        if !self.rooms.contains_key(name) {
+            return;
+        }
+        if synced.seq >= lock_seq(&self.rooms, name) {
+            self.filled(name, synced.history);
+            return;
+        }
+        self.with_room(name, |name, room| {
+            if !matches!(room.mirror, Mirror::Live { .. }) {
+                return;
+            }
+            tracing::warn!(room = %name, kept = synced.seq, had = room.last_seq, "Redis lost this room's messages (run it with appendonly yes): numbering starts again from what it holds");
+            self.total_bytes.fetch_sub(room.bytes, Ordering::Relaxed);
+            room.bytes = 0;
+            room.history.clear();
+            for numbered in synced.history {
+                self.keep(room, numbered.seq, numbered.publish);
+            }
+            self.trim(room);
+            room.last_seq = synced.seq;
+            room.members = synced
+                .members
+                .into_iter()
+                .map(|m| (Arc::from(m), 1))
+                .collect();
+            room.mirror = Mirror::Live {
+                ahead: BTreeMap::new(),
+                filling: false,
+            };
+        });
+    }
+
+    /// Forgets every copy (this node was declared dead: its sessions are closing and
+    /// Redis has already taken them out of the rooms).
+    pub fn drop_copies(&self) {
+        let names: Vec<Arc<str>> = self.rooms.iter().map(|e| e.key().clone()).collect();
+        for name in names {
+            if let Some((name, handle)) = self.rooms.remove(&name) {
+                let mut room = lock(&handle);
+                room.retired = true;
+                self.total_bytes.fetch_sub(room.bytes, Ordering::Relaxed);
+                room.bytes = 0;
+                if let Some(bus) = self.bus.get() {
+                    drop(bus.listen(&name, false));
+                }
+            }
+        }
+    }
+
+    /// Posts the leave notices of a dead node's sessions (or this node's previous life,
+    /// `force`), once each cluster-wide.
+    ///
+    /// # Errors
+    /// Redis did not answer.
+    pub async fn reap(&self, node: &str, force: bool) -> redis::RedisResult<usize> {
+        let Some(bus) = self.bus.get() else {
+            return Ok(0);
+        };
+        bus.reap(node, force, |room, user| {
+            self.notice_entry(room, "leave", user)
+        })
+        .await
+    }
+
+    fn publish_shared(
+        &self,
+        bus: &RoomBus,
+        request: PublishRequest<'_>,
+        transient: bool,
+    ) -> Published {
+        if transient {
+            let publish = request.message(request.destination, &[]);
+            bus.cluster()
+                .publish_topic(&format!("room.{}", request.key), &publish);
+            return Published {
+                message_id: request.message_id,
+                ..Published::default()
+            };
+        }
+        let publish = request.message(request.destination, &[]);
+        let (pending, answer) = pending();
+        bus.append(Arc::from(request.key), log_entry(&publish), answer);
+        Published {
+            message_id: request.message_id,
+            pending: Some(pending),
+            ..Published::default()
         }
     }
 }
@@ -461,9 +957,12 @@ impl Service for Rooms {
         check_room_name(key)
     }
 
-    fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<(), SessionError> {
+    fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<Option<Pending>, SessionError> {
         let name = request.key;
         check_room_name(name)?;
+        if let Some(bus) = self.bus.get() {
+            return Ok(Some(self.subscribe_shared(bus, request)));
+        }
         let subscriber = request.subscriber;
         self.with_room(name, |name, room| {
             // Under the room's lock: the replay is queued, then live messages, with nothing
@@ -478,7 +977,7 @@ impl Service for Rooms {
                 self.notice(name, room, "join", &user);
             }
         });
-        Ok(())
+        Ok(None)
     }
 
     fn unsubscribe(&self, key: &str, subscriber: &Subscriber) {
@@ -486,10 +985,26 @@ impl Service for Rooms {
             return;
         }
         self.with_room(key, |name, room| {
+            if let Mirror::Syncing { joiners, .. } = &mut room.mirror {
+                // Left before the copy was made: never added, never noted present.
+                if let Some(at) = joiners
+                    .iter()
+                    .position(|j| j.subscriber.is(subscriber.session, subscriber.key))
+                {
+                    joiners.remove(at).answer.complete(Ok(None));
+                    return;
+                }
+            }
             let before = room.subscribers.len();
             room.subscribers
                 .retain(|s| !s.is(subscriber.session, subscriber.key));
             if room.subscribers.len() == before {
+                return;
+            }
+            if let Some(bus) = self.bus.get() {
+                let field = RoomBus::field(name, subscriber.session.0, subscriber.key);
+                let notice = self.notice_entry(name, "leave", &subscriber.user);
+                bus.leave(name.clone(), field, &subscriber.user, notice);
                 return;
             }
             let user = &subscriber.user;
@@ -511,6 +1026,9 @@ impl Service for Rooms {
         let frame = request.frame;
         // 1.2 leaves header values untrimmed; `true` is the only value that means transient.
         let transient = frame.header("x-transient") == Some("true");
+        if let Some(bus) = self.bus.get() {
+            return Ok(self.publish_shared(bus, request, transient));
+        }
         Ok(self.with_room(request.key, |name, room| {
             if transient {
                 let publish = request.message(request.destination, &[]);
@@ -520,6 +1038,7 @@ impl Service for Rooms {
                     seq: None,
                     fanout,
                     durable: false,
+                    pending: None,
                 };
             }
             let mut digits = itoa::Buffer::new();
@@ -538,6 +1057,7 @@ impl Service for Rooms {
                 seq: Some(seq),
                 fanout,
                 durable: false,
+                pending: None,
             }
         }))
     }

@@ -17,6 +17,7 @@ use crate::destination::{
 };
 use crate::error::SessionError;
 use crate::message::Publish;
+use crate::receipts::Pending;
 use crate::service::{
     Fanout, PublishRequest, Published, Service, SubscribeRequest, Subscriber, deliver,
 };
@@ -199,10 +200,10 @@ impl Service for Topics {
         Ok(check_publish_key(key)?)
     }
 
-    fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<(), SessionError> {
+    fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<Option<Pending>, SessionError> {
         check_subscribe_key(request.key)?;
         self.add(request.key, request.subscriber);
-        Ok(())
+        Ok(None)
     }
 
     fn unsubscribe(&self, key: &str, subscriber: &Subscriber) {
@@ -220,6 +221,7 @@ impl Service for Topics {
             seq: None,
             fanout,
             durable: false,
+            pending: None,
         })
     }
 }

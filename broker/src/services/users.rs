@@ -16,6 +16,7 @@ use crate::error::SessionError;
 use crate::message::Publish;
 use crate::message::check_user_name;
 use crate::outbox::{Backlog, Mark, Outgoing, fill_from};
+use crate::receipts::Pending;
 use crate::service::{
     Fanout, PublishRequest, Published, Service, Stamp, SubscribeRequest, Subscriber, deliver,
 };
@@ -159,7 +160,7 @@ impl Service for Users {
         check_user_name(user).map(drop)
     }
 
-    fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<(), SessionError> {
+    fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<Option<Pending>, SessionError> {
         let name = subscribe_queue(request.key)
             .ok_or_else(|| SessionError::InvalidUserDestination(request.destination.to_owned()))?;
         let subscriber = request.subscriber;
@@ -183,7 +184,7 @@ impl Service for Users {
             }
         }
         queue.listeners.push(subscriber);
-        Ok(())
+        Ok(None)
     }
 
     fn unsubscribe(&self, key: &str, subscriber: &Subscriber) {
@@ -237,6 +238,7 @@ impl Service for Users {
             seq: None,
             fanout,
             durable,
+            pending: None,
         })
     }
 }

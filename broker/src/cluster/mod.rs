@@ -10,8 +10,10 @@
 //! and direct messages are not shared yet (docs/ARCHITECTURE.md, "Next: the shared-state
 //! and delivery seams").
 
+pub mod rooms;
+
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +23,7 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use stomp_codec::{Command, Decoder, Frame, Headers, Limits, Version, encode};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::message::{Publish, now_millis};
@@ -80,6 +82,12 @@ pub struct Cluster {
     settings: ClusterSettings,
     /// Whether the last exchange with Redis succeeded.
     reachable: AtomicBool,
+    /// This node's life in the cluster: a number Redis gave it when it joined, held in
+    /// `<prefix>member:<node>` until other nodes declare it dead.
+    incarnation: AtomicU64,
+    /// Set when the node finds it was declared dead (it froze): it closes its sessions
+    /// and joins again.
+    fenced: watch::Sender<u64>,
     /// Topic messages to publish, in order, for the publishing task.
     outgoing: mpsc::UnboundedSender<(String, Bytes)>,
     outgoing_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, Bytes)>>>,
@@ -89,10 +97,11 @@ pub struct Cluster {
     interest_rx: Mutex<Option<mpsc::UnboundedReceiver<Interest>>>,
 }
 
-/// A change to what this node listens to.
+/// A change to what this node listens to; a channel's change may ask to be told once
+/// Redis confirmed it.
 #[derive(Debug)]
 enum Interest {
-    Channel(String, bool),
+    Channel(String, bool, Option<oneshot::Sender<()>>),
     Pattern(String, bool),
 }
 
@@ -101,6 +110,22 @@ enum Interest {
 /// stands for, see [`Cluster::glob_of`]), and the message. Redis sends a message once per
 /// channel or glob a node listens to, so each kind of subscriber hears it exactly once.
 pub type Inbound = Arc<dyn Fn(&str, Option<&str>, &Publish) + Send + Sync>;
+
+/// Where a room's messages go: the room and the message (numbered with its `x-seq`
+/// header, unless it is transient).
+pub type RoomInbound = Arc<dyn Fn(&str, Publish) + Send + Sync>;
+
+/// What the bus hands on: topic messages, room messages, and word that the bus listened
+/// again after losing Redis (messages may have been missed meanwhile).
+#[derive(Clone)]
+pub struct Handlers {
+    /// Topic messages (and room messages heard through a topic pattern's glob).
+    pub topic: Inbound,
+    /// Room messages heard on a room's own channel.
+    pub room: RoomInbound,
+    /// Called after the bus listened again.
+    pub relistened: Arc<dyn Fn() + Send + Sync>,
+}
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -182,11 +207,17 @@ impl Cluster {
             client,
             settings,
             reachable: AtomicBool::new(false),
+            incarnation: AtomicU64::new(0),
+            fenced: watch::Sender::new(0),
             outgoing,
             outgoing_rx: Mutex::new(Some(outgoing_rx)),
             interest,
             interest_rx: Mutex::new(Some(interest_rx)),
         };
+        cluster
+            .become_member()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         cluster
             .heartbeat(connections)
             .await
@@ -195,9 +226,45 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// How long after its last heartbeat a node counts as gone.
+    pub fn node_timeout(&self) -> Duration {
+        self.settings.node_timeout
+    }
+
+    /// How long one Redis command may take (`--cluster-timeout-ms`).
+    pub fn timeout(&self) -> Duration {
+        self.settings.timeout
+    }
+
     /// This node's name.
     pub fn node(&self) -> &str {
         &self.settings.node
+    }
+
+    /// This node's current life in the cluster (see [`Cluster::fenced`]).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::Acquire)
+    }
+
+    /// Counts the times this node found itself declared dead and joined again: a
+    /// receiver wakes on each.
+    pub fn fenced(&self) -> watch::Receiver<u64> {
+        self.fenced.subscribe()
+    }
+
+    fn member_key(&self) -> String {
+        format!("{}member:{}", self.settings.prefix, self.settings.node)
+    }
+
+    /// Takes a new incarnation and writes it as this node's member key.
+    async fn become_member(&self) -> redis::RedisResult<()> {
+        let mut redis = self.redis.clone();
+        let incarnation: u64 = redis
+            .incr(format!("{}incarnations", self.settings.prefix), 1)
+            .await?;
+        let _: () = redis.set(self.member_key(), incarnation).await?;
+        self.incarnation.store(incarnation, Ordering::Release);
+        Ok(())
     }
 
     /// Whether Redis answered the last heartbeat.
@@ -214,8 +281,15 @@ impl Cluster {
     }
 
     /// Writes this node's heartbeat: its record, expiring after the node time-out, and
-    /// its name in the set of nodes.
-    async fn heartbeat(&self, connections: u64) -> redis::RedisResult<()> {
+    /// its name in the set of nodes; unless the node was declared dead meanwhile (its
+    /// member key no longer holds its incarnation), which it answers `Ok(false)` to.
+    async fn heartbeat(&self, connections: u64) -> redis::RedisResult<bool> {
+        const BEAT: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[4])
+return 1
+";
         let info = NodeInfo {
             name: self.settings.node.clone(),
             connections,
@@ -224,17 +298,15 @@ impl Cluster {
         let record = serde_json::to_string(&info).unwrap_or_default();
         let ttl = u64::try_from(self.settings.node_timeout.as_millis()).unwrap_or(u64::MAX);
         let mut redis = self.redis.clone();
-        let result = redis::pipe()
-            .atomic()
-            .cmd("SET")
-            .arg(self.node_key(&self.settings.node))
+        let result: redis::RedisResult<bool> = redis::Script::new(BEAT)
+            .key(self.member_key())
+            .key(self.node_key(&self.settings.node))
+            .key(self.nodes_key())
+            .arg(self.incarnation())
             .arg(record)
-            .arg("PX")
             .arg(ttl.max(1))
-            .ignore()
-            .sadd(self.nodes_key(), &self.settings.node)
-            .ignore()
-            .query_async::<()>(&mut redis)
+            .arg(&self.settings.node)
+            .invoke_async(&mut redis)
             .await;
         let ok = result.is_ok();
         if self.reachable.swap(ok, Ordering::AcqRel) != ok {
@@ -247,8 +319,70 @@ impl Cluster {
         result
     }
 
-    /// The nodes whose heartbeat has not expired, by name. Names whose record is gone are
-    /// taken out of the set as they are found.
+    /// The nodes whose heartbeat expired but whose name is still listed: dead, and not yet
+    /// (or not completely) cleaned up after.
+    ///
+    /// # Errors
+    /// Redis did not answer.
+    pub async fn dead_nodes(&self) -> redis::RedisResult<Vec<String>> {
+        let mut redis = self.redis.clone();
+        let names: Vec<String> = redis.smembers(self.nodes_key()).await?;
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = names.iter().map(|n| self.node_key(n)).collect();
+        let records: Vec<Option<String>> = redis.mget(&keys).await?;
+        Ok(names
+            .into_iter()
+            .zip(records)
+            .filter(|(name, record)| record.is_none() && *name != self.settings.node)
+            .map(|(name, _)| name)
+            .collect())
+    }
+
+    /// Declares `node` dead if its heartbeat is still expired: its member key goes, so
+    /// that it fences itself if it comes back. Whether it was declared (or already was).
+    ///
+    /// # Errors
+    /// Redis did not answer.
+    pub async fn declare_dead(&self, node: &str) -> redis::RedisResult<bool> {
+        const DECLARE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2])
+return 1
+";
+        let mut redis = self.redis.clone();
+        redis::Script::new(DECLARE)
+            .key(self.node_key(node))
+            .key(format!("{}member:{node}", self.settings.prefix))
+            .invoke_async(&mut redis)
+            .await
+    }
+
+    /// Takes a dead node's name off the list once everything it left was cleaned up.
+    ///
+    /// # Errors
+    /// Redis did not answer.
+    pub async fn forget_node(&self, node: &str) -> redis::RedisResult<()> {
+        const FORGET: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HLEN', KEYS[2]) > 0 then return 0 end
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+";
+        let mut redis = self.redis.clone();
+        let _: i64 = redis::Script::new(FORGET)
+            .key(self.node_key(node))
+            .key(format!("{}presence:{node}", self.settings.prefix))
+            .key(self.nodes_key())
+            .arg(node)
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(())
+    }
+
+    /// The nodes whose heartbeat has not expired, by name. (Names whose record is gone
+    /// stay listed until a live node has cleaned up after them, see
+    /// [`Cluster::dead_nodes`].)
     ///
     /// # Errors
     /// Redis did not answer.
@@ -261,19 +395,24 @@ impl Cluster {
         }
         let keys: Vec<String> = names.iter().map(|n| self.node_key(n)).collect();
         let records: Vec<Option<String>> = redis.mget(&keys).await?;
-        let mut live = Vec::new();
-        let mut gone = Vec::new();
-        for (name, record) in names.into_iter().zip(records) {
-            match record.and_then(|r| serde_json::from_str::<NodeInfo>(&r).ok()) {
-                Some(info) => live.push(info),
-                None => gone.push(name),
+        Ok(records
+            .into_iter()
+            .flatten()
+            .filter_map(|r| serde_json::from_str::<NodeInfo>(&r).ok())
+            .collect())
+    }
+
+    /// After finding itself declared dead: tells the node (which closes its sessions),
+    /// then joins again under a new incarnation.
+    async fn rejoin(&self) {
+        warn!(node = %self.settings.node, "this node was declared dead by the cluster (it stopped answering): closing its sessions and joining again");
+        self.fenced.send_modify(|n| *n += 1);
+        match self.become_member().await {
+            Ok(()) => {
+                info!(node = %self.settings.node, incarnation = self.incarnation(), "joined the cluster again")
             }
+            Err(e) => warn!("could not join the cluster again: {e}"),
         }
-        if !gone.is_empty() {
-            debug!(?gone, "forgetting nodes whose heartbeat expired");
-            let _: redis::RedisResult<()> = redis.srem(self.nodes_key(), &gone).await;
-        }
-        Ok(live)
     }
 
     /// Beats until `stop`, every third of the node time-out (at most every second, so that
@@ -289,7 +428,9 @@ impl Cluster {
         loop {
             tokio::select! {
                 _ = ticks.tick() => {
-                    let _ = self.heartbeat(connections()).await;
+                    if let Ok(false) = self.heartbeat(connections()).await {
+                        self.rejoin().await;
+                    }
                 }
                 _ = stop.changed() => break,
             }
@@ -341,19 +482,27 @@ fn topic_glob(prefix: &str, pattern: &str) -> String {
     format!("{prefix}topic:{}", escaped.join("."))
 }
 
-/// A message on the bus: the sending node's name, a line end, then the message as a STOMP
-/// 1.2 MESSAGE frame.
-fn encode_bus_message(node: &str, publish: &Publish) -> Bytes {
+/// A message as a STOMP 1.2 MESSAGE frame.
+fn encode_bus_frame(publish: &Publish) -> Bytes {
     let stored = publish.to_stored(0);
     let mut frame = Frame::new(Command::Message);
     for (name, value) in &stored.headers {
         frame.headers.push(name, value);
     }
     frame.body = stored.body;
-    let mut buf = BytesMut::with_capacity(node.len() + 1 + 64 + frame.body.len());
+    let mut buf = BytesMut::with_capacity(64 + frame.body.len());
+    encode(&frame, Version::V1_2, &mut buf);
+    buf.freeze()
+}
+
+/// A message on the bus: the sending node's name, a line end, then the message as a STOMP
+/// 1.2 MESSAGE frame.
+fn encode_bus_message(node: &str, publish: &Publish) -> Bytes {
+    let frame = encode_bus_frame(publish);
+    let mut buf = BytesMut::with_capacity(node.len() + 1 + frame.len());
     buf.extend_from_slice(node.as_bytes());
     buf.extend_from_slice(b"\n");
-    encode(&frame, Version::V1_2, &mut buf);
+    buf.extend_from_slice(&frame);
     buf.freeze()
 }
 
@@ -397,22 +546,31 @@ impl Cluster {
         let change = if pattern {
             Interest::Pattern(topic_glob(&self.settings.prefix, key), on)
         } else {
-            Interest::Channel(topic_channel(&self.settings.prefix, key), on)
+            Interest::Channel(topic_channel(&self.settings.prefix, key), on, None)
         };
         let _ = self.interest.send(change);
+    }
+
+    /// Starts (`on`) or stops listening to topic key `key`; the answer comes once Redis
+    /// confirmed it (or never, if the bus stopped: the sender is dropped).
+    pub fn listen_confirmed(&self, key: &str, on: bool) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let channel = topic_channel(&self.settings.prefix, key);
+        let _ = self.interest.send(Interest::Channel(channel, on, Some(tx)));
+        rx
     }
 
     /// Runs the topic bus until `stop`: publishes what [`Cluster::publish_topic`] queued,
     /// pipelined in order, and hands what other nodes publish on listened channels to
     /// `inbound`. Reconnects (listening again to everything) when Redis comes back.
-    pub async fn run_bus(self: Arc<Self>, inbound: Inbound, stop: watch::Receiver<bool>) {
+    pub async fn run_bus(self: Arc<Self>, handlers: Handlers, stop: watch::Receiver<bool>) {
         let outgoing = self.outgoing_rx.lock().ok().and_then(|mut o| o.take());
         let interest = self.interest_rx.lock().ok().and_then(|mut i| i.take());
         let (Some(outgoing), Some(interest)) = (outgoing, interest) else {
             return;
         };
         let publisher = tokio::spawn(self.clone().publish_loop(outgoing, stop.clone()));
-        self.listen_loop(interest, inbound, stop).await;
+        self.listen_loop(interest, handlers, stop).await;
         let _ = publisher.await;
     }
 
@@ -444,12 +602,13 @@ impl Cluster {
     async fn listen_loop(
         &self,
         mut changes: mpsc::UnboundedReceiver<Interest>,
-        inbound: Inbound,
+        handlers: Handlers,
         mut stop: watch::Receiver<bool>,
     ) {
         let mut channels: HashSet<String> = HashSet::new();
         let mut patterns: HashSet<String> = HashSet::new();
         let prefix_len = format!("{}topic:", self.settings.prefix).len();
+        let mut first = true;
         loop {
             // (Re)connect, and listen again to everything wanted.
             let pubsub = match self.client.get_async_pubsub().await {
@@ -470,14 +629,29 @@ impl Cluster {
             for pattern in &patterns {
                 ok &= sink.psubscribe(pattern).await.is_ok();
             }
+            if ok && !std::mem::take(&mut first) {
+                (handlers.relistened)();
+            }
             while ok {
                 tokio::select! {
                     change = changes.recv() => {
                         let Some(change) = change else { return };
                         // Remembered first: a failure reconnects, and listens to it then.
                         let failed = match change {
-                            Interest::Channel(c, true) => channels.insert(c.clone()) && sink.subscribe(c).await.is_err(),
-                            Interest::Channel(c, false) => channels.remove(&c) && sink.unsubscribe(c).await.is_err(),
+                            Interest::Channel(c, true, confirm) => {
+                                let failed = channels.insert(c.clone()) && sink.subscribe(c).await.is_err();
+                                if let (false, Some(confirm)) = (failed, confirm) {
+                                    let _ = confirm.send(());
+                                }
+                                failed
+                            }
+                            Interest::Channel(c, false, confirm) => {
+                                let failed = channels.remove(&c) && sink.unsubscribe(c).await.is_err();
+                                if let (false, Some(confirm)) = (failed, confirm) {
+                                    let _ = confirm.send(());
+                                }
+                                failed
+                            }
                             Interest::Pattern(p, true) => patterns.insert(p.clone()) && sink.psubscribe(p).await.is_err(),
                             Interest::Pattern(p, false) => patterns.remove(&p) && sink.punsubscribe(p).await.is_err(),
                         };
@@ -488,10 +662,17 @@ impl Cluster {
                         let channel = message.get_channel_name();
                         let Some(key) = channel.get(prefix_len..) else { continue };
                         let glob: Option<String> = message.get_pattern().ok();
-                        match decode_bus_message(message.get_payload_bytes()) {
-                            Some((node, publish)) if node != self.settings.node => inbound(key, glob.as_deref(), &publish),
-                            Some(_) => {}
-                            None => warn!(%channel, "a message on the topic bus that is not Stoa's"),
+                        let Some((node, publish)) = decode_bus_message(message.get_payload_bytes()) else {
+                            warn!(%channel, "a message on the topic bus that is not Stoa's");
+                            continue;
+                        };
+                        // A room's messages come back to the node that sent them too: every
+                        // node delivers them in `x-seq` order as Redis numbered them.
+                        match (key.strip_prefix("room."), glob.as_deref()) {
+                            (Some(room), None) => (handlers.room)(room, publish),
+                            (Some(_), Some(glob)) => (handlers.topic)(key, Some(glob), &publish),
+                            (None, glob) if node != self.settings.node => (handlers.topic)(key, glob, &publish),
+                            (None, _) => {}
                         }
                     }
                     _ = stop.changed() => return,

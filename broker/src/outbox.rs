@@ -136,6 +136,9 @@ pub enum End {
     ClusterUnavailable = 2,
     /// This node was declared dead by the others (it froze) and closes its sessions.
     MembershipLost = 3,
+    /// A direct message found its user's queue full (`--cluster`, where the answer comes
+    /// from Redis after the SEND was handled).
+    UserQueueFull = 4,
 }
 
 /// About how many bytes the writer pulls from a backlog per batch.
@@ -204,6 +207,7 @@ impl Outbox {
             1 => Some(End::Revoked),
             2 => Some(End::ClusterUnavailable),
             3 => Some(End::MembershipLost),
+            4 => Some(End::UserQueueFull),
             _ => None,
         }
     }
@@ -419,6 +423,7 @@ impl From<End> for SessionError {
             End::Revoked => SessionError::SessionRevoked,
             End::ClusterUnavailable => SessionError::ClusterUnavailable,
             End::MembershipLost => SessionError::MembershipLost,
+            End::UserQueueFull => SessionError::SharedUserQueueFull,
         }
     }
 }

@@ -19,14 +19,15 @@ use bytes::BytesMut;
 use stomp_codec::{Frame, Version, encode};
 use tokio::sync::Notify;
 
-use crate::outbox::{Outbox, Outgoing};
+use crate::outbox::{End, Outbox, Outgoing};
 
-/// Why an answer will not come: the shared state (Redis) did not take the change.
+/// Why a question to the shared state (Redis) got no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unavailable;
 
-/// An answer: the room sequence number the message was given, if it has one.
-pub type Settled = Result<Option<u64>, Unavailable>;
+/// An answer: the room sequence number the message was given, if it has one; or how the
+/// session that asked must end (`cluster unavailable`, a full user queue).
+pub type Settled = Result<Option<u64>, End>;
 
 type Then = Box<dyn FnOnce(Settled) + Send>;
 
@@ -109,7 +110,7 @@ impl Drop for Answer {
     /// An answer dropped without completing (its task ended) counts as a failure: nobody
     /// waits for ever.
     fn drop(&mut self) {
-        self.finish(Err(Unavailable));
+        self.finish(Err(End::ClusterUnavailable));
     }
 }
 
@@ -304,7 +305,7 @@ mod tests {
         assert_eq!(rx.recv().unwrap(), Ok(Some(3)));
         assert_eq!(
             rx.recv().unwrap(),
-            Err(Unavailable),
+            Err(End::ClusterUnavailable),
             "a dropped answer fails"
         );
     }

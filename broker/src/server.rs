@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::admission::{Busy, Ticket};
 use crate::cluster::rooms::{RoomBus, RoomLimits};
+use crate::cluster::users::UserBus;
 use crate::cluster::{Cluster, Handlers};
 use crate::config::Config;
 use crate::connection::Transport;
@@ -207,6 +208,15 @@ async fn join_cluster(
     ));
     rooms.attach(bus.clone());
     let writes = tokio::spawn(bus.run(last.clone()));
+    let user_bus = Arc::new(UserBus::new(
+        cluster.clone(),
+        (config.user_queue_limit, config.user_queue_bytes),
+    ));
+    router.users.attach(user_bus.clone());
+    let sends = tokio::spawn(user_bus.run(last.clone()));
+    if let Err(e) = router.users.reap(cluster.node(), true).await {
+        warn!("could not take this node's previous run's direct-message subscriptions out: {e}");
+    }
     // Sessions this node had before it restarted under the same name are gone.
     match rooms.reap(cluster.node(), true).await {
         Ok(0) => {}
@@ -217,16 +227,24 @@ async fn join_cluster(
         Err(e) => warn!("could not clean up after this node's previous run: {e}"),
     }
     let (room_rooms, caught_up) = (rooms.clone(), rooms.clone());
+    let users_broker = broker.clone();
     let handlers = Handlers {
         // What other nodes publish goes to this node's subscribers only.
         topic: Arc::new(move |key, glob, publish| topics.fan_out_from_cluster(key, glob, publish)),
         room: Arc::new(move |room, publish| room_rooms.from_cluster(room, publish)),
+        user: Arc::new(move |queue, publish| {
+            users_broker
+                .shared
+                .router
+                .users
+                .from_cluster(queue, publish)
+        }),
         relistened: Arc::new(move || caught_up.catch_up()),
     };
     tokio::spawn(cluster.clone().run_bus(handlers, stop.clone()));
     tokio::spawn(clean_up_after_dead_nodes(
         cluster.clone(),
-        rooms.clone(),
+        broker.clone(),
         stop.clone(),
     ));
     let mut fenced = cluster.fenced();
@@ -252,7 +270,7 @@ async fn join_cluster(
             .load(std::sync::atomic::Ordering::Relaxed)
     };
     let heartbeat = tokio::spawn(cluster.clone().run(connections, last.clone()));
-    vec![writes, heartbeat]
+    vec![writes, sends, heartbeat]
 }
 
 /// Every third of the node time-out: nodes whose heartbeat expired are declared dead
@@ -260,9 +278,10 @@ async fn join_cluster(
 /// posted, once each, whichever node gets there first.
 async fn clean_up_after_dead_nodes(
     cluster: Arc<Cluster>,
-    rooms: Arc<crate::services::Rooms>,
+    broker: Arc<Broker>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let router = &broker.shared.router;
     let every = (cluster.node_timeout() / 3).max(Duration::from_millis(100));
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -283,7 +302,11 @@ async fn clean_up_after_dead_nodes(
                     continue;
                 }
             }
-            match rooms.reap(&node, false).await {
+            if let Err(e) = router.users.reap(&node, false).await {
+                debug!("cleaning up after {node}: {e}");
+                continue;
+            }
+            match router.rooms.reap(&node, false).await {
                 Ok(n) => {
                     info!(%node, leaves = n, "a node stopped answering: its sessions left their rooms");
                     let _ = cluster.forget_node(&node).await;

@@ -22,7 +22,7 @@ use crate::destination::{Destination, is_pattern};
 use crate::durable::Completion;
 use crate::message::{SessionId, check_user_name};
 use crate::metrics::Metrics;
-use crate::outbox::{AckTag, End, Outbox, Outgoing};
+use crate::outbox::{AckTag, Outbox, Outgoing};
 use crate::receipts::{Pending, Receipts};
 
 /// A SUBSCRIBE's `ack` mode.
@@ -231,8 +231,8 @@ impl Session {
             for wait in waits {
                 let outbox = self.outbox.clone();
                 wait.then(move |settled| {
-                    if settled.is_err() {
-                        outbox.end(End::ClusterUnavailable);
+                    if let Err(end) = settled {
+                        outbox.end(end);
                     }
                 });
             }
@@ -259,8 +259,8 @@ impl Session {
             let outbox = self.outbox.clone();
             wait.then(move |settled| match settled {
                 Ok(seq) => receipts.settle(ticket, true, seq),
-                Err(_) => {
-                    outbox.end(End::ClusterUnavailable);
+                Err(end) => {
+                    outbox.end(end);
                     receipts.settle(ticket, false, None);
                 }
             });

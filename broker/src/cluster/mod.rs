@@ -11,6 +11,7 @@
 //! and delivery seams").
 
 pub mod rooms;
+pub mod users;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -123,6 +124,9 @@ pub struct Handlers {
     pub topic: Inbound,
     /// Room messages heard on a room's own channel.
     pub room: RoomInbound,
+    /// Direct messages heard on a user queue's channel: the queue (`<user>/<name>`) and
+    /// the message.
+    pub user: RoomInbound,
     /// Called after the bus listened again.
     pub relistened: Arc<dyn Fn() + Send + Sync>,
 }
@@ -365,7 +369,7 @@ return 1
     /// Redis did not answer.
     pub async fn forget_node(&self, node: &str) -> redis::RedisResult<()> {
         const FORGET: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HLEN', KEYS[2]) > 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HLEN', KEYS[2]) > 0 or redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 redis.call('SREM', KEYS[3], ARGV[1])
 return 1
 ";
@@ -374,6 +378,7 @@ return 1
             .key(self.node_key(node))
             .key(format!("{}presence:{node}", self.settings.prefix))
             .key(self.nodes_key())
+            .key(format!("{}dmsubs:{node}", self.settings.prefix))
             .arg(node)
             .invoke_async(&mut redis)
             .await?;
@@ -551,6 +556,15 @@ impl Cluster {
         let _ = self.interest.send(change);
     }
 
+    /// Starts (`on`) or stops listening to user queue `queue` (`<user>/<name>`); the
+    /// answer comes once Redis confirmed it.
+    pub fn listen_user(&self, queue: &str, on: bool) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let channel = format!("{}user:{queue}", self.settings.prefix);
+        let _ = self.interest.send(Interest::Channel(channel, on, Some(tx)));
+        rx
+    }
+
     /// Starts (`on`) or stops listening to topic key `key`; the answer comes once Redis
     /// confirmed it (or never, if the bus stopped: the sender is dropped).
     pub fn listen_confirmed(&self, key: &str, on: bool) -> oneshot::Receiver<()> {
@@ -608,6 +622,7 @@ impl Cluster {
         let mut channels: HashSet<String> = HashSet::new();
         let mut patterns: HashSet<String> = HashSet::new();
         let prefix_len = format!("{}topic:", self.settings.prefix).len();
+        let user_prefix = format!("{}user:", self.settings.prefix);
         let mut first = true;
         loop {
             // (Re)connect, and listen again to everything wanted.
@@ -660,6 +675,13 @@ impl Cluster {
                     message = stream.next() => {
                         let Some(message) = message else { break };
                         let channel = message.get_channel_name();
+                        if let Some(queue) = channel.strip_prefix(user_prefix.as_str()) {
+                            match decode_bus_message(message.get_payload_bytes()) {
+                                Some((_, publish)) => (handlers.user)(queue, publish),
+                                None => warn!(%channel, "a message on a user queue's channel that is not Stoa's"),
+                            }
+                            continue;
+                        }
                         let Some(key) = channel.get(prefix_len..) else { continue };
                         let glob: Option<String> = message.get_pattern().ok();
                         let Some((node, publish)) = decode_bus_message(message.get_payload_bytes()) else {

@@ -30,7 +30,8 @@ use tracing::{debug, warn};
 
 use super::{Cluster, decode_bus_message, encode_bus_frame};
 use crate::message::Publish;
-use crate::receipts::{Answer, Unavailable};
+use crate::outbox::End;
+use crate::receipts::Answer;
 
 /// The one script for every room write, dispatched on `ARGV[1]`.
 ///
@@ -563,10 +564,10 @@ impl RoomBus {
                         // Retried only while surely not applied, and not past its time.
                         Op::Append { answer } if sent || now >= write.deadline => {
                             warn!(room = %write.room, "a room message was not kept: {e}");
-                            answer.complete(Err(Unavailable));
+                            answer.complete(Err(End::ClusterUnavailable));
                         }
                         Op::Join { answer, .. } if now >= write.deadline => {
-                            answer.complete(Err(Unavailable));
+                            answer.complete(Err(End::ClusterUnavailable));
                         }
                         op => batch.push(Write { op, ..write }),
                     }
@@ -590,13 +591,15 @@ impl RoomBus {
                 warn!(room = %write.room, "Redis refused a room write: {e}");
             }
             match write.op {
-                Op::Append { answer } => {
-                    answer.complete(seq.filter(|s| *s > 0).map(Some).ok_or(Unavailable))
-                }
+                Op::Append { answer } => answer.complete(
+                    seq.filter(|s| *s > 0)
+                        .map(Some)
+                        .ok_or(End::ClusterUnavailable),
+                ),
                 Op::Join { answer, .. } => answer.complete(if seq.is_some() {
                     Ok(None)
                 } else {
-                    Err(Unavailable)
+                    Err(End::ClusterUnavailable)
                 }),
                 Op::Leave { .. } => {}
             }

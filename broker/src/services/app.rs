@@ -15,6 +15,7 @@ use crate::message::{MessageIds, Publish};
 use crate::receipts::Pending;
 use crate::service::{PublishRequest, Published, Service, SubscribeRequest, Subscriber};
 
+use crate::outbox::End;
 use crate::receipts::{Unavailable, pending};
 use crate::services::{RoomDetail, RoomSummary, Rooms, check_room_name};
 
@@ -180,7 +181,7 @@ impl App {
                     app.answer(&destination, json, &subscriber);
                     answer.complete(Ok(None));
                 }
-                Err(e) => answer.complete(Err(e)),
+                Err(_) => answer.complete(Err(End::ClusterUnavailable)),
             }
         });
         Ok(pending)

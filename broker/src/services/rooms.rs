@@ -25,7 +25,7 @@ use crate::cluster::rooms::{RoomBus, RoomState, Synced, log_entry, seq_of};
 use crate::error::SessionError;
 use crate::message::{KeptMessage, MessageIds, Publish, message_headers, now_millis};
 use crate::outbox::{Backlog, End, Outgoing, fill_from};
-use crate::receipts::{Answer, Pending, Unavailable, pending};
+use crate::receipts::{Answer, Pending, pending};
 use crate::service::{
     Fanout, PublishRequest, Published, Replay, Service, Stamp, SubscribeRequest, Subscriber,
     deliver,
@@ -614,7 +614,7 @@ impl Rooms {
                     tracing::warn!(room = %name, "cannot read the room from Redis: {e}");
                     for joiner in joiners {
                         joiner.subscriber.outbox.end(End::ClusterUnavailable);
-                        joiner.answer.complete(Err(Unavailable));
+                        joiner.answer.complete(Err(End::ClusterUnavailable));
                     }
                     // Own and empty: idle, forgotten on the way out.
                     return;

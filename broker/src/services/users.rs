@@ -7,16 +7,18 @@
 //! disk before the SEND's RECEIPT, until delivered.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
+use crate::cluster::users::{Sent, UserBus, queue_key};
 use crate::durable::{KeptQueue, QueueStore};
 use crate::error::SessionError;
 use crate::message::Publish;
 use crate::message::check_user_name;
-use crate::outbox::{Backlog, Mark, Outgoing, fill_from};
-use crate::receipts::Pending;
+use crate::outbox::{Backlog, End, Mark, Outgoing, fill_from};
+use crate::receipts::{Pending, pending};
 use crate::service::{
     Fanout, PublishRequest, Published, Service, Stamp, SubscribeRequest, Subscriber, deliver,
 };
@@ -41,6 +43,9 @@ struct UserQueue {
     waiting: VecDeque<Publish>,
     /// Bytes of the bodies in `waiting`.
     bytes: usize,
+    /// With `--cluster`: subscriptions waiting for Redis to take what waited for them,
+    /// with the messages heard meanwhile (theirs after that).
+    joining: Vec<(Subscriber, Vec<Arc<Publish>>)>,
 }
 
 /// A user and one of their queue names.
@@ -53,6 +58,8 @@ pub struct Users {
     store: Arc<QueueStore>,
     /// Most messages and most body bytes waiting per queue.
     limit: (usize, usize),
+    /// With `--cluster`: the user queues' side of the cluster, which keeps what waits.
+    bus: OnceLock<Arc<UserBus>>,
 }
 
 /// `queue/<name>`: the SUBSCRIBE side.
@@ -92,9 +99,9 @@ impl Users {
             queues.insert(
                 (user.to_owned(), queue.to_owned()),
                 UserQueue {
-                    listeners: Vec::new(),
                     waiting,
                     bytes,
+                    ..UserQueue::default()
                 },
             );
         }
@@ -102,6 +109,7 @@ impl Users {
             queues: Arc::new(queues),
             store,
             limit,
+            bus: OnceLock::new(),
         }
     }
 
@@ -120,9 +128,20 @@ impl Users {
 struct WaitingMessages {
     messages: VecDeque<Publish>,
     stamp: Stamp,
-    queue: QueueKey,
-    queues: Arc<DashMap<QueueKey, UserQueue>>,
-    store: Arc<QueueStore>,
+    home: Home,
+}
+
+/// Where waiting messages go back to if they were not written.
+#[derive(Debug)]
+enum Home {
+    /// This node's queue and durable store.
+    Local {
+        queue: QueueKey,
+        queues: Arc<DashMap<QueueKey, UserQueue>>,
+        store: Arc<QueueStore>,
+    },
+    /// The queue's list in Redis (`--cluster`).
+    Shared { queue: String, bus: Arc<UserBus> },
 }
 
 impl Backlog for WaitingMessages {
@@ -131,9 +150,11 @@ impl Backlog for WaitingMessages {
     }
 
     fn fill(&mut self, batch: &mut Vec<Outgoing>, max_bytes: usize) -> bool {
-        let (stamp, store) = (&self.stamp, &self.store);
+        let (stamp, home) = (&self.stamp, &self.home);
         fill_from(&mut self.messages, batch, max_bytes, |publish| {
-            store.remove(publish.message_id);
+            if let Home::Local { store, .. } = home {
+                store.remove(publish.message_id);
+            }
             stamp.publish(&publish, Mark::None)
         })
     }
@@ -144,11 +165,228 @@ impl Drop for WaitingMessages {
         if self.messages.is_empty() {
             return;
         }
-        // Not written: they wait again, first in line.
-        let mut queue = self.queues.entry(self.queue.clone()).or_default();
-        for publish in self.messages.drain(..).rev() {
-            queue.bytes += publish.body().len();
-            queue.waiting.push_front(publish);
+        match &self.home {
+            Home::Local { queue, queues, .. } => {
+                // Not written: they wait again, first in line.
+                let mut queue = queues.entry(queue.clone()).or_default();
+                for publish in self.messages.drain(..).rev() {
+                    queue.bytes += publish.body().len();
+                    queue.waiting.push_front(publish);
+                }
+            }
+            Home::Shared { queue, bus } => {
+                let messages: Vec<Publish> = self.messages.drain(..).collect();
+                let (queue, bus) = (queue.clone(), bus.clone());
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move {
+                        if let Err(e) = bus.give_back(&queue, &messages).await {
+                            tracing::warn!(%queue, lost = messages.len(), "direct messages taken for a closed subscription could not be put back: {e}");
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl Users {
+    /// Shares the user queues through `bus` from now on: what waits on this node's disk
+    /// stays there, for when it runs alone again.
+    pub fn attach(&self, bus: Arc<UserBus>) {
+        if self.bus.set(bus).is_ok() {
+            self.queues.clear();
+        }
+    }
+
+    /// Takes a dead node's subscriptions out of the count, so that its users' messages wait.
+    ///
+    /// # Errors
+    /// Redis did not answer.
+    pub async fn reap(&self, node: &str, force: bool) -> redis::RedisResult<usize> {
+        match self.bus.get() {
+            Some(bus) => bus.reap(node, force).await,
+            None => Ok(0),
+        }
+    }
+
+    /// A direct message heard on queue `queue`'s channel (`<user>/<name>`).
+    pub fn from_cluster(&self, queue: &str, publish: Publish) {
+        let Some((user, name)) = queue.split_once('/') else {
+            return;
+        };
+        let Some(mut entry) = self.queues.get_mut(&(user.to_owned(), name.to_owned())) else {
+            return;
+        };
+        deliver(entry.listeners.iter(), &publish, &mut Fanout::default());
+        if !entry.joining.is_empty() {
+            let publish = Arc::new(publish);
+            for (_, early) in &mut entry.joining {
+                early.push(publish.clone());
+            }
+        }
+    }
+
+    fn subscribe_shared(
+        &self,
+        bus: &Arc<UserBus>,
+        key: QueueKey,
+        subscriber: Subscriber,
+    ) -> Pending {
+        let (pending, answer) = pending();
+        let queue = queue_key(&key.0, &key.1);
+        let field = UserBus::field(&queue, subscriber.session.0, subscriber.key);
+        self.queues
+            .entry(key.clone())
+            .or_default()
+            .joining
+            .push((subscriber.clone(), Vec::new()));
+        let (bus, queues) = (bus.clone(), self.queues.clone());
+        tokio::spawn(async move {
+            let timeout = bus.cluster().timeout();
+            let deadline = Instant::now() + timeout;
+            // Listening before taking what waited: what is sent after is heard.
+            let _ = tokio::time::timeout(timeout, bus.listen_channel(&queue, true)).await;
+            let mut backoff = Duration::from_millis(20);
+            let taken = loop {
+                match bus.listen(&queue, &field).await {
+                    Ok(taken) => break Ok(taken),
+                    Err(e)
+                        if Instant::now() + backoff >= deadline || e.code() == Some("FENCED") =>
+                    {
+                        break Err(e);
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                    }
+                }
+            };
+            // What was taken for a subscription that left meanwhile waits again.
+            let unclaimed = match queues.get_mut(&key) {
+                None => {
+                    answer.complete(Ok(None));
+                    Some(taken)
+                }
+                Some(mut entry) => {
+                    let at = entry
+                        .joining
+                        .iter()
+                        .position(|(s, _)| s.is(subscriber.session, subscriber.key));
+                    match at {
+                        None => {
+                            answer.complete(Ok(None));
+                            Some(taken)
+                        }
+                        Some(at) => {
+                            let (subscriber, early) = entry.joining.remove(at);
+                            match taken {
+                                Ok(taken) => {
+                                    if !taken.is_empty() {
+                                        let backlog = WaitingMessages {
+                                            messages: taken.into(),
+                                            stamp: subscriber.stamp(),
+                                            home: Home::Shared {
+                                                queue: queue.clone(),
+                                                bus: bus.clone(),
+                                            },
+                                        };
+                                        // Refused only when the connection is ending: the
+                                        // backlog's drop puts them back.
+                                        let _ = subscriber.outbox.offer_backlog(backlog);
+                                    }
+                                    for publish in early {
+                                        subscriber.offer(&publish, false);
+                                    }
+                                    entry.listeners.push(subscriber);
+                                    answer.complete(Ok(None));
+                                }
+                                Err(e) => {
+                                    tracing::warn!(%queue, "cannot subscribe to a user queue in Redis: {e}");
+                                    let end = if e.code() == Some("FENCED") {
+                                        End::MembershipLost
+                                    } else {
+                                        End::ClusterUnavailable
+                                    };
+                                    subscriber.outbox.end(end);
+                                    answer.complete(Err(end));
+                                }
+                            }
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(Ok(taken)) = unclaimed
+                && !taken.is_empty()
+            {
+                let _ = bus.give_back(&queue, &taken).await;
+            }
+        });
+        pending
+    }
+
+    fn unsubscribe_shared(&self, bus: &Arc<UserBus>, id: QueueKey, subscriber: &Subscriber) {
+        let queue = queue_key(&id.0, &id.1);
+        let last = match self.queues.get_mut(&id) {
+            Some(mut entry) => {
+                entry
+                    .listeners
+                    .retain(|s| !s.is(subscriber.session, subscriber.key));
+                entry
+                    .joining
+                    .retain(|(s, _)| !s.is(subscriber.session, subscriber.key));
+                entry.listeners.is_empty() && entry.joining.is_empty()
+            }
+            None => return,
+        };
+        if last {
+            self.queues
+                .remove_if(&id, |_, q| q.listeners.is_empty() && q.joining.is_empty());
+            drop(bus.listen_channel(&queue, false));
+        }
+        let field = UserBus::field(&queue, subscriber.session.0, subscriber.key);
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            // Idempotent: tried until Redis takes it, or the node stops answering for good
+            // (then the nodes that outlive it take it out).
+            let mut backoff = Duration::from_millis(20);
+            for _ in 0..40 {
+                match bus.unlisten(&queue, &field).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::debug!(%queue, "taking back a user queue subscription: {e}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+        });
+    }
+
+    fn publish_shared(
+        &self,
+        bus: &Arc<UserBus>,
+        user: &str,
+        name: &str,
+        publish: Publish,
+        message_id: u64,
+    ) -> Published {
+        let (pending, answer) = pending();
+        bus.send(
+            queue_key(user, name),
+            &publish,
+            Box::new(move |sent| {
+                answer.complete(match sent {
+                    Ok(Sent::Delivered | Sent::Kept) => Ok(None),
+                    Ok(Sent::Full) => Err(End::UserQueueFull),
+                    Err(()) => Err(End::ClusterUnavailable),
+                });
+            }),
+        );
+        Published {
+            message_id,
+            pending: Some(pending),
+            ..Published::default()
         }
     }
 }
@@ -165,6 +403,9 @@ impl Service for Users {
             .ok_or_else(|| SessionError::InvalidUserDestination(request.destination.to_owned()))?;
         let subscriber = request.subscriber;
         let key = (subscriber.user.to_string(), name.to_owned());
+        if let Some(bus) = self.bus.get() {
+            return Ok(Some(self.subscribe_shared(bus, key, subscriber)));
+        }
         let mut queue = self.queues.entry(key.clone()).or_default();
         // Under the queue's entry lock: messages that waited go to this first subscription,
         // once, before anything published after it.
@@ -172,9 +413,11 @@ impl Service for Users {
             let backlog = WaitingMessages {
                 messages: std::mem::take(&mut queue.waiting),
                 stamp: subscriber.stamp(),
-                queue: key,
-                queues: self.queues.clone(),
-                store: self.store.clone(),
+                home: Home::Local {
+                    queue: key,
+                    queues: self.queues.clone(),
+                    store: self.store.clone(),
+                },
             };
             match subscriber.outbox.offer_backlog(backlog) {
                 Ok(()) => queue.bytes = 0,
@@ -192,6 +435,10 @@ impl Service for Users {
             return;
         };
         let id = (subscriber.user.to_string(), name.to_owned());
+        if let Some(bus) = self.bus.get() {
+            self.unsubscribe_shared(bus, id, subscriber);
+            return;
+        }
         if let Some(mut queue) = self.queues.get_mut(&id) {
             queue
                 .listeners
@@ -206,6 +453,9 @@ impl Service for Users {
             .ok_or_else(|| SessionError::InvalidUserDestination(request.destination.to_owned()))?;
         let delivered_as = format!("/user/queue/{name}");
         let publish = request.message(&delivered_as, &[]);
+        if let Some(bus) = self.bus.get() {
+            return Ok(self.publish_shared(bus, user, name, publish, request.message_id));
+        }
         let mut queue = self
             .queues
             .entry((user.to_owned(), name.to_owned()))

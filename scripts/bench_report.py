@@ -75,6 +75,19 @@ def cpu_of(r):
     return r.get("cpu_percent") or r.get("cpu_percent_while_connecting") or {}
 
 
+# Several nodes (issue #16): two nodes sharing Redis beside one node, same run.
+cluster_lines = ["| scenario | one node | two nodes and Redis | two vs one | Redis commands per publish | lost (two nodes) |", "|---|---|---|---|---|---|"]
+for title, one, two, key, unit, higher, digits in [
+    ("fan-out, 1,000 subscribers, publisher on node a", "fanout-1000-one-node", "fanout-1000-two-nodes", "deliveries_per_sec", "deliveries/s", True, 0),
+    ("rooms 100 × 10 at 10,000 deliveries/s, members on both nodes: p50", "rooms-10k-one-node", "rooms-10k-two-nodes", "p50_ms", "ms", False, 2),
+    ("rooms 100 × 10 at 10,000 deliveries/s, members on both nodes: p99", "rooms-10k-one-node", "rooms-10k-two-nodes", "p99_ms", "ms", False, 2),
+]:
+    a, b = median(one, "stoa", key), median(two, "stoa-2-nodes", key)
+    per = median(two, "stoa-2-nodes", "redis_commands_per_publish")
+    lost = median(two, "stoa-2-nodes", "lost")
+    share = (f"{b / a:.2f}×" if higher else f"{a / b:.2f}× as fast") if a and b else "—"
+    cluster_lines.append(f"| {title} ({unit}) | {fmt(a, digits)} | {fmt(b, digits)} | {share} | {fmt(per, 2)} | {fmt(lost)} |")
+
 cpu_lines = ["| scenario | broker under test | its CPU | generator CPU |", "|---|---|---|---|"]
 for label, target in sorted(by):
     b = [cpu_of(r).get("broker") for r in by[(label, target)]]
@@ -140,6 +153,12 @@ section = [
     "",
     *auth_lines,
     "",
+    "Several nodes: two stoa nodes and their redis-server together on CPU 0 (the one core a single node has), the",
+    "generator on CPU 1; the single node measured the same way in the same run. Redis's commands are its own count",
+    "(`INFO commandstats`) over the run, divided by the messages published (heartbeats and joins included).",
+    "",
+    *cluster_lines,
+    "",
     "CPU of the broker under test and of the generator while each scenario ran (percent of one core;",
     "the side at or near 100% is the limit of that row):",
     "",
@@ -155,4 +174,4 @@ if start >= 0 and end >= 0:
 else:
     doc += "\n## Side by side with RabbitMQ (issues #6, #7)\n\n" + "\n".join(section) + "\n"
 open(doc_path, "w").write(doc)
-print("\n".join(lines + [""] + auth_lines + [""] + cpu_lines))
+print("\n".join(lines + [""] + auth_lines + [""] + cluster_lines + [""] + cpu_lines))

@@ -232,10 +232,10 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
 
     /// Run as one node of several sharing Redis: `redis://[user:pass@]HOST:PORT[/DB]`
-    /// (`rediss://` for TLS). In progress (issue #16): nodes register, list each other
-    /// (`/api/nodes`), report Redis outages on `/healthz`, and share plain topics
-    /// (`/topic/...` other than rooms); rooms, presence, queues and direct messages are not
-    /// shared yet. A node that cannot reach Redis does not start.
+    /// (`rediss://` for TLS). Topics, rooms (numbering, history, presence), direct
+    /// messages and the room queries are shared; durable queues (`/queue/...`) are not yet
+    /// (issue #16): each node keeps its own. A node that cannot reach Redis does not start.
+    /// Run Redis with `appendonly yes` (docs/CLUSTER.md).
     #[arg(long, env = "STOA_CLUSTER")]
     pub cluster: Option<String>,
 

@@ -789,15 +789,12 @@ impl<T: Transport> Connection<T> {
                     })
                     .await;
                     // Answers from the cluster come within its time-out, or fail.
-                    let receipts = self.session.receipts();
-                    let wait = self
-                        .broker
-                        .shared
-                        .config
-                        .cluster_timeout_ms
-                        .saturating_add(1000);
-                    let _ =
-                        tokio::time::timeout(Duration::from_millis(wait), receipts.idle()).await;
+                    if let Some(receipts) = self.session.receipts() {
+                        let config = &self.broker.shared.config;
+                        let wait = Duration::from_millis(config.cluster_timeout_ms)
+                            + Duration::from_secs(1);
+                        let _ = tokio::time::timeout(wait, receipts.idle()).await;
+                    }
                 }
                 (None, CloseKind::Normal)
             }

@@ -184,10 +184,12 @@ pub async fn run(
     Ok(())
 }
 
-/// Starts this node's part in the cluster: topics and rooms shared, this node's previous
-/// life cleaned up after, dead nodes cleaned up after, the heartbeat. Returns the tasks
-/// that must finish before the process exits (room writes, then leaving the list).
-async fn join_cluster(
+/// Starts this node's part in the cluster: topics, rooms and user queues shared, this
+/// node's previous life cleaned up after, dead nodes cleaned up after, the heartbeat.
+/// Returns the tasks that must finish before the process exits (room and direct-message
+/// writes, then leaving the list), which end once `last` changes. Called by [`run`], and by
+/// tests that run several brokers in one process.
+pub async fn join_cluster(
     broker: &Arc<Broker>,
     cluster: &Arc<Cluster>,
     stop: &watch::Receiver<bool>,

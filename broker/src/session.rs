@@ -113,7 +113,7 @@ pub struct Session {
     /// Answers the frame being handled waits for (room messages kept in Redis).
     waits: Vec<Pending>,
     /// RECEIPTs waiting for the disk or the cluster, in order.
-    receipts: Arc<Receipts>,
+    receipts: Option<Arc<Receipts>>,
 }
 
 impl Session {
@@ -134,7 +134,7 @@ impl Session {
             viewer: None,
             durable_published: false,
             waits: Vec::new(),
-            receipts: Arc::new(Receipts::new(outbox.clone())),
+            receipts: None,
             outbox,
         }
     }
@@ -239,13 +239,18 @@ impl Session {
             return;
         };
         let answers = waits.len() + usize::from(durable);
-        if answers == 0 && self.receipts.is_idle() {
+        if answers == 0 && !self.has_waiting_receipts() {
             self.reply(&receipt);
             return;
         }
-        let ticket = self.receipts.open(receipt, self.version, answers);
+        // Made on first use: most sessions never wait for a receipt.
+        let receipts = self
+            .receipts
+            .get_or_insert_with(|| Arc::new(Receipts::new(self.outbox.clone())))
+            .clone();
+        let ticket = receipts.open(receipt, self.version, answers);
         if durable {
-            let receipts = self.receipts.clone();
+            let receipts = receipts.clone();
             // Only what is on disk is confirmed; either way the receipt no longer waits.
             let release = move |on_disk: bool| receipts.settle(ticket, on_disk, None);
             self.shared
@@ -255,7 +260,7 @@ impl Session {
                 .after(Completion::new(release));
         }
         for wait in waits {
-            let receipts = self.receipts.clone();
+            let receipts = receipts.clone();
             let outbox = self.outbox.clone();
             wait.then(move |settled| match settled {
                 Ok(seq) => receipts.settle(ticket, true, seq),
@@ -270,11 +275,11 @@ impl Session {
     /// Whether RECEIPTs are still waiting for the store or the cluster (the connection
     /// waits for them before it closes after DISCONNECT).
     pub fn has_waiting_receipts(&self) -> bool {
-        !self.receipts.is_idle()
+        self.receipts.as_ref().is_some_and(|r| !r.is_idle())
     }
 
-    /// The RECEIPTs that wait, to wait for them.
-    pub fn receipts(&self) -> Arc<Receipts> {
+    /// The RECEIPTs that wait, to wait for them (none if none ever did).
+    pub fn receipts(&self) -> Option<Arc<Receipts>> {
         self.receipts.clone()
     }
 

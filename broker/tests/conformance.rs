@@ -1,12 +1,13 @@
-//! What the broker's shared state must do, whatever keeps it (docs/ARCHITECTURE.md, "Next:
-//! the shared-state and delivery seams"): rooms numbered without holes, replay then live
+//! What the broker's shared state must do, whatever keeps it (docs/ARCHITECTURE.md,
+//! "Several nodes"): rooms numbered without holes, replay then live
 //! with no gap and no duplicate, presence transitions exactly once, queue leases, ACK, NACK,
 //! prefetch and redelivery, waiting direct messages delivered once.
 //!
 //! Written at the level of sessions (frames in, frames out, no sockets) against a
-//! [`Deployment`]: the nodes clients connect to. Today there is one, [`OneNode`], where
-//! every node is the same in-process broker; the Redis implementation of issue #16 adds a
-//! deployment of several brokers sharing one Redis, and these same tests run against it.
+//! [`Deployment`]: the nodes clients connect to. [`OneNode`]: every node is the same
+//! in-process broker. [`RedisNodes`]: three brokers in this process sharing a Debian
+//! `redis-server` started on a free port (`--cluster`); every test but the durable queue's
+//! runs on both (durable queues are not shared through Redis yet).
 //! Waiting is on the outbox's own wake-up, never a sleep; the clock is the real one, since
 //! durable queues and waiting direct messages are confirmed by the store's writer thread,
 //! which a paused tokio clock would not wait for (it would jump to the time-out instead).
@@ -18,8 +19,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use broker::Config;
+use broker::cluster::Cluster;
 use broker::connection::compose;
 use broker::outbox::{Outbox, Outgoing};
+use broker::server::join_cluster;
 use broker::session::Session;
 use broker::state::Broker;
 use broker::store::MemoryStore;
@@ -61,6 +64,96 @@ impl Drop for OneNode {
 impl Deployment for OneNode {
     fn node(&self, _: usize) -> Arc<Broker> {
         self.0.clone()
+    }
+}
+
+/// Three brokers in this process, each a node of one cluster on its own `redis-server`.
+/// Everything it started goes with it.
+struct RedisNodes {
+    brokers: Vec<Arc<Broker>>,
+    redis: std::process::Child,
+    dirs: Vec<std::path::PathBuf>,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl RedisNodes {
+    async fn new() -> RedisNodes {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let redis = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server (scripts/test.sh installs Debian's package)");
+        // Ready once it accepts a connection.
+        let deadline = std::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let mut brokers = Vec::new();
+        let mut dirs = Vec::new();
+        for i in 0..3 {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir()
+                .join(format!("stoa-conformance-redis-{}-{n}", std::process::id()));
+            let url = format!("redis://127.0.0.1:{port}");
+            let name = format!("node-{i}");
+            let config = Config::try_parse_args([
+                "stoa",
+                "--data-dir",
+                &dir.to_string_lossy(),
+                "--cluster",
+                &url,
+                "--node-name",
+                &name,
+            ])
+            .unwrap();
+            let settings = config.cluster_settings().unwrap();
+            let cluster = Arc::new(Cluster::join(settings, 0).await.unwrap());
+            let broker = Arc::new(
+                Broker::with_store(config, Arc::new(MemoryStore::default()))
+                    .unwrap()
+                    .with_cluster(cluster.clone()),
+            );
+            join_cluster(&broker, &cluster, &stop_rx, &stop_rx).await;
+            brokers.push(broker);
+            dirs.push(dir);
+        }
+        RedisNodes {
+            brokers,
+            redis,
+            dirs,
+            _stop: stop,
+        }
+    }
+}
+
+impl Drop for RedisNodes {
+    fn drop(&mut self) {
+        let _ = self.redis.kill();
+        let _ = self.redis.wait();
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl Deployment for RedisNodes {
+    fn node(&self, i: usize) -> Arc<Broker> {
+        self.brokers[i % self.brokers.len()].clone()
     }
 }
 
@@ -425,4 +518,26 @@ async fn one_node_a_queue_leases_to_one_consumer_and_redelivers_what_was_not_ack
 #[tokio::test]
 async fn one_node_a_direct_message_waits_for_its_user_and_goes_once() {
     a_direct_message_waits_for_its_user_and_goes_once(&OneNode::new()).await;
+}
+
+// ---- three nodes sharing Redis ----
+
+#[tokio::test]
+async fn redis_rooms_number_every_message_once_in_one_order() {
+    rooms_number_every_message_once_in_one_order(&RedisNodes::new().await).await;
+}
+
+#[tokio::test]
+async fn redis_a_replay_since_joins_live_with_no_gap_and_no_duplicate() {
+    a_replay_since_joins_live_with_no_gap_and_no_duplicate(&RedisNodes::new().await).await;
+}
+
+#[tokio::test]
+async fn redis_presence_changes_on_the_first_and_last_session_exactly_once() {
+    presence_changes_on_the_first_and_last_session_exactly_once(&RedisNodes::new().await).await;
+}
+
+#[tokio::test]
+async fn redis_a_direct_message_waits_for_its_user_and_goes_once() {
+    a_direct_message_waits_for_its_user_and_goes_once(&RedisNodes::new().await).await;
 }

@@ -34,13 +34,6 @@ impl Global {
     fn urls(&self) -> Vec<&str> {
         self.url.iter().map(String::as_str).collect()
     }
-
-    /// The first URL (clap's default makes sure there is one).
-    fn first_url(&self) -> &str {
-        self.url
-            .first()
-            .map_or("ws://127.0.0.1:8080/ws", String::as_str)
-    }
 }
 
 #[derive(Debug, Args)]
@@ -357,7 +350,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Chat { room, name } => chat(&cli.global, &room, &name).await,
         Cmd::Bench(scenario) => {
             let options = options(&cli.global, None)?.heart_beat(0, 0);
-            let result = bench::run(cli.global.first_url(), &options, scenario)
+            let result = bench::run(&cli.global.urls(), &options, scenario)
                 .await
                 .map_err(|e| match e {
                     bench::BenchError::Client(e) => Failure::from(e),

@@ -104,3 +104,46 @@ fn every_scenario_runs_and_loses_nothing() {
     assert!(conns["broker_rss_kib_after"].as_u64().unwrap() > 0);
     assert!(conns["cpu_percent_while_connecting"]["broker"].is_number());
 }
+
+#[test]
+fn fanout_and_rooms_spread_over_two_nodes_lose_nothing() {
+    let redis = integration_tests::Redis::start();
+    let url = redis.url();
+    let a = Broker::start(&["--cluster", &url, "--node-name", "smoke-a"]);
+    let b = Broker::start(&["--cluster", &url, "--node-name", "smoke-b"]);
+    let both = format!("{},{}", a.ws_url(), b.ws_url());
+    // Subscribers alternate a, b; the publisher is on a.
+    let fanout = bench(
+        &a,
+        &both,
+        &["fanout", "--subscribers", "6", "--messages", "300"],
+    );
+    assert_eq!(
+        (
+            fanout["deliveries"].as_u64(),
+            fanout["lost"].as_u64(),
+            fanout["out_of_order"].as_u64()
+        ),
+        (Some(1800), Some(0), Some(0)),
+        "{fanout}"
+    );
+    assert_eq!(fanout["broker"], serde_json::json!(both));
+    // Every room has members on both nodes.
+    let rooms = bench(
+        &b,
+        &both,
+        &[
+            "rooms",
+            "--rooms",
+            "3",
+            "--members",
+            "4",
+            "--rate",
+            "400",
+            "--seconds",
+            "1",
+        ],
+    );
+    assert_eq!(rooms["lost"], 0, "{rooms}");
+    assert!(rooms["steps"][0]["messages_sent"].as_u64().unwrap() > 0);
+}

@@ -1,14 +1,15 @@
-//! Several nodes through Redis (`../shared/design/cluster.md`): this node's membership.
+//! Several nodes through Redis (`../shared/design/cluster.md`): this node's membership and
+//! the bus (docs/ARCHITECTURE.md, "Several nodes").
 //!
 //! In: `--cluster URL`, the node's name, prefix and time-outs, and the number of client
 //! connections open now. Out: a heartbeat key per node (`<prefix>node:<name>`, holding its
 //! name, connections and the time it was written, expiring after `--cluster-node-timeout-ms`)
-//! listed in the set `<prefix>nodes`; the list of live nodes; and whether Redis answers,
-//! for `/healthz`. And the topic bus: a plain topic's messages published on one node reach
-//! the subscribers of the others through Redis pub/sub (one channel per topic key; a node
-//! listens only to keys and patterns its own clients subscribe to). Rooms, presence, queues
-//! and direct messages are not shared yet (docs/ARCHITECTURE.md, "Next: the shared-state
-//! and delivery seams").
+//! listed in the set `<prefix>nodes`, written only while the node's incarnation still holds
+//! `<prefix>member:<name>` (other nodes delete it when they declare the node dead; the node
+//! then closes its sessions and joins again); the live and the dead nodes; whether Redis
+//! answers, for `/healthz`. And the bus: what other nodes publish on the channels this node
+//! listens to (topic keys and patterns, rooms, user queues its clients are subscribed to),
+//! handed to the services. Rooms' and user queues' scripts are in [`rooms`] and [`users`].
 
 pub mod rooms;
 pub mod users;
@@ -104,6 +105,8 @@ pub struct Cluster {
 enum Interest {
     Channel(String, bool, Option<oneshot::Sender<()>>),
     Pattern(String, bool),
+    /// Answered once every change before it was made in Redis.
+    Barrier(oneshot::Sender<()>),
 }
 
 /// Where messages from other nodes go: the topic key, the glob it came through (`None`
@@ -556,6 +559,14 @@ impl Cluster {
         let _ = self.interest.send(change);
     }
 
+    /// Answers once every change to what this node listens to asked so far was made in
+    /// Redis (while Redis answers).
+    pub fn listening(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.interest.send(Interest::Barrier(tx));
+        rx
+    }
+
     /// Starts (`on`) or stops listening to user queue `queue` (`<user>/<name>`); the
     /// answer comes once Redis confirmed it.
     pub fn listen_user(&self, queue: &str, on: bool) -> oneshot::Receiver<()> {
@@ -666,6 +677,10 @@ impl Cluster {
                                     let _ = confirm.send(());
                                 }
                                 failed
+                            }
+                            Interest::Barrier(done) => {
+                                let _ = done.send(());
+                                false
                             }
                             Interest::Pattern(p, true) => patterns.insert(p.clone()) && sink.psubscribe(p).await.is_err(),
                             Interest::Pattern(p, false) => patterns.remove(&p) && sink.punsubscribe(p).await.is_err(),

@@ -17,7 +17,7 @@ use crate::destination::{
 };
 use crate::error::SessionError;
 use crate::message::Publish;
-use crate::receipts::Pending;
+use crate::receipts::{Pending, pending};
 use crate::service::{
     Fanout, PublishRequest, Published, Service, SubscribeRequest, Subscriber, deliver,
 };
@@ -203,7 +203,20 @@ impl Service for Topics {
     fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<Option<Pending>, SessionError> {
         check_subscribe_key(request.key)?;
         self.add(request.key, request.subscriber);
-        Ok(None)
+        // With `--cluster`, the RECEIPT waits until this node listens to the key in Redis:
+        // what is published anywhere after it reaches the subscriber.
+        let Some(cluster) = self.cluster.get() else {
+            return Ok(None);
+        };
+        let (pending, answer) = pending();
+        let (listening, timeout) = (cluster.listening(), cluster.timeout());
+        tokio::spawn(async move {
+            // Without Redis, local subscribers are served meanwhile; the bus listens once
+            // it is back.
+            let _ = tokio::time::timeout(timeout, listening).await;
+            answer.complete(Ok(None));
+        });
+        Ok(Some(pending))
     }
 
     fn unsubscribe(&self, key: &str, subscriber: &Subscriber) {

@@ -154,15 +154,19 @@ pub enum BenchError {
     NoTokens(String),
 }
 
+/// Runs `scenario` against `urls`: the fan-out and rooms scenarios spread their
+/// connections over every URL given (the nodes of a cluster: subscribers and members
+/// round-robin, the fan-out's publisher on the first); the others use the first.
 pub async fn run(
-    url: &str,
+    urls: &[&str],
     options: &Options,
     scenario: Scenario,
 ) -> Result<serde_json::Value, BenchError> {
+    let url = urls.first().copied().unwrap_or_default();
     match scenario {
         Scenario::Queue(args) => queue(url, options, args).await,
-        Scenario::Fanout(args) => fanout(url, options, args).await,
-        Scenario::Rooms(args) => rooms(url, options, args).await,
+        Scenario::Fanout(args) => fanout(urls, options, args).await,
+        Scenario::Rooms(args) => rooms(urls, options, args).await,
         Scenario::Conns(args) => conns(url, options, args).await,
     }
 }
@@ -172,6 +176,14 @@ fn unique(prefix: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     format!("{prefix}{:x}", nanos & 0xffff_ffff_ffff)
+}
+
+/// The targets of `urls`, in order; the first URL's alone when none is given.
+fn targets(urls: &[&str], options: &Options) -> Result<Vec<Target>, BenchError> {
+    match urls {
+        [] => Ok(vec![target("", options)?]),
+        urls => urls.iter().map(|url| target(url, options)).collect(),
+    }
 }
 
 /// The lean connection's target for `url` with the command line's credentials.
@@ -300,20 +312,21 @@ async fn queue(
 }
 
 async fn fanout(
-    url: &str,
+    urls: &[&str],
     options: &Options,
     args: FanoutArgs,
 ) -> Result<serde_json::Value, BenchError> {
-    let target = target(url, options)?;
+    let targets = targets(urls, options)?;
+    let url = urls.join(",");
     let destination = format!("/topic/{}", unique("bench.fanout."));
     let body = bytes::Bytes::from(vec![b'f'; args.size]);
     let mut subscribers = Vec::new();
-    for _ in 0..args.subscribers {
-        let (mut reader, mut writer) = open(&target, options).await?;
+    for i in 0..args.subscribers {
+        let (mut reader, mut writer) = open(&targets[i % targets.len()], options).await?;
         subscribe(&mut reader, &mut writer, &destination).await?;
         subscribers.push((reader, writer));
     }
-    let (mut receipts, mut publisher) = open(&target, options).await?;
+    let (mut receipts, mut publisher) = open(&targets[0], options).await?;
     let lost = Arc::new(AtomicU64::new(0));
     let out_of_order = Arc::new(AtomicU64::new(0));
     let delivered = Arc::new(AtomicU64::new(0));
@@ -445,19 +458,21 @@ struct Member {
 }
 
 async fn rooms(
-    url: &str,
+    urls: &[&str],
     options: &Options,
     args: RoomsArgs,
 ) -> Result<serde_json::Value, BenchError> {
-    let target = target(url, options)?;
+    let targets = targets(urls, options)?;
+    let url = urls.join(",");
     let tag = unique("bench");
     let epoch = Instant::now();
     let mut members = Vec::new();
     let mut readers = Vec::new();
     let tallies = Tallies::default();
     for room in 0..args.rooms {
-        for _ in 0..args.members {
-            let (mut reader, mut writer) = open(&target, options).await?;
+        for k in 0..args.members {
+            let target = &targets[(room * args.members + k) % targets.len()];
+            let (mut reader, mut writer) = open(target, options).await?;
             subscribe(
                 &mut reader,
                 &mut writer,

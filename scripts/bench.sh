@@ -173,52 +173,11 @@ for run_no in $(seq 1 "$RUNS"); do
   fresh_rabbit
   run rooms-100k stoa "${stoa_ws[@]}" bench rooms --rooms 100 --members 10 --rate 100000 --seconds 5 --pid "$main_stoa"
 done
-# Several nodes (issue #16): two stoa nodes sharing one redis-server, all three on CPU 0
-# (the server side has the one core a single node has), the generator on CPU 1. Fan-out:
-# the publisher on node a, subscribers alternating a, b. Rooms: members alternating a, b,
-# so every room spans both. Beside each, the single node (main_stoa) measured the same way
-# in the same run; and Redis's own count of the commands it ran, per message published.
-echo "==> two stoa nodes sharing a redis-server"
-redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-taskset -c 0 redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no \
-  --daemonize no > "$out/redis.log" 2>&1 &
-redis_pid=$!
-for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
-start_stoa "$out/stoa-node-a.log" --cluster "redis://127.0.0.1:$redis_port" --node-name bench-a
-node_a=$stoa_pid node_a_http=$stoa_http
-start_stoa "$out/stoa-node-b.log" --cluster "redis://127.0.0.1:$redis_port" --node-name bench-b
-node_b=$stoa_pid node_b_http=$stoa_http
-trap 'stop_stoa $main_stoa; stop_stoa $node_a; stop_stoa $node_b; kill $redis_pid 2>/dev/null; rm -rf "${data_dirs[@]}"' EXIT
-two_nodes=(--url "ws://$node_a_http/ws" --url "ws://$node_b_http/ws")
-# redis_calls: every command Redis has run since it started.
-redis_calls() { redis-cli -p "$redis_port" info commandstats | awk -F'[=,]' '/^cmdstat_/ { n += $2 } END { print n + 0 }'; }
-# run_cluster LABEL ARGS...: as run, with Redis's commands during the run added to the line.
-run_cluster() {
-  local label=$1; shift
-  local before after line
-  settle
-  before=$(redis_calls)
-  if line=$(gen "$@" 2>/dev/null | tail -1) && [ -n "$line" ]; then
-    after=$(redis_calls)
-    python3 -c '
-import json, sys
-d = json.loads(sys.argv[1]); d["label"] = sys.argv[2]; d["target"] = "stoa-2-nodes"
-d["redis_commands"] = int(sys.argv[4]) - int(sys.argv[3])
-sent = d.get("messages") or (d.get("steps") or [{}])[-1].get("messages_sent")
-d["redis_commands_per_publish"] = d["redis_commands"] / sent if sent else None
-print(json.dumps(d))' "$line" "$label" "$before" "$after" >> "$results"
-    echo "   stoa-2-nodes $label: ok"
-  else
-    echo "   stoa-2-nodes $label: FAILED" >&2
-  fi
-}
-for run_no in $(seq 1 "$RUNS"); do
-  echo "==> several nodes, run $run_no of $RUNS"
-  run fanout-1000-one-node stoa "${stoa_ws[@]}" bench fanout --subscribers 1000 --messages 5000 --pid "$main_stoa"
-  run_cluster fanout-1000-two-nodes "${two_nodes[@]}" bench fanout --subscribers 1000 --messages 5000 --pid "$node_a"
-  run rooms-10k-one-node stoa "${stoa_ws[@]}" bench rooms --rooms 100 --members 10 --rate 10000 --seconds 5 --pid "$main_stoa"
-  run_cluster rooms-10k-two-nodes "${two_nodes[@]}" bench rooms --rooms 100 --members 10 --rate 10000 --seconds 5 --pid "$node_a"
-done
+# Several nodes (issue #16): two nodes sharing Redis beside one node, in a script of its
+# own (it can run alone); its lines join this run's results.
+echo "==> several nodes"
+RUNS=$RUNS scripts/bench-cluster.sh
+cat "$out/cluster.jsonl" >> "$results"
 
 echo "==> stoa: highest room rate with p99 under 50 ms"
 run rooms-step stoa "${stoa_ws[@]}" bench rooms --rooms 100 --members 10 --rate 200000 --seconds 3 --step --pid "$main_stoa"

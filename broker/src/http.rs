@@ -232,7 +232,11 @@ async fn asset(content_type: &'static str, body: &'static str) -> Response {
 async fn healthz(State(state): State<AppState>) -> Response {
     match &state.broker.cluster {
         Some(cluster) if !cluster.is_reachable() => {
-            let body = serde_json::json!({ "status": "degraded", "cluster": "unreachable" });
+            let mut body = serde_json::json!({ "status": "degraded", "cluster": "unreachable" });
+            // Redis answered, with an error (out of memory, a read-only replica): say which.
+            if let Some(reason) = cluster.refusal() {
+                body["reason"] = serde_json::Value::String(reason);
+            }
             json_response(StatusCode::SERVICE_UNAVAILABLE, body.to_string())
         }
         _ => (StatusCode::OK, "ok\n").into_response(),

@@ -408,6 +408,30 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Runs one command, as `redis-cli` would; the first line of the answer (`+OK`,
+    /// `:12`, `$2` for a bulk string, whose value is the second line...), both lines for a
+    /// bulk string joined by a space.
+    pub fn command(&self, args: &[&str]) -> String {
+        use std::io::{BufRead, Write};
+        let mut socket =
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect to Redis");
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        socket.write_all(request.as_bytes()).expect("send to Redis");
+        let mut reader = std::io::BufReader::new(socket);
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("read Redis's answer");
+        let mut answer = line.trim_end().to_owned();
+        if answer.starts_with('$') && answer != "$-1" {
+            let mut value = String::new();
+            reader.read_line(&mut value).expect("read Redis's answer");
+            answer = format!("{answer} {}", value.trim_end());
+        }
+        answer
+    }
+
     /// Stops it at once (`kill -9`).
     pub fn stop(&mut self) {
         let _ = self.child.kill();

@@ -537,3 +537,51 @@ async fn rooms_carry_on_after_redis_restarts_and_a_send_without_redis_ends_with_
     assert!(!heard.iter().any(|h| h.body == "during"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn redis_refusing_writes_is_an_outage_for_those_frames_and_nothing_is_half_written() {
+    let redis = Redis::start();
+    let a = node(&redis, "node-a");
+    let (mut watcher, mut heard) = member(&a, "watcher", "vault", &[]).await;
+    let (mut alice, _) = member(&a, "alice", "vault", &[]).await;
+    let (kept, _) = send_numbered(&mut alice, "vault", "before").await;
+    heard.extend(until_body(&mut watcher, "before").await);
+    // Out of memory under maxmemory with noeviction (Debian's default policy).
+    assert_eq!(redis.command(&["CONFIG", "SET", "maxmemory", "1"]), "+OK");
+    let deadline = Instant::now() + WAIT;
+    let body = loop {
+        let (status, body) = a.http_get("/healthz").await;
+        if status == 503 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "healthz stayed {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["status"], "degraded");
+    assert!(json["reason"].as_str().unwrap().contains("OOM"), "{json}");
+    let mut f = say("vault", "during");
+    f.headers.push("receipt", "during");
+    alice.send(&f).await;
+    error_after_messages(&mut alice, "cluster unavailable").await;
+    // The next x-seq was not taken, nothing was kept.
+    assert_eq!(
+        redis.command(&["HGET", "stoa:room:vault", "seq"]),
+        format!("${} {kept}", kept.to_string().len())
+    );
+    assert_eq!(
+        redis.command(&["XLEN", "stoa:room:vault:log"]),
+        format!(":{kept}")
+    );
+    // Memory back: the node serves again, unrestarted, and the room goes on without a gap.
+    assert_eq!(redis.command(&["CONFIG", "SET", "maxmemory", "0"]), "+OK");
+    let deadline = Instant::now() + WAIT;
+    while a.http_get("/healthz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "healthz never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut marker = Conn::open_as(&a, "marker").await;
+    heard.extend(heard_up_to_marker(&mut marker, &mut watcher, "vault", "after").await);
+    assert_in_order("watcher", &heard);
+    assert!(!heard.iter().any(|h| h.body == "during"));
+}

@@ -84,6 +84,8 @@ pub struct Cluster {
     settings: ClusterSettings,
     /// Whether the last exchange with Redis succeeded.
     reachable: AtomicBool,
+    /// Why Redis refused the last heartbeat, when it answered with an error.
+    refusal: Mutex<Option<String>>,
     /// This node's life in the cluster: a number Redis gave it when it joined, held in
     /// `<prefix>member:<node>` until other nodes declare it dead.
     incarnation: AtomicU64,
@@ -214,6 +216,7 @@ impl Cluster {
             client,
             settings,
             reachable: AtomicBool::new(false),
+            refusal: Mutex::new(None),
             incarnation: AtomicU64::new(0),
             fenced: watch::Sender::new(0),
             outgoing,
@@ -274,6 +277,12 @@ impl Cluster {
         Ok(())
     }
 
+    /// Why Redis refused the last heartbeat, if it answered with an error rather than not
+    /// at all.
+    pub fn refusal(&self) -> Option<String> {
+        self.refusal.lock().ok().and_then(|r| r.clone())
+    }
+
     /// Whether Redis answered the last heartbeat.
     pub fn is_reachable(&self) -> bool {
         self.reachable.load(Ordering::Acquire)
@@ -316,6 +325,18 @@ return 1
             .invoke_async(&mut redis)
             .await;
         let ok = result.is_ok();
+        let refusal = match &result {
+            Err(e) if e.code().is_some() => Some(e.to_string()),
+            _ => None,
+        };
+        if let Ok(mut last) = self.refusal.lock()
+            && *last != refusal
+        {
+            if let Some(reason) = &refusal {
+                warn!("Redis refuses this node's writes: {reason}");
+            }
+            *last = refusal;
+        }
         if self.reachable.swap(ok, Ordering::AcqRel) != ok {
             if ok {
                 info!("Redis answers again");

@@ -182,6 +182,11 @@ pub enum SessionError {
     /// Redis did not take a change this session asked for within `--cluster-timeout-ms`.
     #[error("cluster unavailable")]
     ClusterUnavailable,
+    /// A durable queue was full, as Redis answered (`--cluster`).
+    #[error(
+        "queue full: at most --queue-max-messages messages and --queue-max-bytes bytes wait in a queue"
+    )]
+    SharedQueueFull,
     /// A direct message found its user's queue full, as Redis answered (`--cluster`).
     #[error(
         "user queue full: at most --user-queue-limit messages and --user-queue-bytes bytes wait for their user"

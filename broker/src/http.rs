@@ -315,9 +315,13 @@ fn cluster_unavailable() -> Response {
 }
 
 async fn api_queues(State(state): State<AppState>) -> Response {
-    let body =
-        serde_json::json!({ "queues": state.broker.shared.router.queues.stats() }).to_string();
-    json_response(StatusCode::OK, body)
+    match state.broker.shared.router.queues.stats_answer().await {
+        Ok(queues) => json_response(
+            StatusCode::OK,
+            serde_json::json!({ "queues": queues }).to_string(),
+        ),
+        Err(_) => cluster_unavailable(),
+    }
 }
 
 async fn api_room(

@@ -139,6 +139,8 @@ pub enum End {
     /// A direct message found its user's queue full (`--cluster`, where the answer comes
     /// from Redis after the SEND was handled).
     UserQueueFull = 4,
+    /// A durable queue was full (`--cluster`, the answer coming from Redis).
+    QueueFull = 5,
 }
 
 /// About how many bytes the writer pulls from a backlog per batch.
@@ -208,6 +210,7 @@ impl Outbox {
             2 => Some(End::ClusterUnavailable),
             3 => Some(End::MembershipLost),
             4 => Some(End::UserQueueFull),
+            5 => Some(End::QueueFull),
             _ => None,
         }
     }
@@ -424,6 +427,7 @@ impl From<End> for SessionError {
             End::ClusterUnavailable => SessionError::ClusterUnavailable,
             End::MembershipLost => SessionError::MembershipLost,
             End::UserQueueFull => SessionError::SharedUserQueueFull,
+            End::QueueFull => SessionError::SharedQueueFull,
         }
     }
 }

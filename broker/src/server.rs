@@ -22,6 +22,7 @@ use tower_service::Service as _;
 use tracing::{debug, info, warn};
 
 use crate::admission::{Busy, Ticket};
+use crate::cluster::queues::QueueBus;
 use crate::cluster::rooms::{RoomBus, RoomLimits};
 use crate::cluster::users::UserBus;
 use crate::cluster::{Cluster, Handlers};
@@ -216,6 +217,20 @@ pub async fn join_cluster(
     ));
     router.users.attach(user_bus.clone());
     let sends = tokio::spawn(user_bus.run(last.clone()));
+    let queue_bus = Arc::new(QueueBus::new(
+        cluster.clone(),
+        (config.queue_max_messages, config.queue_max_bytes),
+    ));
+    router.queues.attach(queue_bus.clone());
+    let queue_writes = tokio::spawn(queue_bus.run(last.clone()));
+    match router.queues.reap(cluster.node(), true).await {
+        Ok(0) => {}
+        Ok(n) => info!(
+            messages = n,
+            "handed back the queue messages this node's previous run held"
+        ),
+        Err(e) => warn!("could not hand back this node's previous run's queue messages: {e}"),
+    }
     if let Err(e) = router.users.reap(cluster.node(), true).await {
         warn!("could not take this node's previous run's direct-message subscriptions out: {e}");
     }
@@ -230,6 +245,7 @@ pub async fn join_cluster(
     }
     let (room_rooms, caught_up) = (rooms.clone(), rooms.clone());
     let users_broker = broker.clone();
+    let (queues_broker, woken) = (broker.clone(), broker.clone());
     let handlers = Handlers {
         // What other nodes publish goes to this node's subscribers only.
         topic: Arc::new(move |key, glob, publish| topics.fan_out_from_cluster(key, glob, publish)),
@@ -241,7 +257,11 @@ pub async fn join_cluster(
                 .users
                 .from_cluster(queue, publish)
         }),
-        relistened: Arc::new(move || caught_up.catch_up()),
+        queue: Arc::new(move |queue| queues_broker.shared.router.queues.wake(queue)),
+        relistened: Arc::new(move || {
+            caught_up.catch_up();
+            woken.shared.router.queues.wake_all();
+        }),
     };
     tokio::spawn(cluster.clone().run_bus(handlers, stop.clone()));
     tokio::spawn(clean_up_after_dead_nodes(
@@ -272,7 +292,7 @@ pub async fn join_cluster(
             .load(std::sync::atomic::Ordering::Relaxed)
     };
     let heartbeat = tokio::spawn(cluster.clone().run(connections, last.clone()));
-    vec![writes, sends, heartbeat]
+    vec![writes, sends, queue_writes, heartbeat]
 }
 
 /// Every third of the node time-out: nodes whose heartbeat expired are declared dead
@@ -301,6 +321,16 @@ async fn clean_up_after_dead_nodes(
                 Ok(false) => continue,
                 Err(e) => {
                     debug!("declaring {node} dead: {e}");
+                    continue;
+                }
+            }
+            match router.queues.reap(&node, false).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    info!(%node, messages = n, "a node stopped answering: its consumers' unacknowledged messages go back to their queues")
+                }
+                Err(e) => {
+                    debug!("cleaning up after {node}: {e}");
                     continue;
                 }
             }

@@ -6,8 +6,7 @@
 //! Written at the level of sessions (frames in, frames out, no sockets) against a
 //! [`Deployment`]: the nodes clients connect to. [`OneNode`]: every node is the same
 //! in-process broker. [`RedisNodes`]: three brokers in this process sharing a Debian
-//! `redis-server` started on a free port (`--cluster`); every test but the durable queue's
-//! runs on both (durable queues are not shared through Redis yet).
+//! `redis-server` started on a free port (`--cluster`). Every test runs on both.
 //! Waiting is on the outbox's own wake-up, never a sleep; the clock is the real one, since
 //! durable queues and waiting direct messages are confirmed by the store's writer thread,
 //! which a paused tokio clock would not wait for (it would jump to the time-out instead).
@@ -540,4 +539,12 @@ async fn redis_presence_changes_on_the_first_and_last_session_exactly_once() {
 #[tokio::test]
 async fn redis_a_direct_message_waits_for_its_user_and_goes_once() {
     a_direct_message_waits_for_its_user_and_goes_once(&RedisNodes::new().await).await;
+}
+
+#[tokio::test]
+async fn redis_a_queue_leases_to_one_consumer_and_redelivers_what_was_not_acknowledged() {
+    a_queue_leases_to_one_consumer_and_redelivers_what_was_not_acknowledged(
+        &RedisNodes::new().await,
+    )
+    .await;
 }

@@ -11,6 +11,7 @@
 //! listens to (topic keys and patterns, rooms, user queues its clients are subscribed to),
 //! handed to the services. Rooms' and user queues' scripts are in [`rooms`] and [`users`].
 
+pub mod queues;
 pub mod rooms;
 pub mod users;
 
@@ -132,6 +133,8 @@ pub struct Handlers {
     /// Direct messages heard on a user queue's channel: the queue (`<user>/<name>`) and
     /// the message.
     pub user: RoomInbound,
+    /// A durable queue's wake-up: it may have messages ready.
+    pub queue: Arc<dyn Fn(&str) + Send + Sync>,
     /// Called after the bus listened again.
     pub relistened: Arc<dyn Fn() + Send + Sync>,
 }
@@ -393,7 +396,8 @@ return 1
     /// Redis did not answer.
     pub async fn forget_node(&self, node: &str) -> redis::RedisResult<()> {
         const FORGET: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HLEN', KEYS[2]) > 0 or redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('HLEN', KEYS[2]) > 0 or redis.call('EXISTS', KEYS[4]) == 1
+   or redis.call('EXISTS', KEYS[5]) == 1 or redis.call('EXISTS', KEYS[6]) == 1 then return 0 end
 redis.call('SREM', KEYS[3], ARGV[1])
 return 1
 ";
@@ -403,6 +407,8 @@ return 1
             .key(format!("{}presence:{node}", self.settings.prefix))
             .key(self.nodes_key())
             .key(format!("{}dmsubs:{node}", self.settings.prefix))
+            .key(format!("{}qleases:{node}", self.settings.prefix))
+            .key(format!("{}qsubs:{node}", self.settings.prefix))
             .arg(node)
             .invoke_async(&mut redis)
             .await?;
@@ -588,6 +594,15 @@ impl Cluster {
         rx
     }
 
+    /// Starts (`on`) or stops listening to durable queue `queue`'s wake-ups; the answer
+    /// comes once Redis confirmed it.
+    pub fn listen_queue(&self, queue: &str, on: bool) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let channel = format!("{}queue:{queue}", self.settings.prefix);
+        let _ = self.interest.send(Interest::Channel(channel, on, Some(tx)));
+        rx
+    }
+
     /// Starts (`on`) or stops listening to user queue `queue` (`<user>/<name>`); the
     /// answer comes once Redis confirmed it.
     pub fn listen_user(&self, queue: &str, on: bool) -> oneshot::Receiver<()> {
@@ -655,6 +670,7 @@ impl Cluster {
         let mut patterns: HashSet<String> = HashSet::new();
         let prefix_len = format!("{}topic:", self.settings.prefix).len();
         let user_prefix = format!("{}user:", self.settings.prefix);
+        let queue_prefix = format!("{}queue:", self.settings.prefix);
         let mut first = true;
         loop {
             // (Re)connect, and listen again to everything wanted.
@@ -711,6 +727,10 @@ impl Cluster {
                     message = stream.next() => {
                         let Some(message) = message else { break };
                         let channel = message.get_channel_name();
+                        if let Some(queue) = channel.strip_prefix(queue_prefix.as_str()) {
+                            (handlers.queue)(queue);
+                            continue;
+                        }
                         if let Some(queue) = channel.strip_prefix(user_prefix.as_str()) {
                             match decode_bus_message(message.get_payload_bytes()) {
                                 Some((_, publish)) => (handlers.user)(queue, publish),

@@ -8,15 +8,17 @@
 //! `redelivered:true`.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use dashmap::DashMap;
 
+use crate::cluster::queues::{Leased, Put, QueueBus};
 use crate::durable::{KeptQueue, QueueStore};
 use crate::error::SessionError;
 use crate::message::{Publish, SessionId};
-use crate::outbox::Mark;
-use crate::receipts::Pending;
+use crate::outbox::{End, Mark};
+use crate::receipts::{Pending, pending};
 use crate::service::{Fanout, PublishRequest, Published, Service, SubscribeRequest, Subscriber};
 
 /// Queue limits.
@@ -52,6 +54,8 @@ struct Consumer {
     subscriber: Subscriber,
     prefetch: usize,
     in_flight: usize,
+    /// With `--cluster`: asking Redis for messages now.
+    pulling: bool,
 }
 
 impl Consumer {
@@ -93,6 +97,8 @@ pub struct Queues {
     queues: DashMap<String, Arc<Mutex<Queue>>>,
     store: Arc<QueueStore>,
     limits: QueueLimits,
+    /// With `--cluster`: the queues' side of the cluster, which keeps the messages.
+    bus: OnceLock<Arc<QueueBus>>,
 }
 
 fn lock(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
@@ -133,6 +139,7 @@ impl Queues {
             queues,
             store,
             limits,
+            bus: OnceLock::new(),
         }
     }
 
@@ -201,6 +208,10 @@ impl Queues {
     /// Settles messages a consumer ACKed (`ack`) or NACKed: ACKed ones leave the queue,
     /// NACKed ones go back to its front to be delivered again.
     pub fn settle_ids(&self, name: &str, ids: &[u64], ack: bool) {
+        if let Some(bus) = self.bus.get() {
+            self.settle_shared(bus, name, ids, ack);
+            return;
+        }
         let Some(queue) = self.queues.get(name).map(|q| q.clone()) else {
             return;
         };
@@ -229,6 +240,253 @@ impl Queues {
     }
 }
 
+/// With `--cluster`: Redis keeps the messages and leases them to consumers anywhere; this
+/// node keeps its own consumers and what they hold.
+impl Queues {
+    /// Shares the queues through `bus` from now on: what this node kept on its own disk
+    /// stays there, for when it runs alone again.
+    pub fn attach(&self, bus: Arc<QueueBus>) {
+        if self.bus.set(bus).is_ok() {
+            self.queues.clear();
+        }
+    }
+
+    /// Every queue's figures, cluster-wide with `--cluster` (read from Redis).
+    ///
+    /// # Errors
+    /// Redis did not answer.
+    pub async fn stats_answer(&self) -> Result<Vec<QueueStats>, redis::RedisError> {
+        let Some(bus) = self.bus.get() else {
+            return Ok(self.stats());
+        };
+        Ok(bus
+            .stats()
+            .await?
+            .into_iter()
+            .map(|s| QueueStats {
+                queue: s.queue,
+                ready: s.ready,
+                unacked: s.unacked,
+                consumers: s.consumers,
+            })
+            .collect())
+    }
+
+    /// Hands a dead node's leases back and takes its consumers out (or this node's
+    /// previous run's, `force`).
+    ///
+    /// # Errors
+    /// Redis did not answer.
+    pub async fn reap(&self, node: &str, force: bool) -> redis::RedisResult<usize> {
+        match self.bus.get() {
+            Some(bus) => bus.reap(node, force).await,
+            None => Ok(0),
+        }
+    }
+
+    /// Queue `name` may have messages ready: this node's consumers with room ask.
+    pub fn wake(&self, name: &str) {
+        let (Some(bus), Some(handle)) = (self.bus.get(), self.queues.get(name).map(|q| q.clone()))
+        else {
+            return;
+        };
+        pull(bus, name, &handle, &mut lock(&handle));
+    }
+
+    /// After the bus lost Redis and listened again: every queue with consumers here asks.
+    pub fn wake_all(&self) {
+        let names: Vec<String> = self.queues.iter().map(|e| e.key().clone()).collect();
+        for name in names {
+            self.wake(&name);
+        }
+    }
+
+    fn subscribe_shared(&self, bus: &Arc<QueueBus>, name: &str, consumer: Consumer) -> Pending {
+        let handle = self.queue(name);
+        let mut q = lock(&handle);
+        let first = q.consumers.is_empty();
+        let sub = &consumer.subscriber;
+        bus.consumer(name, QueueBus::field(name, sub.session.0, sub.key), true);
+        q.consumers.push(consumer);
+        let (pending, answer) = pending();
+        if !first {
+            pull(bus, name, &handle, &mut q);
+            answer.complete(Ok(None));
+            return pending;
+        }
+        drop(q);
+        // The first consumer here: listening to the queue's wake-ups before the first ask,
+        // so that nothing put in between is missed.
+        let listening = bus.listen(name, true);
+        let (bus, name, timeout) = (bus.clone(), name.to_owned(), bus.cluster().timeout());
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(timeout, listening).await;
+            pull(&bus, &name, &handle, &mut lock(&handle));
+            answer.complete(Ok(None));
+        });
+        pending
+    }
+
+    fn unsubscribe_shared(&self, bus: &Arc<QueueBus>, key: &str, subscriber: &Subscriber) {
+        let Some(handle) = self.queues.get(key).map(|q| q.clone()) else {
+            return;
+        };
+        let mut q = lock(&handle);
+        let before = q.consumers.len();
+        q.consumers
+            .retain(|c| !c.subscriber.is(subscriber.session, subscriber.key));
+        if q.consumers.len() == before {
+            return;
+        }
+        bus.consumer(
+            key,
+            QueueBus::field(key, subscriber.session.0, subscriber.key),
+            false,
+        );
+        // What it held goes back to the front, for any consumer anywhere.
+        let mut held: Vec<u64> = q
+            .unacked
+            .iter()
+            .filter(|(_, (_, session, sub))| subscriber.is(*session, *sub))
+            .map(|(id, _)| *id)
+            .collect();
+        held.sort_unstable();
+        for id in &held {
+            q.unacked.remove(id);
+        }
+        let owner = bus.owner(subscriber.session.0, subscriber.key);
+        bus.settle(key, owner, held, false);
+        if q.consumers.is_empty() && q.unacked.is_empty() {
+            drop(q);
+            self.queues.remove_if(key, |_, h| {
+                lock(h).consumers.is_empty() && Arc::ptr_eq(h, &handle)
+            });
+            drop(bus.listen(key, false));
+        }
+    }
+
+    fn settle_shared(&self, bus: &Arc<QueueBus>, name: &str, ids: &[u64], ack: bool) {
+        let Some(handle) = self.queues.get(name).map(|q| q.clone()) else {
+            return;
+        };
+        let mut q = lock(&handle);
+        let mut by_owner: HashMap<(SessionId, u32), Vec<u64>> = HashMap::new();
+        for id in ids {
+            let Some((_, session, key)) = q.unacked.remove(id) else {
+                continue;
+            };
+            if let Some(c) = q
+                .consumers
+                .iter_mut()
+                .find(|c| c.subscriber.is(session, key))
+            {
+                c.in_flight = c.in_flight.saturating_sub(1);
+            }
+            by_owner.entry((session, key)).or_default().push(*id);
+        }
+        for ((session, key), mut ids) in by_owner {
+            ids.sort_unstable();
+            bus.settle(name, bus.owner(session.0, key), ids, ack);
+        }
+        pull(bus, name, &handle, &mut q);
+    }
+
+    fn publish_shared(&self, bus: &QueueBus, request: &PublishRequest<'_>) -> Published {
+        let publish = request.message(request.destination, &[]);
+        let (pending, answer) = pending();
+        bus.put(
+            request.key,
+            &publish,
+            Box::new(move |put| {
+                answer.complete(match put {
+                    Ok(Put::Kept) => Ok(None),
+                    Ok(Put::Full) => Err(End::QueueFull),
+                    Err(()) => Err(End::ClusterUnavailable),
+                });
+            }),
+        );
+        Published {
+            message_id: request.message_id,
+            pending: Some(pending),
+            ..Published::default()
+        }
+    }
+}
+
+/// This node's consumers of queue `name` with room ask Redis for messages, one request
+/// each at a time.
+fn pull(bus: &Arc<QueueBus>, name: &str, handle: &Arc<Mutex<Queue>>, q: &mut Queue) {
+    for consumer in &mut q.consumers {
+        if consumer.pulling || !consumer.has_room() {
+            continue;
+        }
+        consumer.pulling = true;
+        let most = (consumer.prefetch - consumer.in_flight).clamp(1, 64);
+        let (session, key) = (consumer.subscriber.session, consumer.subscriber.key);
+        let owner = bus.owner(session.0, key);
+        let (bus, name, handle) = (bus.clone(), name.to_owned(), handle.clone());
+        tokio::spawn(async move {
+            let leased = bus.take(&name, &owner, most).await;
+            if let Err(e) = &leased {
+                tracing::debug!(queue = %name, "asking Redis for queue messages: {e}");
+                // Asked again on the next wake-up, or once the bus is back.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            leased_to(&bus, &name, &handle, (session, key), owner, most, leased);
+        });
+    }
+}
+
+/// Delivers what Redis leased to consumer `who`; hands back what it can no longer take.
+fn leased_to(
+    bus: &Arc<QueueBus>,
+    name: &str,
+    handle: &Arc<Mutex<Queue>>,
+    (session, key): (SessionId, u32),
+    owner: String,
+    most: usize,
+    leased: redis::RedisResult<Vec<Leased>>,
+) {
+    let mut q = lock(handle);
+    let index = q
+        .consumers
+        .iter()
+        .position(|c| c.subscriber.is(session, key));
+    let leased = leased.unwrap_or_default();
+    let got = leased.len();
+    let mut back = Vec::new();
+    for message in leased {
+        let Some(consumer) = index.map(|i| &mut q.consumers[i]) else {
+            back.push(message.id);
+            continue;
+        };
+        let mark = if message.redelivered {
+            Mark::Redelivered
+        } else {
+            Mark::None
+        };
+        let publish = Arc::new(message.publish);
+        if !back.is_empty() || !consumer.subscriber.offer_marked(&publish, mark) {
+            back.push(message.id);
+            continue;
+        }
+        consumer.in_flight += 1;
+        let queued = QueuedMessage {
+            publish,
+            redelivered: message.redelivered,
+        };
+        q.unacked.insert(message.id, (queued, session, key));
+    }
+    bus.settle(name, owner, back, false);
+    if let Some(i) = index {
+        q.consumers[i].pulling = false;
+        if got == most {
+            // There may be more.
+            pull(bus, name, handle, &mut q);
+        }
+    }
+}
+
 /// Puts messages back at the front, oldest first, marked redelivered.
 fn requeue_front(q: &mut Queue, mut messages: Vec<QueuedMessage>) {
     messages.sort_by_key(QueuedMessage::id);
@@ -250,18 +508,27 @@ impl Service for Queues {
             Some(n) if n > 0 => n.min(max),
             _ => max,
         };
-        let queue = self.queue(request.key);
-        let mut q = lock(&queue);
-        q.consumers.push(Consumer {
+        let consumer = Consumer {
             subscriber: request.subscriber,
             prefetch,
             in_flight: 0,
-        });
+            pulling: false,
+        };
+        if let Some(bus) = self.bus.get() {
+            return Ok(Some(self.subscribe_shared(bus, request.key, consumer)));
+        }
+        let queue = self.queue(request.key);
+        let mut q = lock(&queue);
+        q.consumers.push(consumer);
         self.dispatch(&mut q);
         Ok(None)
     }
 
     fn unsubscribe(&self, key: &str, subscriber: &Subscriber) {
+        if let Some(bus) = self.bus.get() {
+            self.unsubscribe_shared(bus, key, subscriber);
+            return;
+        }
         let Some(queue) = self.queues.get(key).map(|q| q.clone()) else {
             return;
         };
@@ -288,6 +555,9 @@ impl Service for Queues {
     }
 
     fn publish(&self, request: PublishRequest<'_>) -> Result<Published, SessionError> {
+        if let Some(bus) = self.bus.get() {
+            return Ok(self.publish_shared(bus, &request));
+        }
         let name = request.key;
         let frame = request.frame;
         let queue = self.queue(name);

@@ -233,9 +233,9 @@ pub struct Config {
 
     /// Run as one node of several sharing Redis: `redis://[user:pass@]HOST:PORT[/DB]`
     /// (`rediss://` for TLS). Topics, rooms (numbering, history, presence), direct
-    /// messages and the room queries are shared; durable queues (`/queue/...`) are not yet
-    /// (issue #16): each node keeps its own. A node that cannot reach Redis does not start.
-    /// Run Redis with `appendonly yes` (docs/CLUSTER.md).
+    /// messages, durable queues and the room and queue queries are shared. A node that
+    /// cannot reach Redis does not start. Run Redis with `appendonly yes` and `appendfsync
+    /// always` (docs/CLUSTER.md).
     #[arg(long, env = "STOA_CLUSTER")]
     pub cluster: Option<String>,
 

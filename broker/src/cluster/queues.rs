@@ -29,7 +29,7 @@ use crate::message::Publish;
 
 /// The one script for every queue write, dispatched on `ARGV[1]`. KEYS: 1 ready, 2 msgs,
 /// 3 unacked, 4 redelivered, 5 bytes, 6 the set of queues, 7 this node's leases, 8 the
-/// consumer counts, 9 this node's consumers.
+/// consumer counts, 9 this node's consumers; for a take, 10 this node's member key.
 const QUEUE_SCRIPT: &str = r"
 local op = ARGV[1]
 if op == 'put' then
@@ -46,7 +46,10 @@ if op == 'put' then
   return 1
 end
 if op == 'take' then
-  -- ARGV: op, queue, owner, most to take
+  -- ARGV: op, queue, owner, most to take, incarnation. KEYS[10]: this node's member key.
+  if redis.call('GET', KEYS[10]) ~= ARGV[5] then
+    return redis.error_reply('FENCED this node is no longer a member of the cluster')
+  end
   local out = {}
   for i = 1, tonumber(ARGV[4]) do
     local id = redis.call('LPOP', KEYS[1])
@@ -333,11 +336,14 @@ impl QueueBus {
         for key in self.keys(queue) {
             invocation.key(key);
         }
+        // A node declared dead takes nothing more: what it held went to others.
+        invocation.key(format!("{}member:{}", self.prefix(), self.cluster.node()));
         let answer: Vec<Value> = invocation
             .arg("take")
             .arg(queue)
             .arg(owner)
             .arg(most)
+            .arg(self.cluster.incarnation())
             .invoke_async(&mut redis)
             .await?;
         let mut leased = Vec::new();

@@ -56,6 +56,9 @@ struct Consumer {
     in_flight: usize,
     /// With `--cluster`: asking Redis for messages now.
     pulling: bool,
+    /// With `--cluster`: woken while asking (the answer may predate what woke it): ask
+    /// again once the answer is in.
+    again: bool,
 }
 
 impl Consumer {
@@ -388,7 +391,11 @@ impl Queues {
             ids.sort_unstable();
             bus.settle(name, bus.owner(session.0, key), ids, ack);
         }
-        pull(bus, name, &handle, &mut q);
+        // After a NACK the next ask waits for the hand-back's wake-up: asking now could
+        // reach Redis first and take the message behind the one handed back.
+        if ack {
+            pull(bus, name, &handle, &mut q);
+        }
     }
 
     fn publish_shared(&self, bus: &QueueBus, request: &PublishRequest<'_>) -> Published {
@@ -417,7 +424,11 @@ impl Queues {
 /// each at a time.
 fn pull(bus: &Arc<QueueBus>, name: &str, handle: &Arc<Mutex<Queue>>, q: &mut Queue) {
     for consumer in &mut q.consumers {
-        if consumer.pulling || !consumer.has_room() {
+        if consumer.pulling {
+            consumer.again = true;
+            continue;
+        }
+        if !consumer.has_room() {
             continue;
         }
         consumer.pulling = true;
@@ -479,9 +490,10 @@ fn leased_to(
     }
     bus.settle(name, owner, back, false);
     if let Some(i) = index {
-        q.consumers[i].pulling = false;
-        if got == most {
-            // There may be more.
+        let consumer = &mut q.consumers[i];
+        consumer.pulling = false;
+        // There may be more: it took all it asked for, or was woken meanwhile.
+        if got == most || std::mem::take(&mut consumer.again) {
             pull(bus, name, handle, &mut q);
         }
     }
@@ -513,6 +525,7 @@ impl Service for Queues {
             prefetch,
             in_flight: 0,
             pulling: false,
+            again: false,
         };
         if let Some(bus) = self.bus.get() {
             return Ok(Some(self.subscribe_shared(bus, request.key, consumer)));

@@ -784,10 +784,9 @@ impl<T: Transport> Connection<T> {
                 // the outbox before the final flush.
                 if self.session.has_waiting_receipts() {
                     let broker = self.broker.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        broker.shared.router.queues.store().flush()
-                    })
-                    .await;
+                    let _ =
+                        tokio::task::spawn_blocking(move || broker.shared.router.flush_durable())
+                            .await;
                     // Answers from the cluster come within its time-out, or fail.
                     if let Some(receipts) = self.session.receipts() {
                         let config = &self.broker.shared.config;

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use crate::destination::{Destination, is_pattern};
-use crate::durable::{KeptQueue, QueueStore};
+use crate::durable::{Completion, KeptQueue, QueueStore};
 use crate::error::SessionError;
 use crate::message::MessageIds;
 use crate::service::Service;
@@ -116,6 +116,19 @@ impl Router {
     /// Room messages handed to the history store and not yet taken by its writer.
     pub fn store_pending(&self) -> &crate::writer::Pending {
         self.store.pending()
+    }
+
+    /// Runs `then` once everything handed to durable storage so far is on disk (`true`), or
+    /// could not be written (`false`): what a session's RECEIPT waits for after a durable
+    /// SEND. Sessions reach storage through this, never directly.
+    pub fn after_durable(&self, then: impl FnOnce(bool) + Send + 'static) {
+        self.queues.store().after(Completion::new(then));
+    }
+
+    /// Waits (blocking) until everything handed to durable storage is on disk: a
+    /// DISCONNECT's RECEIPT confirms every earlier frame.
+    pub fn flush_durable(&self) {
+        self.queues.store().flush();
     }
 
     /// Waits until everything handed to the store is written (at shutdown).

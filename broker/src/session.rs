@@ -19,7 +19,6 @@ use crate::router::Router;
 use crate::service::{PublishRequest, Published, Replay, SubscribeRequest, Subscriber};
 
 use crate::destination::{Destination, is_pattern};
-use crate::durable::Completion;
 use crate::message::{SessionId, check_user_name};
 use crate::metrics::Metrics;
 use crate::outbox::{AckTag, Outbox, Outgoing};
@@ -253,11 +252,7 @@ impl Session {
             let receipts = receipts.clone();
             // Only what is on disk is confirmed; either way the receipt no longer waits.
             let release = move |on_disk: bool| receipts.settle(ticket, on_disk, None);
-            self.shared
-                .router
-                .queues
-                .store()
-                .after(Completion::new(release));
+            self.shared.router.after_durable(release);
         }
         for wait in waits {
             let receipts = receipts.clone();

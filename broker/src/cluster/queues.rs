@@ -207,6 +207,39 @@ struct Write {
     deadline: Instant,
 }
 
+/// Merges ACKs that follow each other for one queue and owner into one (an `ack:auto`
+/// consumer settles each message as it is written: one script call per batch rather than
+/// per message). Only neighbours merge, and never hand-backs, whose order is the queue's.
+fn coalesce(batch: &mut Vec<Write>) {
+    let mut merged: Vec<Write> = Vec::with_capacity(batch.len());
+    for write in batch.drain(..) {
+        if let (
+            Some(Write {
+                queue,
+                op:
+                    Op::Settle {
+                        ack: last_ack,
+                        owner: last_owner,
+                        ids: last_ids,
+                    },
+                ..
+            }),
+            Op::Settle { ack, owner, ids },
+        ) = (merged.last_mut(), &write.op)
+            && *queue == write.queue
+            && *last_ack
+            && *ack
+            && last_owner == owner
+            && last_ids.len() < 1024
+        {
+            last_ids.extend_from_slice(ids);
+            continue;
+        }
+        merged.push(write);
+    }
+    *batch = merged;
+}
+
 /// The durable queues' side of the cluster.
 pub struct QueueBus {
     cluster: Arc<Cluster>,
@@ -477,6 +510,7 @@ impl QueueBus {
 
     /// One pipeline; keeps in `batch` what must be tried again; whether Redis answered.
     async fn send(&self, batch: &mut Vec<Write>) -> bool {
+        coalesce(batch);
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         pipe.cmd("SCRIPT").arg("LOAD").arg(QUEUE_SCRIPT);

@@ -72,6 +72,25 @@ pub struct Broker {
 static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
 
 impl Broker {
+    /// A node of the cluster on `redis` named `name`, with a node time-out of
+    /// `node_timeout_ms` and a Redis time-out of 2 s (so that failures show within a test),
+    /// and `extra` options.
+    pub fn cluster_node(redis: &Redis, name: &str, node_timeout_ms: u64, extra: &[&str]) -> Broker {
+        let (url, timeout) = (redis.url(), node_timeout_ms.to_string());
+        let mut args = vec![
+            "--cluster",
+            url.as_str(),
+            "--node-name",
+            name,
+            "--cluster-node-timeout-ms",
+            timeout.as_str(),
+            "--cluster-timeout-ms",
+            "2000",
+        ];
+        args.extend_from_slice(extra);
+        Broker::start(&args)
+    }
+
     /// Starts `stoa` on free loopback ports with `args` added, and waits for its
     /// `listening` line.
     pub fn start(args: &[&str]) -> Broker {

@@ -16,20 +16,7 @@ const WAIT: Duration = Duration::from_secs(20);
 const NODE_TIMEOUT_MS: u64 = 3000;
 
 fn node(redis: &Redis, name: &str, extra: &[&str]) -> Broker {
-    let url = redis.url();
-    let timeout = NODE_TIMEOUT_MS.to_string();
-    let mut args = vec![
-        "--cluster",
-        url.as_str(),
-        "--node-name",
-        name,
-        "--cluster-node-timeout-ms",
-        timeout.as_str(),
-        "--cluster-timeout-ms",
-        "2000",
-    ];
-    args.extend_from_slice(extra);
-    Broker::start(&args)
+    Broker::cluster_node(redis, name, NODE_TIMEOUT_MS, extra)
 }
 
 fn job(text: &str) -> Frame {

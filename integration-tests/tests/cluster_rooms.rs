@@ -16,16 +16,7 @@ const WAIT: Duration = Duration::from_secs(20);
 const NODE_TIMEOUT_MS: u64 = 3000;
 
 fn node(redis: &Redis, name: &str) -> Broker {
-    Broker::start(&[
-        "--cluster",
-        &redis.url(),
-        "--node-name",
-        name,
-        "--cluster-node-timeout-ms",
-        &NODE_TIMEOUT_MS.to_string(),
-        "--cluster-timeout-ms",
-        "2000",
-    ])
+    Broker::cluster_node(redis, name, NODE_TIMEOUT_MS, &[])
 }
 
 /// What a member heard: a room message or notice.

@@ -13,19 +13,7 @@ use integration_tests::{Broker, Conn, Event, Redis, frame};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn node(redis: &Redis, name: &str, extra: &[&str]) -> Broker {
-    let url = redis.url();
-    let mut args = vec![
-        "--cluster",
-        url.as_str(),
-        "--node-name",
-        name,
-        "--cluster-node-timeout-ms",
-        "3000",
-        "--cluster-timeout-ms",
-        "2000",
-    ];
-    args.extend_from_slice(extra);
-    Broker::start(&args)
+    Broker::cluster_node(redis, name, 3000, extra)
 }
 
 /// `user` on `broker`, subscribed to `/user/queue/dm`; what came before the RECEIPT.

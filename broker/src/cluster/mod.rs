@@ -761,6 +761,57 @@ impl Cluster {
     }
 }
 
+/// Runs one of the cluster's ordered writers until `stop`: takes what is queued in batches
+/// of up to 256, in order, and hands each to `send`, which answers what Redis answered,
+/// gives back what must be tried again, and says whether Redis answered; while it does not,
+/// waits with backoff (20 ms doubling to 500 ms). On `stop`, what is still queued gets one
+/// last try within `timeout` (leave notices, hand-backs), then it returns.
+pub(crate) async fn run_writes<W, F, Fut>(
+    mut queued: mpsc::UnboundedReceiver<W>,
+    mut stop: watch::Receiver<bool>,
+    timeout: Duration,
+    mut send: F,
+) where
+    F: FnMut(Vec<W>) -> Fut,
+    Fut: std::future::Future<Output = (Vec<W>, bool)>,
+{
+    const BATCH: usize = 256;
+    let mut batch: Vec<W> = Vec::with_capacity(BATCH);
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        if batch.is_empty() {
+            tokio::select! {
+                n = queued.recv_many(&mut batch, BATCH) => if n == 0 { return },
+                _ = stop.changed() => {
+                    while let Ok(w) = queued.try_recv() { batch.push(w); }
+                    if !batch.is_empty() {
+                        let _ = tokio::time::timeout(timeout, send(batch)).await;
+                    }
+                    return;
+                }
+            }
+        } else {
+            while batch.len() < BATCH {
+                match queued.try_recv() {
+                    Ok(w) => batch.push(w),
+                    Err(_) => break,
+                }
+            }
+        }
+        let (kept, answered) = send(std::mem::take(&mut batch)).await;
+        batch = kept;
+        if answered {
+            backoff = Duration::from_millis(20);
+        } else {
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

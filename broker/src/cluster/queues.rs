@@ -17,7 +17,7 @@
 //! so that a dead node's leases and consumers can be found. Channel: `P queue:<q>`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use redis::Value;
@@ -475,37 +475,19 @@ impl QueueBus {
 
     /// Runs the writes until `stop`: puts in order, settles and consumer counts retried
     /// until Redis takes them (they are idempotent), puts only while surely not applied.
-    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let Some(mut queued) = self.writes_rx.lock().ok().and_then(|mut w| w.take()) else {
+    pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        let Some(queued) = self.writes_rx.lock().ok().and_then(|mut w| w.take()) else {
             return;
         };
-        const BATCH: usize = 256;
-        let mut batch: Vec<Write> = Vec::with_capacity(BATCH);
-        let mut backoff = Duration::from_millis(20);
-        loop {
-            if batch.is_empty() {
-                tokio::select! {
-                    n = queued.recv_many(&mut batch, BATCH) => if n == 0 { return },
-                    _ = stop.changed() => {
-                        // Hand-backs still queued go before the node does.
-                        while let Ok(w) = queued.try_recv() { batch.push(w); }
-                        if !batch.is_empty() {
-                            let _ = tokio::time::timeout(self.cluster.settings.timeout, self.send(&mut batch)).await;
-                        }
-                        return;
-                    }
-                }
+        let timeout = self.cluster.settings.timeout;
+        super::run_writes(queued, stop, timeout, |mut batch: Vec<Write>| {
+            let me = self.clone();
+            async move {
+                let answered = me.send(&mut batch).await;
+                (batch, answered)
             }
-            if self.send(&mut batch).await {
-                backoff = Duration::from_millis(20);
-            } else {
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-            }
-        }
+        })
+        .await;
     }
 
     /// One pipeline; keeps in `batch` what must be tried again; whether Redis answered.

@@ -21,7 +21,7 @@
 //! refused), since a second append would number the message twice.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use redis::Value;
@@ -474,43 +474,19 @@ impl RoomBus {
     }
 
     /// Runs the writes until `stop`.
-    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let Some(mut queued) = self.writes_rx.lock().ok().and_then(|mut w| w.take()) else {
+    pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        let Some(queued) = self.writes_rx.lock().ok().and_then(|mut w| w.take()) else {
             return;
         };
-        const BATCH: usize = 256;
-        let mut batch: Vec<Write> = Vec::with_capacity(BATCH);
-        let mut backoff = Duration::from_millis(20);
-        loop {
-            if batch.is_empty() {
-                tokio::select! {
-                    n = queued.recv_many(&mut batch, BATCH) => if n == 0 { return },
-                    _ = stop.changed() => {
-                        // Leaves still queued go before the node does.
-                        while let Ok(w) = queued.try_recv() { batch.push(w); }
-                        if batch.is_empty() { return }
-                        let _ = tokio::time::timeout(self.cluster.settings.timeout, self.send(&mut batch)).await;
-                        return;
-                    }
-                }
-            } else if batch.len() < BATCH {
-                while batch.len() < BATCH {
-                    match queued.try_recv() {
-                        Ok(w) => batch.push(w),
-                        Err(_) => break,
-                    }
-                }
+        let timeout = self.cluster.settings.timeout;
+        super::run_writes(queued, stop, timeout, |mut batch: Vec<Write>| {
+            let me = self.clone();
+            async move {
+                let answered = me.send(&mut batch).await;
+                (batch, answered)
             }
-            if self.send(&mut batch).await {
-                backoff = Duration::from_millis(20);
-            } else {
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-            }
-        }
+        })
+        .await;
     }
 
     /// Sends a batch in one pipeline. Answers what was answered; keeps in `batch` what

@@ -14,7 +14,7 @@
 //! Channel: `P user:<user>/<name>`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use redis::Value;
@@ -180,30 +180,19 @@ impl UserBus {
     }
 
     /// Runs the sends until `stop`.
-    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let Some(mut queued) = self.sends_rx.lock().ok().and_then(|mut s| s.take()) else {
+    pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        let Some(queued) = self.sends_rx.lock().ok().and_then(|mut w| w.take()) else {
             return;
         };
-        const BATCH: usize = 256;
-        let mut batch: Vec<Outgoing> = Vec::with_capacity(BATCH);
-        let mut backoff = Duration::from_millis(20);
-        loop {
-            if batch.is_empty() {
-                tokio::select! {
-                    n = queued.recv_many(&mut batch, BATCH) => if n == 0 { return },
-                    _ = stop.changed() => return,
-                }
+        let timeout = self.cluster.settings.timeout;
+        super::run_writes(queued, stop, timeout, |mut batch: Vec<Outgoing>| {
+            let me = self.clone();
+            async move {
+                let answered = me.send_batch(&mut batch).await;
+                (batch, answered)
             }
-            if self.send_batch(&mut batch).await {
-                backoff = Duration::from_millis(20);
-            } else {
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-            }
-        }
+        })
+        .await;
     }
 
     /// One pipeline; keeps in `batch` what may be tried again; whether Redis answered.

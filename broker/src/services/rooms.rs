@@ -620,28 +620,34 @@ impl Rooms {
                     return;
                 }
             };
-            self.total_bytes.fetch_sub(room.bytes, Ordering::Relaxed);
-            room.bytes = 0;
-            room.history.clear();
-            for numbered in synced.history {
-                self.keep(room, numbered.seq, numbered.publish);
-            }
-            self.trim(room);
-            room.last_seq = synced.seq;
-            room.members = synced
-                .members
-                .into_iter()
-                .map(|m| (Arc::from(m), 1))
-                .collect();
-            room.mirror = Mirror::Live {
-                ahead: early,
-                filling: false,
-            };
+            self.make_copy(room, synced, early);
             self.advance(name, room);
             for joiner in joiners {
                 self.attach_joiner(bus, name, room, joiner);
             }
         });
+    }
+
+    /// Makes the copy what Redis holds: its newest `x-seq`, members and kept messages, with
+    /// `ahead` (heard meanwhile) waiting to be delivered in order.
+    fn make_copy(&self, room: &mut Room, synced: Synced, ahead: BTreeMap<u64, Publish>) {
+        self.total_bytes.fetch_sub(room.bytes, Ordering::Relaxed);
+        room.bytes = 0;
+        room.history.clear();
+        for numbered in synced.history {
+            self.keep(room, numbered.seq, numbered.publish);
+        }
+        self.trim(room);
+        room.last_seq = synced.seq;
+        room.members = synced
+            .members
+            .into_iter()
+            .map(|m| (Arc::from(m), 1))
+            .collect();
+        room.mirror = Mirror::Live {
+            ahead,
+            filling: false,
+        };
     }
 
     /// Keeps a numbered message in the copy's history.
@@ -836,23 +842,7 @@ impl Rooms {
                 return;
             }
             tracing::warn!(room = %name, kept = synced.seq, had = room.last_seq, "Redis lost this room's messages (run it with appendonly yes): numbering starts again from what it holds");
-            self.total_bytes.fetch_sub(room.bytes, Ordering::Relaxed);
-            room.bytes = 0;
-            room.history.clear();
-            for numbered in synced.history {
-                self.keep(room, numbered.seq, numbered.publish);
-            }
-            self.trim(room);
-            room.last_seq = synced.seq;
-            room.members = synced
-                .members
-                .into_iter()
-                .map(|m| (Arc::from(m), 1))
-                .collect();
-            room.mirror = Mirror::Live {
-                ahead: BTreeMap::new(),
-                filling: false,
-            };
+            self.make_copy(room, synced, BTreeMap::new());
         });
     }
 

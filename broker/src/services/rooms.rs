@@ -748,22 +748,36 @@ impl Rooms {
         let bus = bus.clone();
         let limit = self.limits.messages.max(1);
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(20);
-            let read = loop {
-                match bus.range(&name, after, limit).await {
-                    Ok(read) => break read,
-                    Err(e) => {
-                        tracing::debug!(room = %name, "reading missed room messages: {e}");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                        if !me.rooms.contains_key(&*name) {
-                            return;
-                        }
+            let read = me.read_while_held(&name, "reading missed room messages", || {
+                bus.range(&name, after, limit)
+            });
+            if let Some(read) = read.await {
+                me.filled(&name, read);
+            }
+        });
+    }
+
+    /// Asks Redis with `read` until it answers, backing off, while this node still holds
+    /// a copy of room `name`; `None` once it no longer does.
+    async fn read_while_held<T, F, Fut>(&self, name: &str, what: &str, mut read: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match read().await {
+                Ok(answer) => return Some(answer),
+                Err(e) => {
+                    tracing::debug!(room = %name, "{what}: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    if !self.rooms.contains_key(name) {
+                        return None;
                     }
                 }
-            };
-            me.filled(&name, read);
-        });
+            }
+        }
     }
 
     fn filled(&self, name: &str, read: Vec<crate::cluster::rooms::Numbered>) {
@@ -807,21 +821,11 @@ impl Rooms {
         for name in names {
             let (me, bus) = (me.clone(), bus.clone());
             tokio::spawn(async move {
-                let mut backoff = Duration::from_millis(20);
-                let synced = loop {
-                    match bus.sync(&name).await {
-                        Ok(synced) => break synced,
-                        Err(e) => {
-                            tracing::debug!(room = %name, "reading the room again: {e}");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(1));
-                            if !me.rooms.contains_key(&*name) {
-                                return;
-                            }
-                        }
-                    }
-                };
-                me.resynced(&name, synced);
+                let synced =
+                    me.read_while_held(&name, "reading the room again", || bus.sync(&name));
+                if let Some(synced) = synced.await {
+                    me.resynced(&name, synced);
+                }
             });
         }
     }

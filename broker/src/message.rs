@@ -390,6 +390,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cluster_ids_grow_past_one_node_ids_and_two_slots_never_meet() {
+        let alone = MessageIds::new();
+        let before = alone.next();
+        let (a, b) = (MessageIds::new(), MessageIds::new());
+        a.join_cluster(3);
+        b.join_cluster(1027);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let (x, y) = (a.next(), b.next());
+            assert!(x > before && y > before);
+            assert_eq!(x % MessageIds::NODE_SLOTS, 3);
+            assert!(seen.insert(x));
+            // Slot 1027 is slot 3 again: the one case where two nodes could meet.
+            assert_eq!(y % MessageIds::NODE_SLOTS, 3);
+        }
+        let c = MessageIds::new();
+        c.join_cluster(4);
+        for _ in 0..10_000 {
+            assert!(!seen.contains(&c.next()), "slots 3 and 4 never give one id");
+        }
+        let first = a.next();
+        assert!(a.next() > first, "still growing");
+    }
+
+    #[test]
     fn a_publish_keeps_its_headers_in_order_with_repeats_and_empty_values() {
         let mut headers = Headers::new();
         headers.push("destination", "/topic/room.방");

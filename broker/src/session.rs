@@ -222,7 +222,8 @@ impl Session {
     /// Sends the handled frame's RECEIPT (if it asked for one) once everything it handed on
     /// is done: durable writes on disk, room messages kept in Redis. A RECEIPT confirms every
     /// earlier frame too, so receipts go out in order. An answer that fails ends the
-    /// session with `cluster unavailable`, receipt or not.
+    /// session with the reason it carries (`cluster unavailable`, a full queue), receipt
+    /// or not.
     fn settle_frame(&mut self, receipt: Option<Frame>) {
         let durable = std::mem::take(&mut self.durable_published);
         let waits = std::mem::take(&mut self.waits);

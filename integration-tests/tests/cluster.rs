@@ -305,3 +305,25 @@ async fn clusters_with_different_prefixes_share_a_redis_without_seeing_each_othe
     assert_eq!(names(nodes(&a).await), ["node-a"]);
     assert_eq!(names(nodes(&other).await), ["elsewhere"]);
 }
+
+#[tokio::test]
+async fn after_a_topic_subscribe_s_receipt_a_message_sent_on_another_node_arrives() {
+    let redis = Redis::start();
+    let a = node(&redis, "node-a");
+    let b = node(&redis, "node-b");
+    let mut publisher = Conn::open(&a, Transport::Tcp).await;
+    publisher.login("publisher").await;
+    // Each key new to node b: its RECEIPT waits until b listens in Redis, so the one
+    // message sent right after it reaches the subscriber, every time, with no probe.
+    for i in 0..20 {
+        let destination = format!("/topic/fresh.{i}");
+        let mut subscriber = Conn::open(&b, Transport::Tcp).await;
+        subscriber.login("subscriber").await;
+        subscriber.subscribe("s", &destination).await;
+        let send = integration_tests::frame("SEND", &[("destination", &destination)])
+            .with_body(format!("m{i}"));
+        publisher.send_with_receipt(&send, &format!("r{i}")).await;
+        let f = subscriber.expect_frame().await;
+        assert_eq!(f.body.as_ref(), format!("m{i}").as_bytes(), "{f:?}");
+    }
+}

@@ -27,6 +27,7 @@ struct Heard {
     sender: String,
     body: String,
     replay: bool,
+    message_id: String,
 }
 
 fn heard(f: &Frame) -> Heard {
@@ -41,6 +42,7 @@ fn heard(f: &Frame) -> Heard {
         sender: f.header("x-sender").unwrap_or_default().to_owned(),
         body: String::from_utf8(f.body.to_vec()).unwrap(),
         replay: f.header("x-replay") == Some("true"),
+        message_id: f.header("message-id").unwrap_or_default().to_owned(),
     }
 }
 
@@ -188,6 +190,14 @@ async fn members_on_three_nodes_hear_one_numbering_with_no_gap_and_no_repeat() {
         assert_eq!(said, body, "the RECEIPT's x-seq is the message's");
         assert!(body.starts_with(sender.as_str()));
     }
+    // Messages from three nodes, one message-id each, never the same.
+    let ids: std::collections::BTreeSet<&str> =
+        logs[2].iter().map(|h| h.message_id.as_str()).collect();
+    assert_eq!(
+        ids.len(),
+        logs[2].len(),
+        "message-ids unique in the cluster"
+    );
     // Carol joined last: she heard her own join first, then all 120 messages.
     assert_eq!(logs[2][0].event.as_deref(), Some("join"));
     assert_eq!(logs[2][0].sender, "carol");

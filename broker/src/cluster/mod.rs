@@ -594,29 +594,11 @@ impl Cluster {
         rx
     }
 
-    /// Starts (`on`) or stops listening to durable queue `queue`'s wake-ups; the answer
-    /// comes once Redis confirmed it.
-    pub fn listen_queue(&self, queue: &str, on: bool) -> oneshot::Receiver<()> {
+    /// Starts (`on`) or stops listening to `channel` (a whole channel name, prefix
+    /// included); the answer comes once Redis confirmed it (or never, if the bus stopped:
+    /// the sender is dropped).
+    fn listen_channel(&self, channel: String, on: bool) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        let channel = format!("{}queue:{queue}", self.settings.prefix);
-        let _ = self.interest.send(Interest::Channel(channel, on, Some(tx)));
-        rx
-    }
-
-    /// Starts (`on`) or stops listening to user queue `queue` (`<user>/<name>`); the
-    /// answer comes once Redis confirmed it.
-    pub fn listen_user(&self, queue: &str, on: bool) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        let channel = format!("{}user:{queue}", self.settings.prefix);
-        let _ = self.interest.send(Interest::Channel(channel, on, Some(tx)));
-        rx
-    }
-
-    /// Starts (`on`) or stops listening to topic key `key`; the answer comes once Redis
-    /// confirmed it (or never, if the bus stopped: the sender is dropped).
-    pub fn listen_confirmed(&self, key: &str, on: bool) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        let channel = topic_channel(&self.settings.prefix, key);
         let _ = self.interest.send(Interest::Channel(channel, on, Some(tx)));
         rx
     }

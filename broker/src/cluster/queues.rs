@@ -351,7 +351,7 @@ impl QueueBus {
 
     /// Listens to `queue`'s wake-ups; the answer comes once Redis confirmed it.
     pub fn listen(&self, queue: &str, on: bool) -> oneshot::Receiver<()> {
-        self.cluster.listen_queue(queue, on)
+        self.cluster.listen_channel(self.channel(queue), on)
     }
 
     /// Leases up to `most` ready messages of `queue` to `owner`, oldest first.
@@ -568,5 +568,55 @@ impl QueueBus {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settle(ack: bool, owner: &str, ids: &[u64]) -> Write {
+        Write {
+            queue: "jobs".to_owned(),
+            op: Op::Settle {
+                ack,
+                owner: owner.to_owned(),
+                ids: ids.to_vec(),
+            },
+            deadline: Instant::now(),
+        }
+    }
+
+    fn shape(batch: &[Write]) -> Vec<(bool, String, Vec<u64>)> {
+        batch
+            .iter()
+            .filter_map(|w| match &w.op {
+                Op::Settle { ack, owner, ids } => Some((*ack, owner.clone(), ids.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn neighbouring_acks_of_one_owner_merge_and_hand_backs_keep_their_order() {
+        let mut batch = vec![
+            settle(true, "a", &[1]),
+            settle(true, "a", &[2, 3]),
+            settle(true, "b", &[4]),
+            settle(false, "b", &[5, 7]),
+            settle(false, "b", &[6]),
+            settle(true, "b", &[8]),
+        ];
+        coalesce(&mut batch);
+        assert_eq!(
+            shape(&batch),
+            [
+                (true, "a".to_owned(), vec![1, 2, 3]),
+                (true, "b".to_owned(), vec![4]),
+                (false, "b".to_owned(), vec![5, 7]),
+                (false, "b".to_owned(), vec![6]),
+                (true, "b".to_owned(), vec![8]),
+            ]
+        );
     }
 }

@@ -307,7 +307,8 @@ impl RoomBus {
 
     /// Listens to `room`'s channel; the answer comes once Redis confirmed it.
     pub fn listen(&self, room: &str, on: bool) -> oneshot::Receiver<()> {
-        self.cluster.listen_confirmed(&format!("room.{room}"), on)
+        let channel = super::topic_channel(&self.cluster.settings.prefix, &format!("room.{room}"));
+        self.cluster.listen_channel(channel, on)
     }
 
     /// The room's newest `x-seq`, members and newest kept messages, read in one step.

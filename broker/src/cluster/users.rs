@@ -164,7 +164,8 @@ impl UserBus {
 
     /// Listens to the queue's channel; the answer comes once Redis confirmed it.
     pub fn listen_channel(&self, queue: &str, on: bool) -> oneshot::Receiver<()> {
-        self.cluster.listen_user(queue, on)
+        self.cluster
+            .listen_channel(self.key(&format!("user:{queue}")), on)
     }
 
     /// Publishes `publish` to `queue`'s subscriptions anywhere, or keeps it while there are

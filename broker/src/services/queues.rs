@@ -81,6 +81,22 @@ struct Queue {
     bytes: usize,
 }
 
+impl Queue {
+    /// Takes message `id` out of those awaiting settlement, and frees its place in its
+    /// consumer's prefetch; `None` if it was not awaiting it.
+    fn settled(&mut self, id: u64) -> Option<(QueuedMessage, SessionId, u32)> {
+        let (message, session, key) = self.unacked.remove(&id)?;
+        if let Some(c) = self
+            .consumers
+            .iter_mut()
+            .find(|c| c.subscriber.is(session, key))
+        {
+            c.in_flight = c.in_flight.saturating_sub(1);
+        }
+        Some((message, session, key))
+    }
+}
+
 /// A queue's figures for `GET /api/queues`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct QueueStats {
@@ -221,16 +237,9 @@ impl Queues {
         let mut q = lock(&queue);
         let mut requeue = Vec::new();
         for id in ids {
-            let Some((message, session, key)) = q.unacked.remove(id) else {
+            let Some((message, _, _)) = q.settled(*id) else {
                 continue;
             };
-            if let Some(c) = q
-                .consumers
-                .iter_mut()
-                .find(|c| c.subscriber.is(session, key))
-            {
-                c.in_flight = c.in_flight.saturating_sub(1);
-            }
             if ack {
                 q.bytes -= message.size();
                 self.store.remove(*id);
@@ -375,17 +384,9 @@ impl Queues {
         let mut q = lock(&handle);
         let mut by_owner: HashMap<(SessionId, u32), Vec<u64>> = HashMap::new();
         for id in ids {
-            let Some((_, session, key)) = q.unacked.remove(id) else {
-                continue;
-            };
-            if let Some(c) = q
-                .consumers
-                .iter_mut()
-                .find(|c| c.subscriber.is(session, key))
-            {
-                c.in_flight = c.in_flight.saturating_sub(1);
+            if let Some((_, session, key)) = q.settled(*id) {
+                by_owner.entry((session, key)).or_default().push(*id);
             }
-            by_owner.entry((session, key)).or_default().push(*id);
         }
         for ((session, key), mut ids) in by_owner {
             ids.sort_unstable();

@@ -444,8 +444,8 @@ impl Rooms {
         fanout
     }
 
-    /// Posts an `x-event` notice (join, leave) from `user`.
-    fn notice(&self, name: &Arc<str>, room: &mut Room, event: &str, user: &str) {
+    /// A new `x-event` notice's id and headers (join, leave) from `user`, without `x-seq`.
+    fn notice_headers(&self, name: &str, event: &str, user: &str) -> (u64, Headers) {
         let message_id = self.ids.next();
         let mut digits = itoa::Buffer::new();
         let mut headers = Headers::new();
@@ -454,21 +454,20 @@ impl Rooms {
         headers.push("x-event", event);
         headers.push("x-sender", user);
         headers.push("x-timestamp", digits.format(now_millis()));
-        headers.push("x-seq", digits.format(room.last_seq + 1));
+        (message_id, headers)
+    }
+
+    /// Posts an `x-event` notice (join, leave) from `user`.
+    fn notice(&self, name: &Arc<str>, room: &mut Room, event: &str, user: &str) {
+        let (message_id, mut headers) = self.notice_headers(name, event, user);
+        headers.push("x-seq", itoa::Buffer::new().format(room.last_seq + 1));
         self.keep_and_deliver(name, room, message_id, headers, bytes::Bytes::new());
     }
 
     /// An `x-event` notice (join, leave) from `user` as the room log keeps it, for Redis to
     /// number (`--cluster`).
     fn notice_entry(&self, name: &str, event: &str, user: &str) -> bytes::Bytes {
-        let message_id = self.ids.next();
-        let mut digits = itoa::Buffer::new();
-        let mut headers = Headers::new();
-        headers.push("destination", &format!("/topic/room.{name}"));
-        headers.push("message-id", digits.format(message_id));
-        headers.push("x-event", event);
-        headers.push("x-sender", user);
-        headers.push("x-timestamp", digits.format(now_millis()));
+        let (message_id, headers) = self.notice_headers(name, event, user);
         log_entry(&Publish::new(message_id, headers, bytes::Bytes::new()))
     }
 

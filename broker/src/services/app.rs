@@ -12,11 +12,10 @@ use stomp_codec::Headers;
 use crate::acl::Viewer;
 use crate::error::SessionError;
 use crate::message::{MessageIds, Publish};
-use crate::receipts::Pending;
 use crate::service::{PublishRequest, Published, Service, SubscribeRequest, Subscriber};
 
 use crate::outbox::End;
-use crate::receipts::{Unavailable, pending};
+use crate::receipts::{Pending, Unavailable, pending};
 use crate::services::{RoomDetail, RoomSummary, Rooms, check_room_name};
 
 /// The `/app` replies.
@@ -40,6 +39,31 @@ fn question(key: &str) -> Option<Question<'_>> {
     Some(Question::Members(room))
 }
 
+/// Whether `viewer` (with `--acl`) may see `room`: nothing is learned of a room one may
+/// not enter.
+fn visible(viewer: Option<&Viewer>, room: &str) -> bool {
+    viewer.is_none_or(|v| v.may_subscribe(&format!("/topic/room.{room}")))
+}
+
+/// `{"rooms":[...]}` of the rooms `viewer` may see.
+fn rooms_body(mut rooms: Vec<RoomSummary>, viewer: Option<&Viewer>) -> String {
+    rooms.retain(|r| visible(viewer, &r.room));
+    serde_json::json!({ "rooms": rooms }).to_string()
+}
+
+/// `{"room":..,"members":[..],"last_seq":..}`; a room that never existed has no members
+/// and `last_seq` 0.
+fn members_body(room: &str, detail: Option<RoomDetail>) -> String {
+    let detail = detail.unwrap_or_else(|| RoomDetail {
+        room: room.to_owned(),
+        members: Vec::new(),
+        last_seq: 0,
+    });
+    serde_json::to_value(&detail)
+        .map(|v| v.to_string())
+        .unwrap_or_default()
+}
+
 impl App {
     /// Replies drawn from `rooms`.
     pub fn new(rooms: Arc<Rooms>, ids: Arc<MessageIds>) -> App {
@@ -49,20 +73,15 @@ impl App {
     /// `{"rooms":[{"room":"lobby","members":3,"last_seq":42}]}`: with `--acl`, only the
     /// rooms `viewer` may subscribe to.
     pub fn rooms_json(&self, viewer: Option<&Viewer>) -> String {
-        let mut rooms = self.rooms.summaries();
-        if let Some(viewer) = viewer {
-            rooms.retain(|r| viewer.may_subscribe(&format!("/topic/room.{}", r.room)));
-        }
-        serde_json::json!({ "rooms": rooms }).to_string()
+        rooms_body(self.rooms.summaries(), viewer)
     }
 
     /// A room's members, unless it never existed or `viewer` may not subscribe to it (the
     /// same answer: nothing is learned of a room one may not enter).
     pub fn detail(&self, room: &str, viewer: Option<&Viewer>) -> Option<RoomDetail> {
-        if viewer.is_some_and(|v| !v.may_subscribe(&format!("/topic/room.{room}"))) {
-            return None;
-        }
-        self.rooms.detail(room)
+        visible(viewer, room)
+            .then(|| self.rooms.detail(room))
+            .flatten()
     }
 
     /// [`App::rooms_json`], cluster-wide with `--cluster` (read from Redis).
@@ -73,7 +92,7 @@ impl App {
         let Some(shared) = self.rooms.cluster_rooms().await else {
             return Ok(self.rooms_json(viewer));
         };
-        let mut rooms: Vec<RoomSummary> = shared
+        let rooms = shared
             .map_err(|e| {
                 tracing::warn!("listing the rooms from Redis: {e}");
                 Unavailable
@@ -85,10 +104,7 @@ impl App {
                 last_seq: r.last_seq,
             })
             .collect();
-        if let Some(viewer) = viewer {
-            rooms.retain(|r| viewer.may_subscribe(&format!("/topic/room.{}", r.room)));
-        }
-        Ok(serde_json::json!({ "rooms": rooms }).to_string())
+        Ok(rooms_body(rooms, viewer))
     }
 
     /// [`App::detail`], cluster-wide with `--cluster` (read from Redis).
@@ -100,7 +116,7 @@ impl App {
         room: &str,
         viewer: Option<&Viewer>,
     ) -> Result<Option<RoomDetail>, Unavailable> {
-        if viewer.is_some_and(|v| !v.may_subscribe(&format!("/topic/room.{room}"))) {
+        if !visible(viewer, room) {
             return Ok(None);
         }
         let Some(shared) = self.rooms.cluster_room(room).await else {
@@ -120,14 +136,7 @@ impl App {
     /// `{"room":"lobby","members":["alice","bob"],"last_seq":42}`; a room that never
     /// existed (or that `viewer` may not enter) has no members and `last_seq` 0.
     pub fn members_json(&self, room: &str, viewer: Option<&Viewer>) -> String {
-        let detail = self.detail(room, viewer).unwrap_or_else(|| RoomDetail {
-            room: room.to_owned(),
-            members: Vec::new(),
-            last_seq: 0,
-        });
-        serde_json::to_value(&detail)
-            .map(|v| v.to_string())
-            .unwrap_or_default()
+        members_body(room, self.detail(room, viewer))
     }
 
     fn answer(&self, destination: &str, json: String, subscriber: &Subscriber) {
@@ -139,24 +148,10 @@ impl App {
         headers.push("content-type", "application/json");
         subscriber.offer(&Publish::new(message_id, headers, Bytes::from(json)), false);
     }
-}
 
-impl App {
-    /// With `--cluster`: the answer is read from Redis, then sent; the SUBSCRIBE's RECEIPT
-    /// waits for it.
-    fn subscribe_shared(&self, request: SubscribeRequest<'_>) -> Result<Pending, SessionError> {
-        let room = match question(request.key) {
-            Some(Question::Rooms) => None,
-            Some(Question::Members(room)) => {
-                check_room_name(room)?;
-                Some(room.to_owned())
-            }
-            None => {
-                return Err(SessionError::NoApplicationHandler(
-                    request.destination.to_owned(),
-                ));
-            }
-        };
+    /// With `--cluster`: the answer to `room`'s members (or the room list, `None`) is read
+    /// from Redis, then sent; the SUBSCRIBE's RECEIPT waits for it.
+    fn answer_later(&self, room: Option<String>, request: SubscribeRequest<'_>) -> Pending {
         let (pending, answer) = pending();
         let app = self.clone();
         let subscriber = request.subscriber;
@@ -165,26 +160,20 @@ impl App {
             let viewer = subscriber.viewer.as_deref();
             let json = match &room {
                 None => app.rooms_answer(viewer).await,
-                Some(room) => app.detail_answer(room, viewer).await.map(|detail| {
-                    let detail = detail.unwrap_or_else(|| RoomDetail {
-                        room: room.clone(),
-                        members: Vec::new(),
-                        last_seq: 0,
-                    });
-                    serde_json::to_value(&detail)
-                        .map(|v| v.to_string())
-                        .unwrap_or_default()
-                }),
+                Some(room) => app
+                    .detail_answer(room, viewer)
+                    .await
+                    .map(|detail| members_body(room, detail)),
             };
             match json {
                 Ok(json) => {
                     app.answer(&destination, json, &subscriber);
                     answer.complete(Ok(None));
                 }
-                Err(_) => answer.complete(Err(End::ClusterUnavailable)),
+                Err(Unavailable) => answer.complete(Err(End::ClusterUnavailable)),
             }
         });
-        Ok(pending)
+        pending
     }
 }
 
@@ -194,20 +183,26 @@ impl Service for App {
     }
 
     fn subscribe(&self, request: SubscribeRequest<'_>) -> Result<Option<Pending>, SessionError> {
-        if self.rooms.bus().is_some() {
-            return self.subscribe_shared(request).map(Some);
-        }
-        let json = match question(request.key) {
-            Some(Question::Rooms) => self.rooms_json(request.subscriber.viewer.as_deref()),
+        let room = match question(request.key) {
+            Some(Question::Rooms) => None,
             Some(Question::Members(room)) => {
                 check_room_name(room)?;
-                self.members_json(room, request.subscriber.viewer.as_deref())
+                Some(room)
             }
             None => {
                 return Err(SessionError::NoApplicationHandler(
                     request.destination.to_owned(),
                 ));
             }
+        };
+        if self.rooms.bus().is_some() {
+            let room = room.map(str::to_owned);
+            return Ok(Some(self.answer_later(room, request)));
+        }
+        let viewer = request.subscriber.viewer.as_deref();
+        let json = match room {
+            None => self.rooms_json(viewer),
+            Some(room) => self.members_json(room, viewer),
         };
         self.answer(request.destination, json, &request.subscriber);
         Ok(None)

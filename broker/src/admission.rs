@@ -51,6 +51,18 @@ impl Origins {
         Ok(origins)
     }
 
+    /// The pages that may frame the broker's SockJS iframe: its own and the allowed
+    /// origins (a CSP `frame-ancestors` source list).
+    pub fn frame_ancestors(&self) -> String {
+        if self.any {
+            return "*".to_owned();
+        }
+        std::iter::once("'self'")
+            .chain(self.allowed.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// Whether a request with `origin` (its `Origin` header, if any) to the host `host` (its
     /// `Host` header) over `scheme` may go on: no `Origin` (not a browser), the broker's
     /// own origin, or one of the list.

@@ -94,6 +94,22 @@ pub struct Config {
     #[arg(long, env = "STOA_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
     pub write_timeout_ms: u64,
 
+    /// SockJS (under `/ws`): milliseconds between `h` frames on a receiving request with
+    /// nothing else to send.
+    #[arg(long, env = "STOA_SOCKJS_HEARTBEAT_MS", default_value_t = 25_000)]
+    pub sockjs_heartbeat_ms: u64,
+
+    /// SockJS: milliseconds a session may go without a receiving request before it is
+    /// closed (its client is gone).
+    #[arg(long, env = "STOA_SOCKJS_DISCONNECT_DELAY_MS", default_value_t = 5_000)]
+    pub sockjs_disconnect_delay_ms: u64,
+
+    /// SockJS: bytes after which a streaming response (`xhr_streaming`, `eventsource`,
+    /// `htmlfile`) ends and the client opens the next, so that neither proxies nor the
+    /// browser keep all of it.
+    #[arg(long, env = "STOA_SOCKJS_STREAM_BYTES", default_value_t = 128 * 1024)]
+    pub sockjs_stream_bytes: usize,
+
     /// Milliseconds graceful shutdown waits for connections to flush and close.
     #[arg(long, env = "STOA_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
     pub shutdown_grace_ms: u64,
@@ -349,6 +365,12 @@ impl Config {
             ("queue-max-messages", self.queue_max_messages),
             ("queue-max-bytes", self.queue_max_bytes),
             ("max-unacked", self.max_unacked),
+            ("sockjs-stream-bytes", self.sockjs_stream_bytes),
+            ("sockjs-heartbeat-ms", self.sockjs_heartbeat_ms as usize),
+            (
+                "sockjs-disconnect-delay-ms",
+                self.sockjs_disconnect_delay_ms as usize,
+            ),
         ];
         for (name, value) in positive {
             if value == 0 {

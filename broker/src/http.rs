@@ -10,10 +10,10 @@ use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Extension, Path, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use tokio::sync::watch;
@@ -26,6 +26,7 @@ use crate::cluster::NodeInfo;
 use crate::connection::{self, Arrival};
 use crate::message::now_millis;
 use crate::services::check_room_name;
+use crate::sockjs::Endpoint;
 use crate::state::Broker;
 use crate::transport::ws::{self, WsTransport};
 
@@ -35,6 +36,8 @@ const CHAT_JS: &str = include_str!("../../web/chat.js");
 const CHAT_CSS: &str = include_str!("../../web/chat.css");
 const STOMP_JS: &str = include_str!("../../web/vendor/stomp.umd.min.js");
 const STOMP_JS_LICENSE: &str = include_str!("../../web/vendor/stompjs-LICENSE");
+const SOCKJS_JS: &str = include_str!("../../web/vendor/sockjs.min.js");
+const SOCKJS_JS_LICENSE: &str = include_str!("../../web/vendor/sockjs-LICENSE");
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
@@ -45,6 +48,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Tracks WebSocket sessions so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// SockJS under `/ws`.
+    pub sockjs: Arc<Endpoint>,
 }
 
 /// The HTTP routes.
@@ -73,7 +78,18 @@ pub fn routes(state: AppState) -> Router {
             "/vendor/stompjs-LICENSE",
             get(|| asset("text/plain; charset=utf-8", STOMP_JS_LICENSE)),
         )
-        .route("/ws", get(websocket))
+        .route(
+            "/vendor/sockjs.min.js",
+            get(|| asset("text/javascript; charset=utf-8", SOCKJS_JS)),
+        )
+        .route(
+            "/vendor/sockjs-LICENSE",
+            get(|| asset("text/plain; charset=utf-8", SOCKJS_JS_LICENSE)),
+        )
+        .route("/ws", any(websocket_or_sockjs))
+        .route("/ws/websocket", any(websocket))
+        .route("/ws/", any(sockjs))
+        .route("/ws/{*rest}", any(sockjs))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/config", get(api_config))
@@ -95,10 +111,15 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; st
 /// no framing; over TLS, HSTS.
 async fn security_headers(State(state): State<AppState>, mut response: Response) -> Response {
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
-    );
+    // SockJS's iframe page and htmlfile stream set their own policy: they run inline
+    // scripts and are framed by the page that uses them.
+    if !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+        );
+        headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    }
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -107,7 +128,6 @@ async fn security_headers(State(state): State<AppState>, mut response: Response)
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     if state.broker.tls.is_some() {
         headers.insert(
             header::STRICT_TRANSPORT_SECURITY,
@@ -361,6 +381,33 @@ fn json_response(status: StatusCode, body: String) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+/// `/ws`: a WebSocket upgrade (STOMP), else SockJS's greeting.
+async fn websocket_or_sockjs(
+    state: State<AppState>,
+    peer: ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    if request.headers().contains_key(header::UPGRADE) || request.method() != Method::GET {
+        websocket(state, peer, request).await
+    } else {
+        sockjs(state, peer, request).await
+    }
+}
+
+/// SockJS under `/ws/`, for the origins `--allowed-origins` admits.
+async fn sockjs(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    if let Some(refused) = refuse_origin(&state.broker, request.headers()) {
+        return refused;
+    }
+    let path = request.uri().path().to_owned();
+    let rest = path.strip_prefix("/ws").unwrap_or_default();
+    state.sockjs.handle(rest, request, peer).await
+}
+
 async fn websocket(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -383,7 +430,7 @@ async fn websocket(
     };
     // Only `--auth jwt` reads it; kept out of the connection's memory otherwise.
     let bearer = (state.broker.auth.mode() == Mode::Jwt)
-        .then(|| upgrade_token(&request))
+        .then(|| bearer_token(request.headers(), request.uri()))
         .flatten();
     let config = &state.broker.shared.config;
     // One STOMP frame may arrive in several messages, or several frames in one: the
@@ -394,6 +441,7 @@ async fn websocket(
         broker,
         shutdown,
         tracker,
+        ..
     } = state;
     let on_upgrade = upgrade.on_upgrade;
     tracker.spawn(async move {
@@ -437,10 +485,9 @@ pub fn refuse_origin(broker: &Broker, headers: &HeaderMap) -> Option<Response> {
 }
 
 /// A token on a request: `Authorization: Bearer <token>`, else `access_token` in the query
-/// (browsers cannot set headers on a WebSocket upgrade).
-fn upgrade_token<B>(request: &Request<B>) -> Option<String> {
-    let header = request
-        .headers()
+/// (browsers cannot set headers on a WebSocket upgrade or a SockJS request).
+pub fn bearer_token(headers: &HeaderMap, uri: &Uri) -> Option<String> {
+    let header = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
@@ -450,7 +497,7 @@ fn upgrade_token<B>(request: &Request<B>) -> Option<String> {
                 .then(|| token.trim().to_owned())
         });
     header.or_else(|| {
-        let query = request.uri().query()?;
+        let query = uri.query()?;
         form_urlencoded::parse(query.as_bytes())
             .find(|(name, _)| name == "access_token")
             .map(|(_, token)| token.into_owned())

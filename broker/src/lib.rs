@@ -26,6 +26,7 @@ pub mod server;
 pub mod service;
 pub mod services;
 pub mod session;
+pub mod sockjs;
 pub mod state;
 pub mod store;
 pub mod tls;

@@ -32,6 +32,8 @@ use crate::connection::{self, Arrival};
 use crate::error::SessionError;
 use crate::http::{AppState, routes};
 use crate::outbox::End;
+use crate::sockjs::{self, Endpoint};
+use crate::transport::sockjs::StompService;
 
 use crate::state::Broker;
 use crate::tls::Tls;
@@ -115,10 +117,19 @@ pub async fn run(
     }
     let tracker = TaskTracker::new();
 
+    let sockjs = Endpoint::new(
+        sockjs_settings(&broker),
+        Arc::new(StompService {
+            broker: broker.clone(),
+            shutdown: stop_rx.clone(),
+            tracker: tracker.clone(),
+        }),
+    );
     let app = routes(AppState {
         broker: broker.clone(),
         shutdown: stop_rx.clone(),
         tracker: tracker.clone(),
+        sockjs,
     });
     let http_task = tokio::spawn(serve_http(
         http,
@@ -346,6 +357,23 @@ async fn clean_up_after_dead_nodes(
                 Err(e) => debug!("cleaning up after {node}: {e}"),
             }
         }
+    }
+}
+
+/// SockJS under `/ws` as the flags set it: messages up to a frame (JSON-escaped, a frame may
+/// take up to six times its bytes), framed by the broker's own pages and the allowed
+/// origins'.
+fn sockjs_settings(broker: &Broker) -> sockjs::Settings {
+    let config = &broker.shared.config;
+    let frame = config.max_frame_bytes.saturating_add(64 * 1024);
+    sockjs::Settings {
+        heart_beat: Duration::from_millis(config.sockjs_heartbeat_ms),
+        disconnect_delay: Duration::from_millis(config.sockjs_disconnect_delay_ms),
+        stream_bytes: config.sockjs_stream_bytes,
+        queue_bytes: config.outbox_bytes,
+        max_request_bytes: frame.saturating_mul(6),
+        frame_ancestors: broker.origins.frame_ancestors(),
+        ..sockjs::Settings::default()
     }
 }
 

@@ -38,6 +38,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("connection", 5),
     // 6. The edges: transports, HTTP, accept loops, subcommands.
     ("transport", 6),
+    ("sockjs", 6),
     ("http", 6),
     ("server", 6),
     ("cli", 6),

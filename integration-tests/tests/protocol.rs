@@ -159,8 +159,17 @@ async fn websocket_upgrades_are_checked_as_rfc_6455_says() {
             .contains("sec-websocket-version: 13"),
         "{old}"
     );
+    // A plain GET is SockJS's greeting (Spring's `withSockJS()` serves the same path); an
+    // upgrade a proxy mangled is refused.
     let (status, body) = broker.http_get("/ws").await;
-    assert_eq!(status, 400, "a plain GET of the WebSocket endpoint: {body}");
+    assert_eq!((status, body.as_str()), (200, "Welcome to SockJS!\n"));
+    let (status, body) = broker
+        .http_get_with("/ws", &[("Upgrade", "websocket")])
+        .await;
+    assert_eq!(
+        status, 400,
+        "an upgrade without Connection: Upgrade: {body}"
+    );
 }
 
 #[tokio::test]

@@ -4,5 +4,6 @@
 //! bytes to the connection's read buffer (so frames split across reads or WebSocket
 //! messages, and heart-beat EOLs, need no special case) and whose writes send each frame.
 
+pub mod sockjs;
 pub mod tcp;
 pub mod ws;

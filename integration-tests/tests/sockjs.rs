@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use integration_tests::{Broker, Conn};
 use reqwest::header::HeaderMap;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -940,4 +941,254 @@ async fn a_session_without_a_receiving_request_is_gone_after_the_disconnect_dela
     );
     // The same id now opens a new session.
     assert_eq!(post(&format!("{base}/xhr"), "").await.body, "o\n");
+}
+
+/// A STOMP client over raw SockJS xhr polling: frames as SockJS messages, read back as STOMP.
+struct XhrStomp {
+    base: String,
+    frames: std::collections::VecDeque<String>,
+    pending: String,
+}
+
+impl XhrStomp {
+    async fn open(broker: &Broker) -> XhrStomp {
+        let base = format!("http://{}{}", broker.http, session("/ws"));
+        assert_eq!(post(&format!("{base}/xhr"), "").await.body, "o\n");
+        XhrStomp {
+            base,
+            frames: std::collections::VecDeque::new(),
+            pending: String::new(),
+        }
+    }
+
+    /// Sends `messages` in one `xhr_send`.
+    async fn send(&self, messages: &[&str]) {
+        let body = serde_json::to_string(messages).unwrap();
+        let answer = post(&format!("{}/xhr_send", self.base), &body).await;
+        assert_eq!(answer.status, 204, "{}", answer.body);
+    }
+
+    /// The next STOMP frame's text (heart-beat EOLs skipped), polling as needed.
+    async fn next_frame(&mut self) -> String {
+        let started = Instant::now();
+        loop {
+            if let Some(frame) = self.frames.pop_front() {
+                return frame;
+            }
+            assert!(started.elapsed() < WAIT, "no frame in time");
+            let body = post(&format!("{}/xhr", self.base), "").await.body;
+            let Some(array) = body.trim_end().strip_prefix('a') else {
+                assert!(body == "h\n", "unexpected poll answer {body:?}");
+                continue;
+            };
+            let messages: Vec<String> = serde_json::from_str(array).unwrap();
+            for message in messages {
+                self.pending.push_str(&message);
+            }
+            while let Some(end) = self.pending.find('\0') {
+                let frame: String = self.pending.drain(..=end).collect();
+                let frame = frame.trim_start_matches(['\n', '\r']).to_owned();
+                self.frames.push_back(frame);
+            }
+        }
+    }
+
+    /// The next frame, which must start with `command`.
+    async fn expect(&mut self, command: &str) -> String {
+        let frame = self.next_frame().await;
+        assert!(
+            frame.starts_with(command),
+            "expected {command}, got {frame:?}"
+        );
+        frame
+    }
+}
+
+#[tokio::test]
+async fn stomp_frames_may_span_sockjs_messages_and_share_them() {
+    let broker = Broker::start(&[]);
+    let mut client = XhrStomp::open(&broker).await;
+    client
+        .send(&[
+            "CONNECT\naccept-version:1.2\nhost:x\nlog",
+            "in:bob\nheart-beat:0,0\n\n\0",
+        ])
+        .await;
+    let connected = client.expect("CONNECTED").await;
+    assert!(connected.contains("version:1.2"), "{connected}");
+    // Two frames in one message, the second one split into the next.
+    client
+        .send(&["SUBSCRIBE\nid:0\ndestination:/topic/t.split\n\n\0SUBSCRIBE\nid:1\ndestin"])
+        .await;
+    client
+        .send(&["ation:/topic/t.other\nreceipt:r1\n\n\0"])
+        .await;
+    assert!(client.expect("RECEIPT").await.contains("receipt-id:r1"));
+
+    let mut publisher = Conn::open_as(&broker, "alice").await;
+    publisher
+        .send(
+            &integration_tests::frame("SEND", &[("destination", "/topic/t.split")])
+                .with_body("héllo \"you\""),
+        )
+        .await;
+    let message = client.expect("MESSAGE").await;
+    assert!(message.contains("subscription:0"), "{message}");
+    assert!(message.ends_with("héllo \"you\"\0"), "{message}");
+}
+
+#[tokio::test]
+async fn sockjs_requests_from_other_origins_are_refused() {
+    let broker = Broker::start(&["--allowed-origins", "http://app.example"]);
+    let own = format!("http://{}", broker.http);
+    let session_url = |transport: &str| format!("{own}{}/{transport}", session("/ws"));
+    let urls = [
+        ("GET", format!("{own}/ws/info")),
+        ("GET", format!("{own}/ws/iframe.html")),
+        ("POST", session_url("xhr")),
+        ("POST", session_url("xhr_send")),
+        ("GET", session_url("eventsource")),
+        ("OPTIONS", session_url("xhr")),
+    ];
+    for (method, url) in &urls {
+        let answer = request(method, url, None, &[("Origin", "http://evil.example")]).await;
+        assert_eq!(answer.status, 403, "{method} {url}");
+        assert!(
+            answer.body.contains("origin not allowed"),
+            "{}",
+            answer.body
+        );
+    }
+    for origin in ["http://app.example", own.as_str()] {
+        let answer = request(
+            "GET",
+            &format!("{own}/ws/info"),
+            None,
+            &[("Origin", origin)],
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{origin}");
+        assert_eq!(answer.header("access-control-allow-origin"), Some(origin));
+        let opened = request("POST", &session_url("xhr"), None, &[("Origin", origin)]).await;
+        assert_eq!((opened.status, opened.body.as_str()), (200, "o\n"));
+    }
+}
+
+#[tokio::test]
+async fn the_iframe_page_may_be_framed_by_allowed_pages_and_nothing_else_may() {
+    let broker = Broker::start(&["--allowed-origins", "http://app.example"]);
+    let (status, head, body) = broker.http_request("GET", "/ws/iframe.html", &[]).await;
+    assert_eq!(status, 200);
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.contains("frame-ancestors 'self' http://app.example"),
+        "{head}"
+    );
+    assert!(head.contains("script-src 'self' 'sha256-"), "{head}");
+    assert!(!head.contains("x-frame-options"), "{head}");
+    assert!(body.contains("<script src=\"/vendor/sockjs.min.js\"></script>"));
+    let (status, script) = broker.http_get("/vendor/sockjs.min.js").await;
+    assert_eq!(status, 200);
+    assert!(script.starts_with("/* sockjs-client v1.6.1"));
+    // Everything else keeps its frame-ancestors 'none'.
+    let (_, head, _) = broker.http_request("GET", "/ws/info", &[]).await;
+    assert!(
+        head.to_ascii_lowercase().contains("frame-ancestors 'none'"),
+        "{head}"
+    );
+}
+
+#[tokio::test]
+async fn a_vanished_sockjs_client_leaves_its_room_after_the_disconnect_delay() {
+    let delay = Duration::from_millis(500);
+    let broker = Broker::start(&["--sockjs-disconnect-delay-ms", "500"]);
+    let mut alice = Conn::open_as(&broker, "alice").await;
+    // Alice's own join notice may come before the receipt.
+    let subscribe = integration_tests::frame(
+        "SUBSCRIBE",
+        &[("id", "0"), ("destination", "/topic/room.gone")],
+    );
+    alice.send_with_receipt(&subscribe, "in").await;
+    let mut bob = XhrStomp::open(&broker).await;
+    bob.send(&["CONNECT\naccept-version:1.2\nhost:x\nlogin:bob\nheart-beat:0,0\n\n\0"])
+        .await;
+    bob.expect("CONNECTED").await;
+    bob.send(&["SUBSCRIBE\nid:0\ndestination:/topic/room.gone\nreceipt:in\n\n\0"])
+        .await;
+    // Bob's own join notice and history may come first; the receipt means he is in.
+    while !bob.next_frame().await.starts_with("RECEIPT") {}
+    let last_poll = Instant::now();
+    let joined = alice.expect_frame().await;
+    assert_eq!(joined.header("x-event"), Some("join"), "{joined:?}");
+    assert_eq!(joined.header("x-sender"), Some("bob"));
+    // Bob polls no more: after the delay his session ends and he leaves the room.
+    let left = alice.expect_frame().await;
+    assert_eq!(left.header("x-event"), Some("leave"), "{left:?}");
+    assert_eq!(left.header("x-sender"), Some("bob"));
+    assert!(
+        last_poll.elapsed() >= delay,
+        "left after {:?}",
+        last_poll.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn bad_sockjs_input_gets_an_answer_and_leaves_other_sessions_alone() {
+    let broker = Broker::start(&["--max-frame-bytes", "4096"]);
+    let mut bystander = XhrStomp::open(&broker).await;
+    bystander
+        .send(&["CONNECT\naccept-version:1.2\nhost:x\nlogin:carol\nheart-beat:0,0\n\n\0"])
+        .await;
+    bystander.expect("CONNECTED").await;
+    bystander
+        .send(&["SUBSCRIBE\nid:0\ndestination:/topic/t.calm\nreceipt:r\n\n\0"])
+        .await;
+    bystander.expect("RECEIPT").await;
+
+    let victim = XhrStomp::open(&broker).await;
+    let send_url = format!("{}/xhr_send", victim.base);
+    let broken = post(&send_url, "[\"CONN").await;
+    assert_eq!(
+        (broken.status, broken.body.as_str()),
+        (500, "Broken JSON encoding.")
+    );
+    let empty = post(&send_url, "").await;
+    assert_eq!(
+        (empty.status, empty.body.as_str()),
+        (500, "Payload expected.")
+    );
+    // Over six times the frame limit (plus slack) is refused before it is read whole.
+    let huge = format!("[\"{}\"]", "x".repeat(1024 * 1024));
+    let too_large = post(&send_url, &huge).await;
+    assert_eq!(too_large.status, 413);
+    let reason: serde_json::Value = serde_json::from_str(&too_large.body).unwrap();
+    assert!(
+        reason["error"].as_str().unwrap().contains("bytes"),
+        "{reason}"
+    );
+    let unknown = post(
+        &format!("http://{}{}/xhr_send", broker.http, session("/ws")),
+        "[\"x\"]",
+    )
+    .await;
+    assert_eq!(unknown.status, 404);
+    // A frame over the limit inside good JSON is the STOMP error it always is.
+    victim
+        .send(&[&format!(
+            "SEND\ndestination:/topic/t.calm\n\n{}\0",
+            "y".repeat(5000)
+        )])
+        .await;
+    let mut victim = victim;
+    let error = victim.expect("ERROR").await;
+    assert!(error.contains("exceeds the limit"), "{error}");
+
+    let mut publisher = Conn::open_as(&broker, "dave").await;
+    publisher
+        .send(
+            &integration_tests::frame("SEND", &[("destination", "/topic/t.calm")])
+                .with_body("still fine"),
+        )
+        .await;
+    assert!(bystander.expect("MESSAGE").await.ends_with("still fine\0"));
 }

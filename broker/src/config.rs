@@ -110,6 +110,11 @@ pub struct Config {
     #[arg(long, env = "STOA_SOCKJS_STREAM_BYTES", default_value_t = 128 * 1024)]
     pub sockjs_stream_bytes: usize,
 
+    /// Milliseconds between keep-alive comments on an idle Server-Sent Events stream
+    /// (`/api/rooms/<room>/events`), so that proxies do not drop it.
+    #[arg(long, env = "STOA_SSE_KEEPALIVE_MS", default_value_t = 15_000)]
+    pub sse_keepalive_ms: u64,
+
     /// Milliseconds graceful shutdown waits for connections to flush and close.
     #[arg(long, env = "STOA_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
     pub shutdown_grace_ms: u64,
@@ -366,6 +371,7 @@ impl Config {
             ("queue-max-bytes", self.queue_max_bytes),
             ("max-unacked", self.max_unacked),
             ("sockjs-stream-bytes", self.sockjs_stream_bytes),
+            ("sse-keepalive-ms", self.sse_keepalive_ms as usize),
             ("sockjs-heartbeat-ms", self.sockjs_heartbeat_ms as usize),
             (
                 "sockjs-disconnect-delay-ms",

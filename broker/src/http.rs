@@ -25,6 +25,7 @@ use crate::auth::{Credentials, Identity, Mode, Refusal};
 use crate::cluster::NodeInfo;
 use crate::connection::{self, Arrival};
 use crate::message::now_millis;
+use crate::room_api;
 use crate::services::check_room_name;
 use crate::sockjs::Endpoint;
 use crate::state::Broker;
@@ -59,6 +60,11 @@ pub fn routes(state: AppState) -> Router {
         .route("/api/queues", get(api_queues))
         .route("/api/rooms/{room}", get(api_room))
         .route("/api/nodes", get(api_nodes))
+        .route(
+            "/api/rooms/{room}/messages",
+            get(room_api::get_messages).post(room_api::post_message),
+        )
+        .route("/api/rooms/{room}/events", get(room_api::events))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/", get(index))

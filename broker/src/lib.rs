@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod pace;
 pub mod receipts;
+pub mod room_api;
 pub mod router;
 pub mod server;
 pub mod service;

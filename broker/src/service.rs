@@ -201,6 +201,9 @@ pub struct SubscribeRequest<'a> {
     pub replay: Replay,
     /// The SUBSCRIBE's `prefetch-count`, if any.
     pub prefetch: Option<usize>,
+    /// Whether the subscriber is a member of a room it subscribes to (presence, join and
+    /// leave notices): STOMP sessions are, readers of the HTTP API are not.
+    pub presence: bool,
 }
 
 /// A SEND, as handed to a service.

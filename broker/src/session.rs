@@ -113,6 +113,8 @@ pub struct Session {
     waits: Vec<Pending>,
     /// RECEIPTs waiting for the disk or the cluster, in order.
     receipts: Option<Arc<Receipts>>,
+    /// A reader of the HTTP API: in rooms without being a member.
+    reader: bool,
 }
 
 impl Session {
@@ -134,8 +136,15 @@ impl Session {
             durable_published: false,
             waits: Vec::new(),
             receipts: None,
+            reader: false,
             outbox,
         }
+    }
+
+    /// Makes this a reader's session (the HTTP API): its room subscriptions deliver
+    /// messages without making it a member (no presence, no join or leave notice).
+    pub fn set_reader(&mut self) {
+        self.reader = true;
     }
 
     /// This session's id.
@@ -484,6 +493,7 @@ impl Session {
             subscriber: subscriber.clone(),
             replay,
             prefetch: prefetch_of(frame)?,
+            presence: !self.reader,
         })?;
         self.waits.extend(pending);
         self.next_key = self.next_key.wrapping_add(1);

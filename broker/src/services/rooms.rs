@@ -78,6 +78,8 @@ struct Room {
     /// What `history` takes, as [`KeptMessage::size`] counts it.
     bytes: usize,
     subscribers: Vec<Subscriber>,
+    /// Readers that are not members (the HTTP API): messages, no presence.
+    watchers: Vec<Subscriber>,
     /// Users present, with how many of their sessions are in the room.
     members: BTreeMap<Arc<str>, usize>,
     /// Taken out of the map (nothing kept, nobody in it): whoever still holds it looks the
@@ -113,6 +115,8 @@ enum Mirror {
 #[derive(Debug)]
 struct Joiner {
     subscriber: Subscriber,
+    /// A member (noted present, join notice) rather than a reader.
+    presence: bool,
     replay: Replay,
     answer: Answer,
 }
@@ -129,14 +133,22 @@ impl Room {
         self.history.front().map(|k| k.message.message_id())
     }
 
+    /// Everyone a message goes to: members' subscriptions, then readers.
+    fn receivers(&self) -> impl Iterator<Item = &Subscriber> {
+        self.subscribers.iter().chain(&self.watchers)
+    }
+
     fn is_idle(&self) -> bool {
         match self.mirror {
             Mirror::Own => {
-                self.history.is_empty() && self.subscribers.is_empty() && self.members.is_empty()
+                self.history.is_empty()
+                    && self.subscribers.is_empty()
+                    && self.watchers.is_empty()
+                    && self.members.is_empty()
             }
             // A copy is kept while this node's clients are in the room.
             Mirror::Syncing { .. } => false,
-            Mirror::Live { .. } => self.subscribers.is_empty(),
+            Mirror::Live { .. } => self.subscribers.is_empty() && self.watchers.is_empty(),
         }
     }
 
@@ -438,7 +450,7 @@ impl Rooms {
 
     fn deliver_live(&self, name: &str, room: &Room, publish: &Publish) -> Fanout {
         let mut fanout = Fanout::default();
-        deliver(room.subscribers.iter(), publish, &mut fanout);
+        deliver(room.receivers(), publish, &mut fanout);
         self.topics
             .fan_out_to_patterns(&format!("room.{name}"), publish, &mut fanout);
         fanout
@@ -541,6 +553,7 @@ impl Rooms {
         let (pending, answer) = pending();
         let joiner = Joiner {
             subscriber: request.subscriber,
+            presence: request.presence,
             replay: request.replay,
             answer,
         };
@@ -564,6 +577,11 @@ impl Rooms {
     fn attach_joiner(&self, bus: &RoomBus, name: &Arc<str>, room: &mut Room, joiner: Joiner) {
         let subscriber = joiner.subscriber;
         self.replay(name, room, &subscriber, joiner.replay);
+        if !joiner.presence {
+            room.watchers.push(subscriber);
+            joiner.answer.complete(Ok(None));
+            return;
+        }
         let field = RoomBus::field(name, subscriber.session.0, subscriber.key);
         let notice = self.notice_entry(name, "join", &subscriber.user);
         bus.join(name.clone(), field, &subscriber.user, notice, joiner.answer);
@@ -667,7 +685,7 @@ impl Rooms {
             // Transient: to whoever is here now, in no particular order with the rest.
             if let Some(room) = self.rooms.get(name).map(|r| r.clone()) {
                 let room = lock(&room);
-                deliver(room.subscribers.iter(), &publish, &mut Fanout::default());
+                deliver(room.receivers(), &publish, &mut Fanout::default());
             }
             return;
         };
@@ -720,7 +738,7 @@ impl Rooms {
     /// the copy's members updated from join and leave notices.
     fn accept(&self, room: &mut Room, seq: u64, publish: Publish) {
         room.last_seq = seq;
-        deliver(room.subscribers.iter(), &publish, &mut Fanout::default());
+        deliver(room.receivers(), &publish, &mut Fanout::default());
         let event = publish
             .headers()
             .find(|(n, _)| *n == "x-event")
@@ -961,6 +979,10 @@ impl Service for Rooms {
             // Under the room's lock: the replay is queued, then live messages, with nothing
             // in between.
             self.replay(name, room, &subscriber, request.replay);
+            if !request.presence {
+                room.watchers.push(subscriber);
+                return;
+            }
             let user = subscriber.user.clone();
             room.subscribers.push(subscriber);
             let sessions = room.members.entry(user.clone()).or_insert(0);
@@ -988,6 +1010,9 @@ impl Service for Rooms {
                     return;
                 }
             }
+            // A reader leaves without a word.
+            room.watchers
+                .retain(|s| !s.is(subscriber.session, subscriber.key));
             let before = room.subscribers.len();
             room.subscribers
                 .retain(|s| !s.is(subscriber.session, subscriber.key));

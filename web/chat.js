@@ -10,6 +10,9 @@
   const TYPING_SEND_EVERY_MS = 2000;
   const TYPING_SHOW_MS = 3500;
   const ROOM_LIST_REFRESH_MS = 5000;
+  /** How long a WebSocket may take to reach CONNECTED before the page tries SockJS. */
+  const WEBSOCKET_TIMEOUT_MS = 5000;
+  const TRANSPORTS = ['websocket', 'sockjs', 'sse'];
   const ROOM_NAME = /^[\p{L}\p{N}_-]{1,64}$/u;
   /** Where the jwt-mode token is kept: this tab only, gone when it closes. */
   const TOKEN_KEY = 'stoa.token';
@@ -80,20 +83,76 @@
     return {};
   }
 
-  function connect(name) {
-    state.name = name;
-    $('me').textContent = name;
+  function sockjsUrl() {
+    return `${location.protocol}//${location.host}/ws`;
+  }
+
+  /** Says which transport carries the session (hook `transport`). */
+  function setTransport(text) {
+    const node = $('transport');
+    node.textContent = text;
+    node.dataset.transport = text;
+  }
+
+  /** What identifies an EventSource reader, which cannot send headers. */
+  function readerQuery() {
+    if (state.auth === 'jwt') return { access_token: sessionStorage.getItem(TOKEN_KEY) || '' };
+    return { name: state.name };
+  }
+
+  /** A STOMP client over WebSocket that falls back to SockJS by itself when the WebSocket
+   * does not open within 5 s or closes before CONNECTED; or the transport `?transport=`
+   * forces (`websocket`, `sockjs`, or `sse`: rooms through EventSource and POST). */
+  function makeClient(onConnect, onClose) {
+    const forced = new URLSearchParams(location.search).get('transport');
+    const mayFallBack = !TRANSPORTS.includes(forced);
+    let transport = mayFallBack ? 'websocket' : forced;
+    if (transport === 'sse') {
+      setTransport('sse');
+      const client = new StoaTransport.SseClient({ query: readerQuery, headers: authorization });
+      client.onConnect = onConnect;
+      client.onWebSocketClose = onClose;
+      return client;
+    }
+    let connectedOnce = false;
     const client = new StompJs.Client({
-      brokerURL: wsUrl(),
-      connectHeaders: credentials(),
+      webSocketFactory: () => {
+        if (transport === 'websocket') {
+          setTransport('websocket');
+          return new WebSocket(wsUrl(), ['v12.stomp', 'v11.stomp', 'v10.stomp']);
+        }
+        setTransport('sockjs');
+        return StoaTransport.sockjs(sockjsUrl(), (name) => setTransport(`sockjs ${name}`));
+      },
+      connectionTimeout: mayFallBack ? WEBSOCKET_TIMEOUT_MS : 0,
       reconnectDelay: 1000,
       heartbeatIncoming: 10000,
       heartbeatOutgoing: 10000,
     });
-    client.beforeConnect = () => {
-      client.connectHeaders = credentials();
-    };
     client.onConnect = (frame) => {
+      connectedOnce = true;
+      onConnect(frame);
+    };
+    client.onWebSocketClose = () => {
+      if (!connectedOnce && transport === 'websocket' && mayFallBack) {
+        // Something between here and the broker breaks WebSocket: the next try is SockJS.
+        transport = 'sockjs';
+        client.connectionTimeout = 0;
+      }
+      onClose();
+    };
+    return client;
+  }
+
+  function connect(name) {
+    state.name = name;
+    $('me').textContent = name;
+    if (state.auth === 'users' && new URLSearchParams(location.search).get('transport') === 'sse') {
+      // EventSource cannot send a password; the STOMP transports can.
+      $('login-error').textContent = 'transport=sse needs sign-in by nickname or token';
+      return;
+    }
+    const onConnect = (frame) => {
       // The name the server proved (a token's subject, or the login as the server spells it).
       if (frame.headers['user-name']) state.name = frame.headers['user-name'];
       $('me').textContent = state.name;
@@ -111,7 +170,11 @@
         joinRoom(room);
       }
     };
-    client.onWebSocketClose = () => setStatus(client.active ? 'reconnecting' : 'disconnected');
+    const client = makeClient(onConnect, () => setStatus(client.active ? 'reconnecting' : 'disconnected'));
+    client.connectHeaders = credentials();
+    client.beforeConnect = () => {
+      client.connectHeaders = credentials();
+    };
     client.onStompError = (frame) => {
       const message = frame.headers.message || 'the server refused the connection';
       if (!client.connected || SIGN_IN_AGAIN.test(message)) {

@@ -34,6 +34,7 @@ use crate::transport::ws::{self, WsTransport};
 /// The chat page and its assets, embedded in the binary: no files needed at run time.
 const INDEX_HTML: &str = include_str!("../../web/index.html");
 const CHAT_JS: &str = include_str!("../../web/chat.js");
+const TRANSPORT_JS: &str = include_str!("../../web/transport.js");
 const CHAT_CSS: &str = include_str!("../../web/chat.css");
 const STOMP_JS: &str = include_str!("../../web/vendor/stomp.umd.min.js");
 const STOMP_JS_LICENSE: &str = include_str!("../../web/vendor/stompjs-LICENSE");
@@ -71,6 +72,10 @@ pub fn routes(state: AppState) -> Router {
         .route(
             "/chat.js",
             get(|| asset("text/javascript; charset=utf-8", CHAT_JS)),
+        )
+        .route(
+            "/transport.js",
+            get(|| asset("text/javascript; charset=utf-8", TRANSPORT_JS)),
         )
         .route(
             "/chat.css",
@@ -175,7 +180,19 @@ async fn authenticate(
         );
         response
     };
-    let Some(presented) = http_credentials(request.headers(), mode) else {
+    // EventSource cannot set headers: in `--auth jwt` the token may come as `access_token`
+    // in the query, as on a WebSocket upgrade.
+    let presented = http_credentials(request.headers(), mode).or_else(|| {
+        (mode == Mode::Jwt)
+            .then(|| bearer_token(request.headers(), request.uri()))
+            .flatten()
+            .map(|token| Presented {
+                login: None,
+                password: None,
+                token: Some(token),
+            })
+    });
+    let Some(presented) = presented else {
         return unauthorized("authentication required");
     };
     let started = tokio::time::Instant::now();

@@ -179,6 +179,11 @@ echo "==> several nodes"
 RUNS=$RUNS scripts/bench-cluster.sh
 cat "$out/cluster.jsonl" >> "$results"
 
+# The fallbacks (issue #17): every technique on the same rooms scenario, in a script of its
+# own that writes its own section of docs/PERFORMANCE.md and docs/fallbacks.svg.
+echo "==> when WebSocket cannot get through"
+RUNS=$RUNS scripts/bench-fallbacks.sh
+
 echo "==> stoa: highest room rate with p99 under 50 ms"
 run rooms-step stoa "${stoa_ws[@]}" bench rooms --rooms 100 --members 10 --rate 200000 --seconds 3 --step --pid "$main_stoa"
 

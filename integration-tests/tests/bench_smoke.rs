@@ -147,3 +147,63 @@ fn fanout_and_rooms_spread_over_two_nodes_lose_nothing() {
     assert_eq!(rooms["lost"], 0, "{rooms}");
     assert!(rooms["steps"][0]["messages_sent"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn rooms_over_every_fallback_technique_lose_nothing_and_report_their_costs() {
+    let broker = Broker::start(&[]);
+    let ws = broker.ws_url();
+    for technique in ["ws", "sockjs-xhr-streaming", "sse", "long-poll", "poll"] {
+        let rooms = bench(
+            &broker,
+            &ws,
+            &[
+                "rooms",
+                "--transport",
+                technique,
+                "--rooms",
+                "3",
+                "--members",
+                "3",
+                "--rate",
+                "90",
+                "--seconds",
+                "1",
+                "--poll-interval-ms",
+                "100",
+            ],
+        );
+        assert_eq!(rooms["transport"], technique);
+        assert_eq!(rooms["lost"], 0, "{technique}: {rooms}");
+        assert!(
+            rooms["deliveries_per_sec"].as_f64().unwrap() > 0.0,
+            "{technique}: {rooms}"
+        );
+        assert!(
+            rooms["wire_bytes_per_delivery"].as_f64().unwrap() > 0.0,
+            "{technique}: {rooms}"
+        );
+        let requests = rooms["requests_per_delivery"].as_f64().unwrap();
+        // WebSocket makes no request per message; every other technique does.
+        assert_eq!(requests > 0.0, technique != "ws", "{technique}: {rooms}");
+    }
+    for technique in ["sse", "long-poll"] {
+        let idle = bench(
+            &broker,
+            &ws,
+            &[
+                "conns",
+                "--transport",
+                technique,
+                "--connections",
+                "40",
+                "--parallel",
+                "8",
+            ],
+        );
+        assert_eq!(
+            idle["probe_reached"], idle["probe_room_members"],
+            "{technique}: {idle}"
+        );
+        assert_eq!(idle["probe_room_members"], 10, "{technique}: {idle}");
+    }
+}

@@ -4,8 +4,10 @@
 //! In: a broker URL and a scenario's sizes. Out: throughput, latency percentiles, and the
 //! count of lost, duplicated and out-of-order messages, which are reported, never hidden.
 
+mod http;
 mod wire;
 
+use http::{Poster, Record, Requests, SockJs, SockJsSender, Technique};
 use wire::{Target, WireError, WireReader, WireWriter, request};
 
 use std::collections::HashSet;
@@ -55,6 +57,17 @@ pub struct RoomsArgs {
     /// The broker's process id, to report its CPU use next to the generator's.
     #[arg(long)]
     pid: Option<u32>,
+    /// How members read and write: STOMP over WebSocket or SockJS xhr-streaming, or the
+    /// HTTP room API by Server-Sent Events, long polling or polling (writing by POST).
+    #[arg(long, value_enum, default_value_t = Technique::Ws)]
+    transport: Technique,
+    /// `--transport poll`: milliseconds between a member's polls.
+    #[arg(long, default_value_t = 1000)]
+    poll_interval_ms: u64,
+    /// `--step` goes on while p99 stays under this many milliseconds (polling's own
+    /// interval is the floor of its latency: give it room).
+    #[arg(long, default_value_t = 50.0)]
+    p99_limit_ms: f64,
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +93,11 @@ pub struct ConnsArgs {
     /// broker's memory by hand.
     #[arg(long, default_value_t = 0.0)]
     hold: f64,
+    /// What each connection is: a STOMP member over WebSocket (`ws`), or an idle reader of
+    /// the HTTP room API holding a Server-Sent Events stream (`sse`) or a long poll
+    /// (`long-poll`).
+    #[arg(long, value_enum, default_value_t = Technique::Ws)]
+    transport: Technique,
     /// For `--auth users`: connection n logs in as `u<n>` with the passcode `<PREFIX><n>`
     /// (accounts made beforehand with `stoa users add`).
     #[arg(long, value_name = "PREFIX", conflicts_with = "tokens")]
@@ -446,6 +464,12 @@ impl StepTally {
 /// The tallies of the steps so far, shared by every reader.
 type Tallies = Arc<std::sync::Mutex<Vec<StepTally>>>;
 
+/// What the readers saw and the HTTP requests the members made.
+struct Seen {
+    tallies: Tallies,
+    requests: Requests,
+}
+
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -454,7 +478,65 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// publishing task and handed back).
 struct Member {
     room: usize,
-    writer: Option<WireWriter>,
+    writer: Option<Writer>,
+}
+
+/// How a member sends.
+enum Writer {
+    /// A STOMP SEND on its own connection.
+    Wire(WireWriter),
+    /// `xhr_send` to its SockJS session.
+    SockJs(SockJsSender),
+    /// A POST to the room API.
+    Post(Poster),
+}
+
+impl Writer {
+    async fn send(
+        &mut self,
+        destination: &str,
+        step: &str,
+        sent: &str,
+        body: &bytes::Bytes,
+    ) -> Result<(), WireError> {
+        match self {
+            Writer::Wire(_) | Writer::SockJs(_) => {
+                let frame = Frame::new(Command::Send)
+                    .with_header("destination", destination)
+                    .with_header("x-step", step)
+                    .with_header("x-sent", sent)
+                    .with_body(body.clone());
+                match self {
+                    Writer::Wire(writer) => writer.send(&frame).await,
+                    Writer::SockJs(writer) => writer.send(&frame).await,
+                    Writer::Post(_) => Ok(()),
+                }
+            }
+            Writer::Post(poster) => poster.send(step, sent, body).await,
+        }
+    }
+
+    async fn hang_up(self) {
+        match self {
+            Writer::Wire(writer) => hang_up(writer).await,
+            Writer::SockJs(mut writer) => {
+                let _ = writer.send(&Frame::new(Command::Disconnect)).await;
+            }
+            Writer::Post(_) => {}
+        }
+    }
+}
+
+/// Bytes the generator's sockets carried so far (see [`wire::WIRE_BYTES`]).
+fn own_io_bytes() -> Option<u64> {
+    Some(wire::WIRE_BYTES.load(Ordering::Relaxed))
+}
+
+/// The broker's HTTP address (`host:port`) from a `ws://` URL.
+fn http_addr(url: &str) -> Result<String, BenchError> {
+    url.strip_prefix("ws://")
+        .map(|rest| rest.split('/').next().unwrap_or(rest).to_owned())
+        .ok_or_else(|| BenchError::Wire(WireError::Unsupported(url.to_owned())))
 }
 
 async fn rooms(
@@ -469,33 +551,85 @@ async fn rooms(
     let mut members = Vec::new();
     let mut readers = Vec::new();
     let tallies = Tallies::default();
+    let requests = Requests::default();
+    let record: Record = {
+        let tallies = tallies.clone();
+        Arc::new(move |step: &str, sent: &str| {
+            let (Ok(sent), Ok(step)) = (sent.parse::<u128>(), step.parse::<usize>()) else {
+                return;
+            };
+            let latency = epoch.elapsed().as_nanos().saturating_sub(sent);
+            if let Some(tally) = lock(&tallies).get_mut(step) {
+                tally.received += 1;
+                let latency = u64::try_from(latency).unwrap_or(u64::MAX).max(1_000);
+                let _ = tally.latency.record(latency);
+            }
+        })
+    };
     for room in 0..args.rooms {
         for k in 0..args.members {
-            let target = &targets[(room * args.members + k) % targets.len()];
-            let (mut reader, mut writer) = open(target, options).await?;
-            subscribe(
-                &mut reader,
-                &mut writer,
-                &format!("/topic/room.{tag}-{room}"),
-            )
-            .await?;
-            let tallies = tallies.clone();
-            readers.push(tokio::spawn(async move {
-                while let Ok(m) = reader.next().await {
-                    let (Some(sent), Some(step)) = (m.header("x-sent"), m.header("x-step")) else {
-                        continue;
-                    };
-                    let (Ok(sent), Ok(step)) = (sent.parse::<u128>(), step.parse::<usize>()) else {
-                        continue;
-                    };
-                    let latency = epoch.elapsed().as_nanos().saturating_sub(sent);
-                    if let Some(tally) = lock(&tallies).get_mut(step) {
-                        tally.received += 1;
-                        let latency = u64::try_from(latency).unwrap_or(u64::MAX).max(1_000);
-                        let _ = tally.latency.record(latency);
-                    }
+            let n = room * args.members + k;
+            let url = urls.get(n % urls.len().max(1)).copied().unwrap_or_default();
+            let room_name = format!("{tag}-{room}");
+            let login = format!("m{n}");
+            let record = record.clone();
+            let writer = match args.transport {
+                Technique::Ws => {
+                    let target = &targets[n % targets.len()];
+                    let (mut reader, mut writer) = open(target, options).await?;
+                    subscribe(
+                        &mut reader,
+                        &mut writer,
+                        &format!("/topic/room.{room_name}"),
+                    )
+                    .await?;
+                    readers.push(tokio::spawn(async move {
+                        while let Ok(m) = reader.next().await {
+                            if let (Some(step), Some(sent)) =
+                                (m.header("x-step"), m.header("x-sent"))
+                            {
+                                record(step, sent);
+                            }
+                        }
+                    }));
+                    Writer::Wire(writer)
                 }
-            }));
+                Technique::SockjsXhrStreaming => {
+                    let addr = http_addr(url)?;
+                    let destination = format!("/topic/room.{room_name}");
+                    let session = format!("{tag}-{n}");
+                    let (mut reader, writer) =
+                        SockJs::open(&addr, &session, &login, &destination, requests.clone())
+                            .await?;
+                    readers.push(tokio::spawn(async move {
+                        while let Ok(m) = reader.next().await {
+                            if let (Some(step), Some(sent)) =
+                                (m.header("x-step"), m.header("x-sent"))
+                            {
+                                record(step, sent);
+                            }
+                        }
+                    }));
+                    Writer::SockJs(writer)
+                }
+                technique => {
+                    let addr = http_addr(url)?;
+                    let http = http::Http::connect(&addr, requests.clone()).await?;
+                    let poster =
+                        Poster::connect(&addr, &room_name, &login, requests.clone()).await?;
+                    let interval = Duration::from_millis(args.poll_interval_ms.max(1));
+                    readers.push(tokio::spawn(async move {
+                        let _ = match technique {
+                            Technique::Sse => http::sse(http, room_name, login, record).await,
+                            Technique::LongPoll => {
+                                http::poll(http, room_name, login, None, record).await
+                            }
+                            _ => http::poll(http, room_name, login, Some(interval), record).await,
+                        };
+                    }));
+                    Writer::Post(poster)
+                }
+            };
             members.push(Member {
                 room,
                 writer: Some(writer),
@@ -507,10 +641,14 @@ async fn rooms(
     let mut best_under_50ms = None;
     for step in 0.. {
         lock(&tallies).push(StepTally::new());
-        let result = rooms_step(&mut members, &tallies, &args, &tag, epoch, step, rate).await?;
+        let seen = Seen {
+            tallies: tallies.clone(),
+            requests: requests.clone(),
+        };
+        let result = rooms_step(&mut members, &seen, &args, &tag, epoch, step, rate).await?;
         let p99_ms = result["p99_ms"].as_f64().unwrap_or(f64::MAX);
         let lost = result["lost"].as_u64().unwrap_or(u64::MAX);
-        let ok = p99_ms <= 50.0 && lost == 0;
+        let ok = p99_ms <= args.p99_limit_ms && lost == 0;
         if ok {
             best_under_50ms = Some(result["deliveries_per_sec"].clone());
         }
@@ -523,7 +661,7 @@ async fn rooms(
     }
     for member in &mut members {
         if let Some(writer) = member.writer.take() {
-            hang_up(writer).await;
+            writer.hang_up().await;
         }
     }
     for reader in readers {
@@ -532,6 +670,7 @@ async fn rooms(
     let last = steps.last().cloned().unwrap_or_default();
     Ok(serde_json::json!({
         "scenario": "rooms",
+        "transport": args.transport.name(),
         "broker": url,
         "rooms": args.rooms,
         "members": args.members,
@@ -545,7 +684,11 @@ async fn rooms(
         "max_ms": last["max_ms"],
         "lost": last["lost"],
         "cpu_percent": last["cpu_percent"],
-        "highest_rate_p99_under_50ms": best_under_50ms,
+        "wire_bytes_per_delivery": last["wire_bytes_per_delivery"],
+        "requests_per_delivery": last["requests_per_delivery"],
+        "broker_cpu_us_per_delivery": last["broker_cpu_us_per_delivery"],
+        "p99_limit_ms": args.p99_limit_ms,
+        "highest_rate_p99_under_limit": best_under_50ms,
         "steps": steps,
     }))
 }
@@ -554,13 +697,14 @@ async fn rooms(
 /// stragglers and summarises what the readers saw for this step.
 async fn rooms_step(
     members: &mut [Member],
-    tallies: &Tallies,
+    seen: &Seen,
     args: &RoomsArgs,
     tag: &str,
     epoch: Instant,
     step: usize,
     rate: u64,
 ) -> Result<serde_json::Value, BenchError> {
+    let Seen { tallies, requests } = seen;
     let messages_per_sec = rate as f64 / args.members as f64;
     let per_member = messages_per_sec / members.len() as f64;
     let interval = Duration::from_secs_f64(1.0 / per_member.max(1e-3));
@@ -568,6 +712,8 @@ async fn rooms_step(
     let sent = Arc::new(AtomicU64::new(0));
     let started = tokio::time::Instant::now();
     let cpu = CpuMeter::start(args.pid);
+    let io_before = own_io_bytes();
+    let requests_before = requests.load(Ordering::Relaxed);
     let end = started + Duration::from_secs_f64(args.seconds);
     let count = members.len();
     let mut tasks = Vec::new();
@@ -590,12 +736,12 @@ async fn rooms_step(
                     if ticks.tick().await >= end {
                         break;
                     }
-                    let frame = Frame::new(Command::Send)
-                        .with_header("destination", &destination)
-                        .with_header("x-step", &step)
-                        .with_header("x-sent", digits.format(epoch.elapsed().as_nanos()))
-                        .with_body(body.clone());
-                    if writer.send(&frame).await.is_err() {
+                    let sent_at = digits.format(epoch.elapsed().as_nanos()).to_owned();
+                    if writer
+                        .send(&destination, &step, &sent_at, &body)
+                        .await
+                        .is_err()
+                    {
                         return None;
                     }
                     sent.fetch_add(1, Ordering::Relaxed);
@@ -607,7 +753,6 @@ async fn rooms_step(
     for (i, task) in tasks {
         members[i].writer = task.await.ok().flatten();
     }
-    let cpu = cpu.percent();
     let sent = sent.load(Ordering::Relaxed);
     let expected = sent * args.members as u64;
     // Wait for the deliveries to come in: until all have, or nothing more for a second.
@@ -621,6 +766,17 @@ async fn rooms_step(
             last_change = Instant::now();
         }
     }
+    // Measured to here: what the last deliveries cost counts too.
+    let broker_cpu_seconds = cpu.broker_seconds();
+    let cpu = cpu.percent();
+    let per_delivery = |total: f64| (received > 0).then(|| total / received as f64);
+    let wire_bytes = match (io_before, own_io_bytes()) {
+        (Some(before), Some(after)) => per_delivery(after.saturating_sub(before) as f64),
+        _ => None,
+    };
+    let requests_made = requests
+        .load(Ordering::Relaxed)
+        .saturating_sub(requests_before);
     let latency = lock(tallies)
         .get(step)
         .map_or_else(|| StepTally::new().latency, |t| t.latency.clone());
@@ -638,6 +794,9 @@ async fn rooms_step(
         "p999_ms": ms(0.999),
         "max_ms": latency.max() as f64 / 1e6,
         "cpu_percent": cpu,
+        "wire_bytes_per_delivery": wire_bytes,
+        "requests_per_delivery": per_delivery(requests_made as f64),
+        "broker_cpu_us_per_delivery": broker_cpu_seconds.and_then(|s| per_delivery(s * 1e6)),
     }))
 }
 
@@ -675,6 +834,12 @@ impl CpuMeter {
         }
     }
 
+    /// CPU seconds the broker used since the start.
+    fn broker_seconds(&self) -> Option<f64> {
+        let now = cpu_ticks(&self.broker?.to_string())?;
+        Some(now.saturating_sub(self.broker_ticks?) as f64 / 100.0)
+    }
+
     /// Percent of one core each used since the start: `{"broker": .., "generator": ..}`.
     fn percent(&self) -> serde_json::Value {
         let elapsed = self.started.elapsed().as_secs_f64().max(1e-9);
@@ -707,6 +872,9 @@ async fn conns(
     options: &Options,
     args: ConnsArgs,
 ) -> Result<serde_json::Value, BenchError> {
+    if args.transport != Technique::Ws {
+        return idle_readers(url, args).await;
+    }
     let target = target(url, options)?;
     let tokens = match &args.tokens {
         Some(path) => {
@@ -815,6 +983,102 @@ async fn conns(
         "probe_room_members": members,
         "probe_reached": reached,
         "cpu_percent_while_connecting": cpu,
+    }))
+}
+
+/// The conns scenario with idle HTTP readers: C Server-Sent Events streams or long polls
+/// held open, the broker's memory per reader, and a probe message that must reach every
+/// reader of its room.
+async fn idle_readers(url: &str, args: ConnsArgs) -> Result<serde_json::Value, BenchError> {
+    let technique = args.transport;
+    if !matches!(technique, Technique::Sse | Technique::LongPoll) {
+        return Err(BenchError::Wire(WireError::Unsupported(format!(
+            "conns --transport {}",
+            technique.name()
+        ))));
+    }
+    let addr = http_addr(url)?;
+    let tag = unique("bench");
+    let rooms = args.rooms.unwrap_or(args.connections.div_ceil(10)).max(1);
+    let before = args.pid.and_then(rss_kib);
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(args.seconds);
+    let requests = Requests::default();
+    let reached = Arc::new(AtomicU64::new(0));
+    let (ready_tx, mut ready_rx) =
+        tokio::sync::mpsc::channel::<Result<(), WireError>>(args.parallel.max(1));
+    let mut tasks = Vec::with_capacity(args.connections);
+    let mut opened = 0usize;
+    for n in 0..args.connections {
+        if n >= args.parallel {
+            match tokio::time::timeout_at(deadline, ready_rx.recv()).await {
+                Ok(Some(ready)) => ready?,
+                Ok(None) => break,
+                Err(_) => return Err(BenchError::Timeout(args.seconds)),
+            }
+            opened += 1;
+        }
+        let room = format!("{tag}-{}", n % rooms);
+        let (addr, requests, reached, ready) = (
+            addr.clone(),
+            requests.clone(),
+            reached.clone(),
+            ready_tx.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let http = match http::Http::connect(&addr, requests).await {
+                Ok(http) => http,
+                Err(e) => {
+                    let _ = ready.send(Err(e)).await;
+                    return;
+                }
+            };
+            let _ = http::idle_reader(http, technique, &room, n, ready, &reached).await;
+        }));
+    }
+    while opened < args.connections {
+        match tokio::time::timeout_at(deadline, ready_rx.recv()).await {
+            Ok(Some(ready)) => ready?,
+            Ok(None) => break,
+            Err(_) => return Err(BenchError::Timeout(args.seconds)),
+        }
+        opened += 1;
+    }
+    let elapsed = started.elapsed();
+    // Long polls are sent but their reader may not be subscribed yet: let them settle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = args.pid.and_then(rss_kib);
+    let probe_room = format!("{tag}-0");
+    let members = (0..args.connections).filter(|n| n % rooms == 0).count() as u64;
+    let mut poster = Poster::connect(&addr, &probe_room, "prober", requests.clone()).await?;
+    poster
+        .send("probe", "0", &bytes::Bytes::from_static(b"probe"))
+        .await?;
+    let probe_deadline = Instant::now() + Duration::from_secs(10);
+    while reached.load(Ordering::Relaxed) < members && Instant::now() < probe_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let per_connection_kib = match (before, after) {
+        (Some(b), Some(a)) => Some((a.saturating_sub(b)) as f64 / args.connections as f64),
+        _ => None,
+    };
+    tokio::time::sleep(Duration::from_secs_f64(args.hold.max(0.0))).await;
+    for task in tasks {
+        task.abort();
+    }
+    Ok(serde_json::json!({
+        "scenario": "conns",
+        "transport": technique.name(),
+        "broker": url,
+        "connections": args.connections,
+        "rooms": rooms,
+        "connects_per_sec": per_second(args.connections, elapsed),
+        "seconds": elapsed.as_secs_f64(),
+        "broker_rss_kib_before": before,
+        "broker_rss_kib_after": after,
+        "broker_kib_per_connection": per_connection_kib,
+        "probe_room_members": members,
+        "probe_reached": reached.load(Ordering::Relaxed),
     }))
 }
 

@@ -22,6 +22,15 @@ const MAX_READ: usize = 64 * 1024;
 /// The longest WebSocket handshake response read.
 const MAX_HANDSHAKE: usize = 16 * 1024;
 
+/// Bytes this generator read and wrote on its sockets, every connection together: what
+/// each technique of the rooms scenario costs on the wire.
+pub static WIRE_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Adds `n` bytes to [`WIRE_BYTES`].
+pub fn count_wire_bytes(n: usize) {
+    WIRE_BYTES.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Why a connection failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -312,6 +321,7 @@ impl WireReader {
                 .read_buf(&mut self.raw)
                 .await
                 .map_err(io("reading"))?;
+            count_wire_bytes(n);
             if n == 0 {
                 return Err(WireError::Closed);
             }
@@ -432,6 +442,7 @@ impl WireWriter {
                 .write_all(&self.out)
                 .await
                 .map_err(io("writing"))?;
+            count_wire_bytes(self.out.len());
             self.out.clear();
         }
         Ok(())

@@ -136,3 +136,58 @@ test('?transport=sse reads through EventSource and sends through POST', async ()
   await Promise.all([ws, sse].map((p) => p.context().close()));
   await broker.stop();
 });
+
+test('in Chromium, stomp.js over each SockJS transport (eventsource, htmlfile, xhr and the iframe ones) talks to WebSocket clients', async () => {
+  const broker = await startBroker();
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  page.setDefaultTimeout(TIMEOUT);
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(String(e)));
+  // The chat page, for its vendored stomp.js and sockjs-client and its CSP.
+  await page.goto(`http://${broker.http}/`);
+  const watcher = await openChat(broker, 'watcher', 'transports');
+  const transports = ['xhr-streaming', 'xhr-polling', 'eventsource', 'htmlfile', 'iframe-eventsource', 'iframe-htmlfile', 'iframe-xhr-polling'];
+  for (const transport of transports) {
+    const result = await page.evaluate(async ([transport, room]) => {
+      const used = {};
+      const client = new StompJs.Client({
+        webSocketFactory: () => {
+          const sock = new SockJS(`${location.origin}/ws`, null, { transports: [transport] });
+          sock.addEventListener('open', () => { used.transport = sock.transport; });
+          return sock;
+        },
+        connectHeaders: { login: `via-${transport}` },
+        reconnectDelay: 0,
+        heartbeatIncoming: 0,
+        heartbeatOutgoing: 0,
+      });
+      const heard = [];
+      await new Promise((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`no CONNECTED over ${transport}`)), 10000);
+        client.onConnect = () => { clearTimeout(timer); resolve(); };
+        client.onStompError = (f) => reject(new Error(f.headers.message));
+        client.activate();
+      });
+      await new Promise((resolve) => {
+        client.watchForReceipt('in', resolve);
+        client.subscribe(`/topic/room.${room}`, (m) => { if (!m.headers['x-event']) heard.push(m.body); }, { receipt: 'in' });
+      });
+      await new Promise((resolve) => {
+        client.watchForReceipt('said', resolve);
+        client.publish({ destination: `/topic/room.${room}`, body: `over ${transport}`, headers: { receipt: 'said' } });
+      });
+      window.stompOver = window.stompOver || {};
+      window.stompOver[transport] = { client, heard };
+      return used.transport;
+    }, [transport, 'transports']);
+    assert.equal(result, transport, `sockjs-client used ${result} when asked for ${transport}`);
+    await seeMessage(watcher, `over ${transport}`, `via-${transport}`);
+    await say(watcher, `back to ${transport}`);
+    await page.waitForFunction(([t]) => window.stompOver[t].heard.includes(`back to ${t}`), [transport]);
+    await page.evaluate(([t]) => window.stompOver[t].client.deactivate(), [transport]);
+  }
+  assert.deepEqual(errors, []);
+  await Promise.all([context.close(), watcher.context().close()]);
+  await broker.stop();
+});

@@ -135,7 +135,7 @@ impl Iframe {
         let etag = format!("\"{}\"", hex(&digest.as_ref()[..16]));
         let script = ring::digest::digest(&ring::digest::SHA256, IFRAME_SCRIPT.as_bytes());
         let policy = format!(
-            "default-src 'none'; script-src 'self' 'sha256-{}'; connect-src 'self'; \
+            "default-src 'none'; script-src 'self' 'sha256-{}'; connect-src 'self'; frame-src 'self'; \
              frame-ancestors {}",
             BASE64.encode(script.as_ref()),
             settings.frame_ancestors

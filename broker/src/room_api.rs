@@ -595,6 +595,10 @@ impl Streaming {
     }
 }
 
+/// SEND headers the API sets itself: a message's own would redirect it, hold it in a
+/// transaction, or take the receipt the request waits for.
+const SET_BY_THE_API: &[&str] = &["destination", "receipt", "transaction", "content-length"];
+
 /// `POST /api/rooms/<room>/messages`: `{"body":"...","headers":{...}}` as JSON, or any other
 /// body as the message body with its `Content-Type`; 201 `{"seq":N,"message_id":"..."}` once
 /// the message is kept and delivered.
@@ -659,6 +663,11 @@ async fn send(
                     let value = value.as_str().ok_or_else(|| {
                         Refusal::bad_request(format!("header {name:?} must be a string"))
                     })?;
+                    if SET_BY_THE_API.contains(&name.as_str()) {
+                        return Err(Refusal::bad_request(format!(
+                            "header {name:?} is set by the API, not the message"
+                        )));
+                    }
                     frame.headers.push(name, value);
                 }
             }

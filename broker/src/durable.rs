@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, SyncSender};
 
 use rusqlite::{Connection, params};
@@ -15,7 +16,7 @@ use tracing::error;
 
 use crate::message::StoredMessage;
 use crate::store::{StoreError, kept_row, push_grouped, spawn_writer, stored_message};
-use crate::writer::{WriterThread, next_batch};
+use crate::writer::{Health, WriterThread, next_batch};
 
 /// What to do once everything handed over before it is settled: called with `true` when it
 /// is on disk, `false` when its commit failed (then nothing may be confirmed: the client
@@ -58,6 +59,7 @@ pub type KeptQueue = (String, Vec<StoredMessage>);
 pub struct QueueStore {
     path: PathBuf,
     writer: WriterThread<Op>,
+    health: Arc<Health>,
 }
 
 /// Most operations in one commit.
@@ -105,11 +107,22 @@ impl QueueStore {
         .map_err(sqlite)?;
         let kept = load(&conn, &path)?;
         let writer_path = path.clone();
+        let health = Arc::new(Health::default());
+        let writer_health = health.clone();
         let writer = spawn_writer("stoa-queues", &path, move |rx| {
-            write_loop(conn, rx, &writer_path);
+            write_loop(conn, rx, &writer_path, &writer_health);
         })?;
-        let store = QueueStore { path, writer };
+        let store = QueueStore {
+            path,
+            writer,
+            health,
+        };
         Ok((store, kept))
+    }
+
+    /// Whether commits reach the disk: the writer runs and its last commit went through.
+    pub fn is_healthy(&self) -> bool {
+        self.writer.is_running() && self.health.is_ok()
     }
 
     fn send(&self, op: Op) {
@@ -171,7 +184,7 @@ fn load(conn: &Connection, path: &Path) -> Result<Vec<KeptQueue>, StoreError> {
     Ok(queues)
 }
 
-fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path) {
+fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path, health: &Health) {
     // Group commit needs no lingering: publishers waiting for receipts keep it busy.
     while let Some(batch) = next_batch(&rx, (BATCH, BATCH_BYTES), Op::weight, None, |_| false) {
         let mut completions = Vec::new();
@@ -184,6 +197,7 @@ fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path) {
                 false
             }
         };
+        health.record(on_disk);
         for completion in completions {
             completion.run(on_disk);
         }

@@ -102,6 +102,7 @@ pub fn routes(state: AppState) -> Router {
         .route("/ws/", any(sockjs))
         .route("/ws/{*rest}", any(sockjs))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/config", get(api_config))
         .merge(api)
@@ -284,6 +285,30 @@ async fn healthz(State(state): State<AppState>) -> Response {
         }
         _ => (StatusCode::OK, "ok\n").into_response(),
     }
+}
+
+/// Whether this node should get traffic: 200 `{"status":"ready"}`, or 503 naming what is
+/// not: `"stopping"` (shutting down), `"store":"failing"` (a store's writes do not reach the
+/// disk), `"cluster":"unreachable"` (`--cluster` and Redis does not answer).
+async fn readyz(State(state): State<AppState>) -> Response {
+    let unready = |detail: serde_json::Value| {
+        json_response(StatusCode::SERVICE_UNAVAILABLE, detail.to_string())
+    };
+    if *state.shutdown.borrow() {
+        return unready(serde_json::json!({ "status": "stopping" }));
+    }
+    if !state.broker.shared.router.stores_healthy() {
+        return unready(serde_json::json!({ "status": "unready", "store": "failing" }));
+    }
+    if let Some(cluster) = &state.broker.cluster
+        && !cluster.is_reachable()
+    {
+        return unready(serde_json::json!({ "status": "unready", "cluster": "unreachable" }));
+    }
+    json_response(
+        StatusCode::OK,
+        serde_json::json!({ "status": "ready" }).to_string(),
+    )
 }
 
 /// The nodes of the cluster with their connections; without `--cluster`, this one.

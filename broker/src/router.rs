@@ -131,6 +131,11 @@ impl Router {
         self.queues.store().flush();
     }
 
+    /// Whether both stores reach the disk (`/readyz`).
+    pub fn stores_healthy(&self) -> bool {
+        self.store.is_healthy() && self.queues.store().is_healthy()
+    }
+
     /// Waits until everything handed to the store is written (at shutdown).
     pub fn flush_store(&self) {
         self.store.flush();

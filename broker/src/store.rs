@@ -15,7 +15,7 @@ use rusqlite::{Connection, params};
 use tracing::{error, warn};
 
 use crate::message::{KeptMessage, StoredMessage};
-use crate::writer::{Pending, WriterThread, next_batch};
+use crate::writer::{Health, Pending, WriterThread, next_batch};
 
 mod chunk;
 
@@ -157,6 +157,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Bytes handed over and not yet taken by the writer: connections stop being read
     /// while it is over its limit.
     fn pending(&self) -> &Pending;
+    /// Whether writes reach the disk: the writer runs and its last commit went through.
+    fn is_healthy(&self) -> bool {
+        true
+    }
 }
 
 enum Op {
@@ -203,6 +207,7 @@ pub struct SqliteStore {
     path: PathBuf,
     writer: WriterThread<Op>,
     pending: Arc<Pending>,
+    health: Arc<Health>,
 }
 
 /// A schema change.
@@ -285,13 +290,22 @@ impl SqliteStore {
         let writer_path = path.clone();
         let pending = Arc::new(Pending::new(pending_limit));
         let writer_pending = pending.clone();
+        let health = Arc::new(Health::default());
+        let writer_health = health.clone();
         let writer = spawn_writer("stoa-store", &path, move |rx| {
-            write_loop(conn, index, rx, &writer_path, &writer_pending);
+            write_loop(
+                conn,
+                index,
+                rx,
+                &writer_path,
+                (&writer_pending, &writer_health),
+            );
         })?;
         Ok(SqliteStore {
             path,
             writer,
             pending,
+            health,
         })
     }
 
@@ -408,7 +422,7 @@ fn write_loop(
     mut index: ChunkIndex,
     rx: Receiver<Op>,
     path: &Path,
-    pending: &Pending,
+    (pending, health): (&Pending, &Health),
 ) {
     let urgent = |op: &Op| matches!(op, Op::Flush(_));
     // Quiet rooms are committed at once; only a writer that keeps finding many messages
@@ -421,9 +435,11 @@ fn write_loop(
         let busy = batch.len() >= BUSY_BATCH;
         gather_until = busy.then(|| Instant::now() + LINGER);
         let mut acks = Vec::new();
-        if let Err(e) = write_batch(&mut conn, &mut index, batch, &mut acks) {
+        let written = write_batch(&mut conn, &mut index, batch, &mut acks);
+        if let Err(e) = &written {
             error!(path = %path.display(), "store write failed: {e}");
         }
+        health.record(written.is_ok());
         for ack in acks {
             let _ = ack.send(());
         }
@@ -611,6 +627,10 @@ impl Store for SqliteStore {
 
     fn pending(&self) -> &Pending {
         &self.pending
+    }
+
+    fn is_healthy(&self) -> bool {
+        self.writer.is_running() && self.health.is_ok()
     }
 }
 

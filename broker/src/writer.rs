@@ -12,6 +12,24 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
+/// Whether a writer thread's last commit reached the disk (`/readyz`).
+#[derive(Debug, Default)]
+pub struct Health {
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl Health {
+    /// Notes how the last commit went.
+    pub fn record(&self, written: bool) {
+        self.failing.store(!written, Ordering::Relaxed);
+    }
+
+    /// Whether the last commit (if any) was written.
+    pub fn is_ok(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed)
+    }
+}
+
 /// A writer thread and the channel to it.
 pub struct WriterThread<Op> {
     ops: Mutex<Option<Sender<Op>>>,
@@ -49,6 +67,13 @@ impl<Op: Send + 'static> WriterThread<Op> {
             ops: Mutex::new(Some(tx)),
             handle: Mutex::new(Some(handle)),
         })
+    }
+
+    /// Whether the thread still runs (it ends only when dropped, or by a panic).
+    pub fn is_running(&self) -> bool {
+        unpoisoned(&self.handle)
+            .as_ref()
+            .is_some_and(|handle| !handle.is_finished())
     }
 
     /// Hands `op` to the thread; `false` if it has stopped.
@@ -174,6 +199,16 @@ impl Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_follows_the_last_commit() {
+        let health = Health::default();
+        assert!(health.is_ok(), "nothing written yet is no failure");
+        health.record(false);
+        assert!(!health.is_ok());
+        health.record(true);
+        assert!(health.is_ok());
+    }
     use std::time::Duration;
 
     #[test]

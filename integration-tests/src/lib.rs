@@ -918,3 +918,21 @@ impl TestPki {
         paths
     }
 }
+
+/// The reference broker's STOMP and Web-STOMP URLs (`tcp://...`, `ws://.../ws`), when the
+/// test command started RabbitMQ (on ports of its own, not Stoa's 61613): `STOA_RABBITMQ_STOMP`
+/// and `STOA_RABBITMQ_WS`. `None`, saying so, when they are not set.
+pub fn rabbitmq() -> Option<(String, String)> {
+    match (
+        std::env::var("STOA_RABBITMQ_STOMP"),
+        std::env::var("STOA_RABBITMQ_WS"),
+    ) {
+        (Ok(tcp), Ok(ws)) => Some((tcp, ws)),
+        _ => {
+            eprintln!(
+                "RabbitMQ tests skipped: scripts/test.sh starts RabbitMQ and sets STOA_RABBITMQ_STOMP and STOA_RABBITMQ_WS"
+            );
+            None
+        }
+    }
+}

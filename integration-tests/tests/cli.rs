@@ -95,6 +95,10 @@ async fn a_limit_can_be_set_by_flag_variable_or_file() {
 async fn healthz_and_metrics_answer_over_http() {
     let broker = Broker::start(&[]);
     assert_eq!(broker.http_get("/healthz").await, (200, "ok\n".to_owned()));
+    assert_eq!(
+        broker.http_get("/readyz").await,
+        (200, r#"{"status":"ready"}"#.to_owned())
+    );
     let mut c = Conn::open(&broker, Transport::Ws).await;
     c.login("counted").await;
     let (status, page) = broker.http_get("/metrics").await;

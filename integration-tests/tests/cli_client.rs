@@ -213,15 +213,11 @@ fn exit_codes_say_what_failed() {
 
 #[test]
 fn send_and_sub_work_against_rabbitmq() {
-    if std::env::var("STOA_RABBITMQ").ok().as_deref() != Some("1") {
-        eprintln!(
-            "RabbitMQ tests skipped: scripts/test.sh starts RabbitMQ and sets STOA_RABBITMQ=1"
-        );
+    let Some((tcp, ws)) = integration_tests::rabbitmq() else {
         return;
-    }
+    };
+    let (tcp, ws) = (tcp.as_str(), ws.as_str());
     let guest = ["--login", "guest", "--passcode", "guest"];
-    let ws = "ws://127.0.0.1:15674/ws";
-    let tcp = "tcp://127.0.0.1:61613";
     let mut args = vec!["--url", ws];
     args.extend(guest);
     args.extend([

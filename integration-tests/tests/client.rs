@@ -421,25 +421,11 @@ async fn errors_are_typed() {
     );
 }
 
-/// RabbitMQ's STOMP and Web-STOMP, when the test command started it.
-fn rabbitmq() -> Option<(String, String)> {
-    match std::env::var("STOA_RABBITMQ").ok().as_deref() {
-        Some("1") => Some((
-            "tcp://127.0.0.1:61613".into(),
-            "ws://127.0.0.1:15674/ws".into(),
-        )),
-        _ => {
-            eprintln!(
-                "RabbitMQ tests skipped: scripts/test.sh starts RabbitMQ and sets STOA_RABBITMQ=1"
-            );
-            None
-        }
-    }
-}
-
 #[tokio::test]
 async fn the_client_works_against_rabbitmq() {
-    let Some((tcp, ws)) = rabbitmq() else { return };
+    let Some((tcp, ws)) = integration_tests::rabbitmq() else {
+        return;
+    };
     let guest = || Options::new().login("guest").passcode("guest");
     for url in [&tcp, &ws] {
         let client = Client::connect(url, guest())

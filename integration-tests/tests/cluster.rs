@@ -136,11 +136,20 @@ async fn healthz_reports_a_redis_outage_and_recovers_without_a_restart() {
         json,
         serde_json::json!({ "status": "degraded", "cluster": "unreachable" })
     );
+    // Not ready for new traffic either, and says why.
+    let (status, body) = a.http_get("/readyz").await;
+    assert_eq!(status, 503);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({ "status": "unready", "cluster": "unreachable" })
+    );
     // Clients are still served meanwhile.
     let mut client = Conn::open(&a, Transport::Tcp).await;
     client.login("during-the-outage").await;
     let _redis = Redis::start_on(port);
     until(|| a.http_get("/healthz"), |(s, _)| *s == 200).await;
+    until(|| a.http_get("/readyz"), |(s, _)| *s == 200).await;
     let names: Vec<String> = until(|| nodes(&a), |n| !n.is_empty())
         .await
         .into_iter()

@@ -13,6 +13,15 @@ use stomp_codec::{HeartBeat, Limits};
 use crate::auth::{AuthSettings, Mode};
 use crate::cluster::ClusterSettings;
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line (tracing-subscriber's JSON format).
+    Json,
+}
+
 /// Every setting of the broker. `stoa --help` lists them with their defaults.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -114,6 +123,12 @@ pub struct Config {
     /// (`/api/rooms/<room>/events`), so that proxies do not drop it.
     #[arg(long, env = "STOA_SSE_KEEPALIVE_MS", default_value_t = 15_000)]
     pub sse_keepalive_ms: u64,
+
+    /// How log lines look on standard error: `text` for people, `json` (one object a line,
+    /// with the session's id, address, transport and user as fields) for log collectors.
+    /// What is logged is set by RUST_LOG (default `warn`).
+    #[arg(long, env = "STOA_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
 
     /// Milliseconds graceful shutdown waits for connections to flush and close.
     #[arg(long, env = "STOA_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]

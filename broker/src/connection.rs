@@ -179,7 +179,13 @@ pub fn serve<T: Transport>(
         ticket,
     } = arrival;
     let id = broker.next_session_id();
-    let span = tracing::info_span!("session", id = id.0, %peer, transport = kind);
+    let span = tracing::info_span!(
+        "session",
+        id = id.0,
+        %peer,
+        transport = kind,
+        user = tracing::field::Empty
+    );
     // Built here rather than inside the future: an async fn keeps its arguments for its whole
     // life, which held the transport twice more in every idle connection's task.
     let mut conn = Connection::new(transport, broker, id);
@@ -580,7 +586,8 @@ impl<T: Transport> Connection<T> {
                     .then(|| beat_every(Duration::from_millis(send_interval_ms)));
                 self.expect_every =
                     (receive_interval_ms > 0).then(|| Duration::from_millis(receive_interval_ms));
-                info!(user = self.session.user(), %version, "stomp session open");
+                tracing::Span::current().record("user", self.session.user());
+                info!(%version, "stomp session open");
                 None
             }
             Outcome::Disconnect => Some(Stop::Disconnect),

@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use broker::Config;
+use broker::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc instead of glibc's malloc: glibc grows a worker thread's arena one page at a time,
@@ -26,12 +27,19 @@ fn main() -> ExitCode {
         }
     };
     // Quiet by default; RUST_LOG=debug shows every frame's command (never bodies).
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => logs.init(),
+        // The session's span (id, address, transport, user) rides on every line it logs.
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(workers) = config.workers {
         builder.worker_threads(workers);

@@ -6,7 +6,7 @@
 
 use std::process::Command;
 
-use integration_tests::{Broker, Conn, Transport, stoa_bin};
+use integration_tests::{Broker, Conn, Transport, frame, stoa_bin};
 
 /// Ten headers: more than any limit below, which all let the 4-header CONNECT through.
 const TEN_HEADERS: &[u8] =
@@ -114,4 +114,93 @@ async fn healthz_and_metrics_answer_over_http() {
     let (status, page) = broker.http_get("/").await;
     assert_eq!(status, 200);
     assert!(page.contains("<html"));
+}
+
+/// Waits (bounded) until the broker's captured standard error satisfies `done`.
+async fn stderr_until(broker: &Broker, done: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = broker.stderr();
+        if done(&text) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not logged in time: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_a_line_with_the_sessions_fields() {
+    let broker = Broker::start_capturing_stderr(&["--log-format", "json"], &[("RUST_LOG", "info")]);
+    let mut c = Conn::open(&broker, Transport::Tcp).await;
+    c.login("logged").await;
+    c.close().await;
+    let text = stderr_until(&broker, |t| t.contains("\"closed\"")).await;
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["timestamp"].is_string() && l["level"].is_string())
+    );
+    let open = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "stomp session open")
+        .expect("the session's open line");
+    assert_eq!(open["span"]["user"], "logged");
+    assert_eq!(open["span"]["transport"], "tcp");
+    assert!(open["span"]["id"].is_u64(), "{open}");
+    assert!(
+        open["span"]["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:"))
+    );
+}
+
+#[tokio::test]
+async fn an_authentication_failure_is_logged_once_by_default_without_the_password() {
+    let dir = std::env::temp_dir().join(format!("stoa-authlog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let broker = Broker::start_in_capturing_stderr(
+        &dir,
+        &[
+            "--auth",
+            "users",
+            "--auth-failure-delay-ms",
+            "0",
+            "--log-format",
+            "json",
+        ],
+        &[],
+    );
+    let mut c = Conn::open(&broker, Transport::Tcp).await;
+    c.send(&frame(
+        "CONNECT",
+        &[
+            ("accept-version", "1.2"),
+            ("login", "nobody"),
+            ("passcode", "s3cret-pw"),
+        ],
+    ))
+    .await;
+    c.expect_error_then_close("authentication failed").await;
+    let text = stderr_until(&broker, |t| t.contains("authentication failed")).await;
+    let failures: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|l| l["fields"]["message"] == "authentication failed")
+        .collect();
+    assert_eq!(failures.len(), 1, "{text}");
+    assert_eq!(failures[0]["level"], "WARN");
+    assert_eq!(failures[0]["fields"]["login"], "nobody");
+    assert!(
+        !text.contains("s3cret-pw"),
+        "the password was logged: {text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

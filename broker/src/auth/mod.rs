@@ -228,7 +228,8 @@ impl Auth {
         verified.map_err(|reason| {
             // The reason is for the operator; the client learns only that it failed. No
             // credential is logged.
-            info!(%ip, login = credentials.login.unwrap_or(""), %reason, "authentication failed");
+            // Once per failure, at warn: seen with the default RUST_LOG.
+            warn!(%ip, login = credentials.login.unwrap_or(""), %reason, "authentication failed");
             self.failures.record(ip);
             Refusal::Failed
         })

@@ -1,4 +1,5 @@
-//! The `stoa` subcommands besides serving: `stoa users add | passwd | remove | list`.
+//! The `stoa` subcommands besides serving: `stoa users add | passwd | remove | list`, and
+//! `stoa config` (every option as commented TOML; `--markdown` for docs/CONFIG.md).
 //!
 //! In: the command line, standard input (passwords) and the broker's data directory
 //! (`--data-dir`, `STOA_DATA_DIR`, or `data-dir` in the `--config` file). Out: changes to the
@@ -187,4 +188,27 @@ fn password(from_stdin: bool) -> Result<String, Failure> {
         return Err(Failure::failed("the two passwords differ"));
     }
     Ok(first)
+}
+
+/// `stoa config [--markdown]`: prints every option as commented TOML (or docs/CONFIG.md).
+pub fn config(args: &[OsString]) -> ExitCode {
+    let text = match args.get(2).map(|a| a.to_string_lossy()) {
+        None => crate::config::reference_toml(),
+        Some(flag) if flag == "--markdown" => crate::config::reference_markdown(),
+        Some(other) => {
+            eprintln!("stoa config: unknown argument {other:?} (only --markdown)");
+            return ExitCode::from(2);
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stoa config: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

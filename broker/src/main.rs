@@ -19,6 +19,9 @@ fn main() -> ExitCode {
     if args.get(1).is_some_and(|a| a == "users") {
         return broker::cli::users(args);
     }
+    if args.get(1).is_some_and(|a| a == "config") {
+        return broker::cli::config(&args);
+    }
     let config = match Config::load() {
         Ok(config) => config,
         Err(e) => {

@@ -204,3 +204,55 @@ async fn an_authentication_failure_is_logged_once_by_default_without_the_passwor
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn docs_config_md_is_what_stoa_config_prints() {
+    let out = Command::new(stoa_bin())
+        .args(["config", "--markdown"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let generated = String::from_utf8(out.stdout).unwrap();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/CONFIG.md");
+    let committed = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        generated == committed,
+        "docs/CONFIG.md differs from the options: run `target/debug/stoa config --markdown > docs/CONFIG.md`"
+    );
+    // The plain form is the same TOML, without the page around it.
+    let toml = Command::new(stoa_bin()).arg("config").output().unwrap();
+    let toml = String::from_utf8(toml.stdout).unwrap();
+    assert!(committed.contains(&toml));
+    assert!(
+        toml.contains("# Environment: STOA_SOCKJS_STREAM_BYTES\n#sockjs-stream-bytes = 131072\n")
+    );
+    let bad = Command::new(stoa_bin())
+        .args(["config", "--yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+#[test]
+fn the_systemd_unit_is_hardened_and_starts_stoa_with_flags_it_knows() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/stoa.service");
+    let unit = std::fs::read_to_string(path).unwrap();
+    for hardening in [
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/var/lib/stoa",
+        "LimitNOFILE=",
+    ] {
+        assert!(unit.contains(hardening), "{hardening} is missing");
+    }
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    let help = Command::new(stoa_bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    for flag in exec.split_whitespace().filter(|w| w.starts_with("--")) {
+        assert!(help.contains(flag), "stoa does not know {flag}");
+    }
+}

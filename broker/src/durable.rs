@@ -222,8 +222,10 @@ fn write_batch(
         for op in batch {
             match op {
                 Op::Put { id, queue, message } => {
-                    let headers =
-                        serde_json::to_string(&message.headers).unwrap_or_else(|_| "[]".to_owned());
+                    // Headers that cannot be written fail the commit (and withhold its
+                    // receipts, logged), rather than being stored as none.
+                    let headers = serde_json::to_string(&message.headers)
+                        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
                     insert.execute(params![
                         i64::try_from(id).unwrap_or(i64::MAX),
                         queue,

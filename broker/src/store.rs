@@ -16,6 +16,7 @@ use tracing::{error, warn};
 
 use crate::message::{KeptMessage, StoredMessage};
 use crate::writer::{Health, Pending, WriterThread, next_batch};
+use rusqlite_migration::{M, Migrations};
 
 mod chunk;
 
@@ -53,6 +54,14 @@ pub enum StoreError {
         room: String,
         /// What was wrong.
         source: ChunkError,
+    },
+    /// The schema could not be brought up to date.
+    #[error("database {path}: migrating the schema: {source}")]
+    Migration {
+        /// The database file.
+        path: PathBuf,
+        /// What the migration said.
+        source: rusqlite_migration::Error,
     },
     /// Stored headers could not be read back.
     #[error("database {path}: corrupt headers in {table}: {source}")]
@@ -210,17 +219,8 @@ pub struct SqliteStore {
     health: Arc<Health>,
 }
 
-/// A schema change.
-enum Migration {
-    Sql(&'static str),
-    /// A change SQL alone cannot make, run in the same transaction as the version bump.
-    Code(fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>),
-}
-
-/// Schema changes, applied in order on start; `PRAGMA user_version` counts those done.
-const MIGRATIONS: &[Migration] = &[
-    Migration::Sql(
-        "CREATE TABLE room_messages (
+/// Version 1: one row per room message (and messages waiting for offline users).
+const V1_ROOM_MESSAGES: &str = "CREATE TABLE room_messages (
             room TEXT NOT NULL,
             seq INTEGER NOT NULL,
             message_id INTEGER NOT NULL,
@@ -236,23 +236,34 @@ const MIGRATIONS: &[Migration] = &[
             headers TEXT NOT NULL,
             body BLOB NOT NULL
         );
-        CREATE INDEX user_messages_by_queue ON user_messages (user, queue, id);",
-    ),
-    // Messages waiting for offline users moved to the durable queue store (queues.db).
-    Migration::Sql("DROP TABLE user_messages;"),
-    // Room messages in chunks, one row per room per transaction. Rows are appended in id
-    // order, which is also each room's seq order; the writer finds a room's rows by id.
-    Migration::Sql(
-        "CREATE TABLE room_chunks (
+        CREATE INDEX user_messages_by_queue ON user_messages (user, queue, id);";
+/// Version 2: messages waiting for offline users moved to the durable queue store
+/// (queues.db).
+const V2_NO_USER_MESSAGES: &str = "DROP TABLE user_messages;";
+/// Version 3: room messages in chunks, one row per room per transaction. Rows are appended
+/// in id order, which is also each room's seq order; the writer finds a room's rows by id.
+const V3_ROOM_CHUNKS: &str = "CREATE TABLE room_chunks (
             id INTEGER PRIMARY KEY,
             room TEXT NOT NULL,
             first_seq INTEGER NOT NULL,
             last_seq INTEGER NOT NULL,
             messages BLOB NOT NULL
-        );",
-    ),
-    Migration::Code(room_messages_into_chunks),
-];
+        );";
+
+/// Schema changes, applied in order on start (rusqlite_migration; `PRAGMA user_version`
+/// counts those done). Version 4 moves every row of the one-message-per-row table into
+/// chunks, a change SQL alone cannot make, in the same transaction as the version bump.
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![
+        M::up(V1_ROOM_MESSAGES),
+        M::up(V2_NO_USER_MESSAGES),
+        M::up(V3_ROOM_CHUNKS),
+        M::up_with_hook("", |tx: &rusqlite::Transaction<'_>| {
+            room_messages_into_chunks(tx)?;
+            Ok(())
+        }),
+    ])
+}
 
 /// Most operations written in one transaction: enough for a linger's worth at well over
 /// 100,000 room messages per second.
@@ -285,7 +296,10 @@ impl SqliteStore {
             source,
         };
         let mut conn = open_connection(&path).map_err(sqlite)?;
-        migrate(&mut conn).map_err(sqlite)?;
+        migrate(&mut conn).map_err(|source| StoreError::Migration {
+            path: path.clone(),
+            source,
+        })?;
         let index = chunk_index(&conn).map_err(sqlite)?;
         let writer_path = path.clone();
         let pending = Arc::new(Pending::new(pending_limit));
@@ -343,19 +357,8 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
-    let done: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    let done = usize::try_from(done).unwrap_or(0);
-    for (i, migration) in MIGRATIONS.iter().enumerate().skip(done) {
-        let tx = conn.transaction()?;
-        match migration {
-            Migration::Sql(sql) => tx.execute_batch(sql)?,
-            Migration::Code(run) => run(&tx)?,
-        }
-        tx.pragma_update(None, "user_version", to_i64(i as u64 + 1))?;
-        tx.commit()?;
-    }
-    Ok(())
+fn migrate(conn: &mut Connection) -> Result<(), rusqlite_migration::Error> {
+    migrations().to_latest(conn)
 }
 
 /// Moves every row of the one-message-per-row table into chunks, room by room.
@@ -852,10 +855,7 @@ mod tests {
     fn version_2_database(dir: &Path, messages: impl IntoIterator<Item = (&'static str, i64)>) {
         let mut conn = open_connection(&dir.join("stoa.db")).unwrap();
         let tx = conn.transaction().unwrap();
-        for migration in &MIGRATIONS[..2] {
-            let Migration::Sql(sql) = migration else {
-                panic!("versions 1 and 2 are SQL");
-            };
+        for sql in [V1_ROOM_MESSAGES, V2_NO_USER_MESSAGES] {
             tx.execute_batch(sql).unwrap();
         }
         tx.pragma_update(None, "user_version", 2).unwrap();
@@ -1020,7 +1020,12 @@ mod tests {
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, MIGRATIONS.len() as i64);
+        assert_eq!(version, 4, "every migration applied");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_migrations_are_valid() {
+        assert!(migrations().validate().is_ok());
     }
 }

@@ -49,11 +49,11 @@ impl Peer {
 }
 
 /// A broker serving TCP connections on loopback, whose coalescing window is `window`.
-async fn broker_with_window(window: Duration) -> (Arc<Broker>, std::net::SocketAddr) {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("stoa-coalesce-test-{}-{n}", std::process::id()));
-    let dir = dir.to_string_lossy().into_owned();
+async fn broker_with_window(
+    window: Duration,
+) -> ((Arc<Broker>, tempfile::TempDir), std::net::SocketAddr) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_string_lossy().into_owned();
     let max = format!("{}", WINDOW.as_millis());
     let args = ["stoa", "--data-dir", &dir, "--write-coalesce-max-ms", &max];
     let config = Config::try_parse_args(args).unwrap();
@@ -81,7 +81,7 @@ async fn broker_with_window(window: Duration) -> (Arc<Broker>, std::net::SocketA
             ));
         }
     });
-    (broker, addr)
+    ((broker, tmp), addr)
 }
 
 fn subscribe_with_receipt() -> Frame {

@@ -18,8 +18,8 @@ use tokio::time::Instant;
 
 #[tokio::test(start_paused = true)]
 async fn beats_go_out_a_quarter_before_the_negotiated_interval_ends() {
-    let dir = std::env::temp_dir().join(format!("stoa-heart-beat-test-{}", std::process::id()));
-    let dir = dir.to_string_lossy().into_owned();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_string_lossy().into_owned();
     let args = ["stoa", "--data-dir", &dir, "--heart-beat", "1000,0"];
     let config = Config::try_parse_args(args).unwrap();
     let broker = Arc::new(Broker::with_store(config, Arc::new(MemoryStore::default())).unwrap());
@@ -56,5 +56,5 @@ async fn beats_go_out_a_quarter_before_the_negotiated_interval_ends() {
             "beat {beat} came {gap:?} after the one before"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(tmp);
 }

@@ -21,15 +21,30 @@ struct Client {
     version: Version,
 }
 
-fn broker_with(args: &[&str]) -> Arc<Broker> {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("stoa-session-test-{}-{n}", std::process::id()));
-    let dir = dir.to_string_lossy().into_owned();
-    let mut all = vec!["stoa", "--data-dir", &dir];
+/// A broker on a fresh data directory, removed when the test is done with it.
+struct TestBroker {
+    broker: Arc<Broker>,
+    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TestBroker {
+    type Target = Arc<Broker>;
+
+    fn deref(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+}
+
+fn broker_with(args: &[&str]) -> TestBroker {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_string_lossy().into_owned();
+    let mut all = vec!["stoa", "--data-dir", &path];
     all.extend_from_slice(args);
     let config = Config::try_parse_args(all).unwrap();
-    Arc::new(Broker::with_store(config, Arc::new(MemoryStore::default())).unwrap())
+    TestBroker {
+        broker: Arc::new(Broker::with_store(config, Arc::new(MemoryStore::default())).unwrap()),
+        _dir: dir,
+    }
 }
 
 impl Client {
@@ -393,7 +408,7 @@ fn sends_to_wildcards_or_unknown_places_are_refused() {
     assert_eq!(receipt.as_deref(), Some("r9"));
 }
 
-fn ack_setup(mode: &str) -> (Arc<Broker>, Client, Vec<Frame>) {
+fn ack_setup(mode: &str) -> (TestBroker, Client, Vec<Frame>) {
     let broker = broker_with(&[]);
     let mut c = Client::connected(&broker, "c");
     c.send(frame(

@@ -6,8 +6,6 @@
 //! the last `x-seq` seen for chat rooms.
 
 use std::collections::HashMap;
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -268,18 +266,17 @@ impl Driver {
 
     async fn reconnect(&mut self) -> Option<Connection> {
         let backoff = self.options.reconnect?;
-        let random = RandomState::new();
         let mut attempt = 0u32;
         loop {
             if backoff.max_attempts.is_some_and(|max| attempt >= max) {
                 return None;
             }
-            let mut hasher = random.build_hasher();
-            hasher.write_u32(attempt);
             // The same place first (a blip), then the others; the delay grows per round.
             let count = self.endpoints.len();
             let round = attempt / u32::try_from(count).unwrap_or(u32::MAX).max(1);
-            tokio::time::sleep(backoff.delay(round, hasher.finish())).await;
+            // Jitter from the thread's random generator, so that many clients do not return
+            // at once.
+            tokio::time::sleep(backoff.delay(round, rand::random::<u64>())).await;
             if self.requests.is_closed() {
                 return None;
             }

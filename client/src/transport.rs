@@ -49,11 +49,16 @@ impl std::fmt::Display for Endpoint {
         match self {
             Endpoint::Tcp { addr } => write!(f, "tcp://{addr}"),
             Endpoint::TcpTls { addr, .. } => write!(f, "tcp+tls://{addr}"),
-            Endpoint::WebSocket { url } => {
-                let (scheme, rest) = url.split_once("://").unwrap_or(("ws", url));
-                let authority = rest.split(['/', '?']).next().unwrap_or_default();
-                write!(f, "{scheme}://{authority}")
-            }
+            Endpoint::WebSocket { url } => match url::Url::parse(url) {
+                Ok(u) => {
+                    let host = u.host_str().unwrap_or_default();
+                    match u.port() {
+                        Some(port) => write!(f, "{}://{host}:{port}", u.scheme()),
+                        None => write!(f, "{}://{host}", u.scheme()),
+                    }
+                }
+                Err(_) => f.write_str("ws://?"),
+            },
         }
     }
 }
@@ -65,37 +70,28 @@ impl Endpoint {
     /// [`ClientError::InvalidUrl`] for another scheme or a missing host.
     pub fn parse(url: &str) -> Result<Endpoint, ClientError> {
         let invalid = |why: &str| ClientError::InvalidUrl(format!("{url}: {why}"));
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| invalid("no scheme (tcp://, tcp+tls://, ws://, wss://)"))?;
-        let authority = rest.split('/').next().unwrap_or_default();
-        if authority.is_empty() {
-            return Err(invalid("no host"));
-        }
-        let with_port = |default: u16| {
-            if authority
-                .rsplit_once(':')
-                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-            {
-                authority.to_owned()
-            } else {
-                format!("{authority}:{default}")
+        let parsed = url::Url::parse(url).map_err(|e| match e {
+            url::ParseError::RelativeUrlWithoutBase => {
+                invalid("no scheme (tcp://, tcp+tls://, ws://, wss://)")
             }
-        };
-        let host = authority
-            .rsplit_once(':')
-            .filter(|(_, p)| p.parse::<u16>().is_ok())
-            .map_or(authority, |(h, _)| h)
+            url::ParseError::EmptyHost => invalid("no host"),
+            other => invalid(&other.to_string()),
+        })?;
+        let host = parsed
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| invalid("no host"))?;
+        // `[::1]` stays bracketed in an address; the certificate name is the bare host.
+        let addr = |default: u16| format!("{host}:{}", parsed.port().unwrap_or(default));
+        let bare = host
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
-        match scheme {
-            "tcp" | "stomp" => Ok(Endpoint::Tcp {
-                addr: with_port(61613),
-            }),
+        match parsed.scheme() {
+            "tcp" | "stomp" => Ok(Endpoint::Tcp { addr: addr(61613) }),
             "tcp+tls" | "stomp+ssl" | "ssl" => Ok(Endpoint::TcpTls {
-                addr: with_port(61614),
-                host,
+                addr: addr(61614),
+                host: bare,
             }),
             "ws" | "wss" => Ok(Endpoint::WebSocket {
                 url: url.to_owned(),
@@ -106,19 +102,16 @@ impl Endpoint {
 
     /// The host name, for CONNECT's `host` header.
     pub fn host(&self) -> String {
-        let authority = match self {
-            Endpoint::Tcp { addr } | Endpoint::TcpTls { addr, .. } => addr.as_str(),
-            Endpoint::WebSocket { url } => url
-                .split_once("://")
-                .map_or("", |(_, r)| r)
-                .split('/')
-                .next()
-                .unwrap_or(""),
-        };
-        authority
-            .rsplit_once(':')
-            .map_or(authority, |(h, _)| h)
-            .to_owned()
+        match self {
+            Endpoint::Tcp { addr } | Endpoint::TcpTls { addr, .. } => addr
+                .rsplit_once(':')
+                .map_or(addr.as_str(), |(h, _)| h)
+                .to_owned(),
+            Endpoint::WebSocket { url } => url::Url::parse(url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .unwrap_or_default(),
+        }
     }
 }
 
@@ -332,6 +325,13 @@ mod tests {
             Endpoint::parse("ws://127.0.0.1:8080/ws").unwrap(),
             Endpoint::WebSocket {
                 url: "ws://127.0.0.1:8080/ws".into()
+            }
+        );
+        assert_eq!(
+            Endpoint::parse("tcp+tls://[::1]:61614").unwrap(),
+            Endpoint::TcpTls {
+                addr: "[::1]:61614".into(),
+                host: "::1".into()
             }
         );
         assert!(Endpoint::parse("http://x").is_err());

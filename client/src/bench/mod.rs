@@ -534,9 +534,16 @@ fn own_io_bytes() -> Option<u64> {
 
 /// The broker's HTTP address (`host:port`) from a `ws://` URL.
 fn http_addr(url: &str) -> Result<String, BenchError> {
-    url.strip_prefix("ws://")
-        .map(|rest| rest.split('/').next().unwrap_or(rest).to_owned())
-        .ok_or_else(|| BenchError::Wire(WireError::Unsupported(url.to_owned())))
+    let unsupported = || BenchError::Wire(WireError::Unsupported(url.to_owned()));
+    let parsed = url::Url::parse(url).map_err(|_| unsupported())?;
+    match (
+        parsed.scheme(),
+        parsed.host_str(),
+        parsed.port_or_known_default(),
+    ) {
+        ("ws", Some(host), Some(port)) if !host.is_empty() => Ok(format!("{host}:{port}")),
+        _ => Err(unsupported()),
+    }
 }
 
 async fn rooms(

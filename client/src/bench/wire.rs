@@ -91,18 +91,26 @@ impl Target {
         login: Option<String>,
         passcode: Option<String>,
     ) -> Result<Target, WireError> {
-        let (addr, ws_path) = if let Some(rest) = url.strip_prefix("ws://") {
-            match rest.find('/') {
-                Some(i) => (&rest[..i], Some(rest[i..].to_owned())),
-                None => (rest, Some("/".to_owned())),
+        let parsed = url::Url::parse(url).map_err(|_| WireError::Unsupported(url.to_owned()))?;
+        let host = parsed
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| WireError::Unsupported(url.to_owned()))?;
+        let ws_path = match parsed.scheme() {
+            "ws" => {
+                let mut path = parsed.path().to_owned();
+                if let Some(query) = parsed.query() {
+                    path = format!("{path}?{query}");
+                }
+                Some(path)
             }
-        } else if let Some(rest) = url.strip_prefix("tcp://") {
-            (rest.trim_end_matches('/'), None)
-        } else {
-            return Err(WireError::Unsupported(url.to_owned()));
+            "tcp" => None,
+            _ => return Err(WireError::Unsupported(url.to_owned())),
         };
+        let port = parsed.port_or_known_default().unwrap_or(61613);
+        let addr = format!("{host}:{port}");
         Ok(Target {
-            addr: addr.to_owned(),
+            addr,
             ws_path,
             login,
             passcode,

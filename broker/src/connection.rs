@@ -104,6 +104,37 @@ pub fn compose(item: &Outgoing, dst: &mut BytesMut) {
     }
 }
 
+/// Counts a written batch: its frames by command and its bytes (one atomic add each, per
+/// batch).
+fn count_sent(metrics: &Metrics, batch: &[Outgoing]) {
+    let mut messages = 0u64;
+    let mut bytes = 0u64;
+    for item in batch {
+        bytes += item.len() as u64;
+        match item {
+            Outgoing::Message { .. } => messages += 1,
+            Outgoing::Frame(frame) => {
+                let line = frame.split(|b| *b == b'\n').next().unwrap_or_default();
+                if let Some(command) = Command::from_bytes(line) {
+                    metrics.frames_sent(command, 1);
+                }
+            }
+        }
+    }
+    if messages > 0 {
+        metrics.frames_sent(Command::Message, messages);
+    }
+    metrics.bytes_sent.inc_by(bytes);
+}
+
+/// An error's kind for `/metrics` (its variant's name: a bounded set of labels).
+fn error_kind(error: &SessionError) -> String {
+    format!("{error:?}")
+        .chars()
+        .take_while(char::is_ascii_alphanumeric)
+        .collect()
+}
+
 /// Batches written per wake-up before the connection looks at its reads again.
 const MAX_BATCHES_PER_WAKE: usize = 4;
 
@@ -198,17 +229,11 @@ pub fn serve<T: Transport>(
         }));
     }
     async move {
-        let metrics = &conn.broker.shared.metrics;
-        Metrics::add(&metrics.connections_total, 1);
-        Metrics::add(&metrics.connections_open, 1);
+        let open = conn.broker.shared.metrics.connection_opened(kind);
         info!("connected");
         let stop = conn.run(shutdown).await;
         Box::pin(conn.finish(stop)).await;
-        conn.broker
-            .shared
-            .metrics
-            .connections_open
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        conn.broker.shared.metrics.connection_closed(&open);
         info!("closed");
     }
     .instrument(span)
@@ -317,6 +342,8 @@ struct Connection<T> {
     session: Session,
     decoder: Decoder,
     read_buf: BytesMut,
+    /// What the read buffer held after the last frames were handled: a read added the rest.
+    read_seen: usize,
     batch: Vec<Outgoing>,
     last_read: Instant,
     last_write: Instant,
@@ -343,6 +370,7 @@ impl<T: Transport> Connection<T> {
             transport,
             decoder: Decoder::new(config.limits()),
             read_buf: BytesMut::new(),
+            read_seen: 0,
             batch: Vec::new(),
             outbox,
             session,
@@ -413,8 +441,13 @@ impl<T: Transport> Connection<T> {
                 read = self.transport.read(&mut self.read_buf), if paused_until.is_none() => match read {
                     Ok(true) => {
                         self.last_read = Instant::now();
+                        let added = self.read_buf.len().saturating_sub(self.read_seen);
+                        self.broker.shared.metrics.bytes_received.inc_by(added as u64);
                         let connected = self.session.is_connected();
-                        match self.take_input().await {
+                        let taken = self.take_input().await;
+                        // What is left (a partial frame, or frames held back) was counted.
+                        self.read_seen = self.read_buf.len();
+                        match taken {
                             Ok(pause) => paused_until = pause,
                             Err(stop) => return stop,
                         }
@@ -438,7 +471,9 @@ impl<T: Transport> Connection<T> {
                             // The client was not read meanwhile: its silence is the broker's.
                             self.last_read = now;
                             // Frames left in the buffer (a SEND held for the rate) go first.
-                            match self.take_input().await {
+                            let taken = self.take_input().await;
+                            self.read_seen = self.read_buf.len();
+                            match taken {
                                 Ok(pause) => pause,
                                 Err(stop) => return stop,
                             }
@@ -490,7 +525,7 @@ impl<T: Transport> Connection<T> {
             Ok(()) => None,
             Err(Flush::Slow) => Some(self.slow_consumer()),
             Err(Flush::TimedOut) => {
-                Metrics::add(&self.broker.shared.metrics.slow_consumers, 1);
+                self.broker.shared.metrics.slow_consumers.inc();
                 let ms = self.broker.shared.config.write_timeout_ms;
                 Some(Stop::Reject(SessionError::WriteTimeout(ms).into()))
             }
@@ -622,6 +657,7 @@ impl<T: Transport> Connection<T> {
                 }
             }
             Err(refusal) => {
+                self.broker.shared.metrics.authentication_failures.inc();
                 tokio::time::sleep_until(started + auth.failure_delay()).await;
                 let error = match refusal {
                     Refusal::Failed => SessionError::AuthenticationFailed,
@@ -663,7 +699,7 @@ impl<T: Transport> Connection<T> {
         if let Some(every) = self.expect_every {
             let window = every * config.heart_beat_tolerance;
             if now.duration_since(self.last_read) >= window {
-                Metrics::add(&self.broker.shared.metrics.heart_beat_timeouts, 1);
+                self.broker.shared.metrics.heart_beat_timeouts.inc();
                 let silent = u64::try_from(now.duration_since(self.last_read).as_millis())
                     .unwrap_or(u64::MAX);
                 return Some(Stop::Reject(SessionError::HeartBeatTimeout(silent).into()));
@@ -687,7 +723,7 @@ impl<T: Transport> Connection<T> {
     }
 
     fn slow_consumer_error(&self) -> Rejected {
-        Metrics::add(&self.broker.shared.metrics.slow_consumers, 1);
+        self.broker.shared.metrics.slow_consumers.inc();
         SessionError::SlowConsumer(self.broker.shared.config.outbox_bytes).into()
     }
 
@@ -729,6 +765,7 @@ impl<T: Transport> Connection<T> {
                 }
             }
             self.last_write = Instant::now();
+            count_sent(&self.broker.shared.metrics, &self.batch);
             if self.batch.len() <= FEW {
                 // Most chat connections write a frame now and then and are idle between:
                 // they keep no buffers, which is most of an idle connection's memory. A busy
@@ -830,7 +867,7 @@ impl<T: Transport> Connection<T> {
                     true
                 }
                 Err(Flush::TimedOut) => {
-                    Metrics::add(&self.broker.shared.metrics.slow_consumers, 1);
+                    self.broker.shared.metrics.slow_consumers.inc();
                     let ms = self.broker.shared.config.write_timeout_ms;
                     error = Some(SessionError::WriteTimeout(ms).into());
                     true
@@ -855,7 +892,9 @@ impl<T: Transport> Connection<T> {
                 tokio::time::timeout(self.broker.shared.config.write_timeout(), write).await,
                 Ok(Ok(()))
             ) {
-                Metrics::add(&self.broker.shared.metrics.errors_sent, 1);
+                let metrics = &self.broker.shared.metrics;
+                metrics.error_sent(&error_kind(&rejected.error));
+                metrics.frames_sent(Command::Error, 1);
             }
         }
         self.transport.close(kind).await;

@@ -125,6 +125,11 @@ impl QueueStore {
         self.writer.is_running() && self.health.is_ok()
     }
 
+    /// How long its commits take.
+    pub fn commit_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.health.commit_seconds()
+    }
+
     fn send(&self, op: Op) {
         if !self.writer.send(op) {
             error!(path = %self.path.display(), "queue store writer has stopped");
@@ -190,6 +195,7 @@ fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path, health: &Heal
         let mut completions = Vec::new();
         let mut flushes = Vec::new();
         // On disk: now, and only now, what waited for it may be confirmed.
+        let started = std::time::Instant::now();
         let on_disk = match write_batch(&mut conn, batch, &mut completions, &mut flushes) {
             Ok(()) => true,
             Err(e) => {
@@ -197,7 +203,7 @@ fn write_loop(mut conn: Connection, rx: Receiver<Op>, path: &Path, health: &Heal
                 false
             }
         };
-        health.record(on_disk);
+        health.record_commit(on_disk, started.elapsed());
         for completion in completions {
             completion.run(on_disk);
         }

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Extension, Path, Request, State};
@@ -16,6 +15,9 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{any, get};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
@@ -206,6 +208,7 @@ async fn authenticate(
             next.run(request).await
         }
         Err(refusal) => {
+            state.broker.shared.metrics.authentication_failures.inc();
             tokio::time::sleep_until(started + auth.failure_delay()).await;
             unauthorized(match refusal {
                 Refusal::Failed => "authentication failed",
@@ -323,12 +326,7 @@ async fn api_nodes(State(state): State<AppState>) -> Response {
         },
         None => vec![NodeInfo {
             name: "local".to_owned(),
-            connections: state
-                .broker
-                .shared
-                .metrics
-                .connections_open
-                .load(Ordering::Relaxed),
+            connections: state.broker.shared.metrics.connections_open(),
             last_seen_ms: now_millis(),
         }],
     };
@@ -338,13 +336,117 @@ async fn api_nodes(State(state): State<AppState>) -> Response {
     )
 }
 
+/// `/metrics`: the counters, then what is read now: rooms, queues, store commit times,
+/// the runtime's pace and, with `--cluster`, the nodes.
 async fn metrics(State(state): State<AppState>) -> Response {
+    let broker = &state.broker;
+    let router = &broker.shared.router;
+    let mut now = Registry::with_prefix("stoa");
+    let gauge = |value: u64| {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        gauge
+    };
+    let rooms = router.rooms.summaries();
+    let members: usize = rooms.iter().map(|r| r.members).sum();
+    now.register(
+        "rooms",
+        "Rooms with members or kept messages on this node",
+        gauge(rooms.len() as u64),
+    );
+    now.register(
+        "room_members",
+        "Members of those rooms",
+        gauge(members as u64),
+    );
+    now.register(
+        "room_history_bytes",
+        "Bytes of room messages kept in memory",
+        gauge(router.rooms.kept_bytes() as u64),
+    );
+    if let Ok(queues) = router.queues.stats_answer().await {
+        let ready = Family::<QueueLabel, Gauge>::default();
+        let unacked = Family::<QueueLabel, Gauge>::default();
+        let consumers = Family::<QueueLabel, Gauge>::default();
+        for q in queues {
+            let label = QueueLabel { queue: q.queue };
+            let set = |family: &Family<QueueLabel, Gauge>, n: usize| {
+                family
+                    .get_or_create(&label)
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            };
+            set(&ready, q.ready);
+            set(&unacked, q.unacked);
+            set(&consumers, q.consumers);
+        }
+        now.register(
+            "queue_ready",
+            "Messages waiting for a consumer, per durable queue",
+            ready,
+        );
+        now.register(
+            "queue_unacked",
+            "Messages delivered and not acknowledged, per durable queue",
+            unacked,
+        );
+        now.register("queue_consumers", "Consumers, per durable queue", consumers);
+    }
+    let (history, queues) = router.commit_seconds();
+    if let Some(history) = history {
+        now.register_with_unit(
+            "store_commit",
+            "Time to commit a batch of room messages to SQLite",
+            Unit::Seconds,
+            history,
+        );
+    }
+    now.register_with_unit(
+        "queue_store_commit",
+        "Time to commit a batch of durable queue changes to SQLite",
+        Unit::Seconds,
+        queues,
+    );
+    let (busy, window_us) = broker.pace.readings();
+    now.register(
+        "workers_busy_permille",
+        "Smoothed share of time the worker threads are busy",
+        gauge(busy),
+    );
+    now.register(
+        "write_coalesce_window_microseconds",
+        "How long connections coalesce writes now",
+        gauge(window_us),
+    );
+    if let Some(cluster) = &broker.cluster {
+        now.register(
+            "cluster_reachable",
+            "1 while Redis answers, 0 otherwise",
+            gauge(u64::from(cluster.is_reachable())),
+        );
+        if let Ok(nodes) = cluster.nodes().await {
+            now.register(
+                "cluster_nodes",
+                "Nodes in the cluster",
+                gauge(nodes.len() as u64),
+            );
+        }
+    }
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.broker.shared.metrics.render() + &state.broker.pace.render(),
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        broker.shared.metrics.encode_with(&now),
     )
         .into_response()
+}
+
+/// The label of a durable queue (queues are made by operators and applications: bounded by
+/// their use, unlike rooms and users, which are never labels).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct QueueLabel {
+    queue: String,
 }
 
 /// The caller as the ACL sees them (`None` without `--acl`). Anonymous callers (`--auth

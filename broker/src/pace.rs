@@ -47,17 +47,11 @@ impl Pace {
         Duration::from_micros(self.window_us.load(Ordering::Relaxed))
     }
 
-    /// The Prometheus text exposition of the busy fraction and the window.
-    pub fn render(&self) -> String {
-        format!(
-            "# HELP stoa_workers_busy_permille Smoothed share of time the worker threads are busy.\n\
-             # TYPE stoa_workers_busy_permille gauge\n\
-             stoa_workers_busy_permille {}\n\
-             # HELP stoa_write_coalesce_window_microseconds How long connections coalesce writes now.\n\
-             # TYPE stoa_write_coalesce_window_microseconds gauge\n\
-             stoa_write_coalesce_window_microseconds {}\n",
+    /// The smoothed busy fraction (per mille) and the coalescing window (µs), for `/metrics`.
+    pub fn readings(&self) -> (u64, u64) {
+        (
             self.busy_permille.load(Ordering::Relaxed),
-            self.window_us.load(Ordering::Relaxed)
+            self.window_us.load(Ordering::Relaxed),
         )
     }
 
@@ -156,17 +150,12 @@ mod tests {
     }
 
     #[test]
-    fn the_gauges_show_the_load_and_the_window() {
+    fn the_readings_are_the_load_and_the_window() {
         let pace = Pace::default();
         for _ in 0..50 {
             pace.record(1000, MAX);
         }
-        let text = pace.render();
-        assert!(
-            text.contains("stoa_write_coalesce_window_microseconds 10000\n"),
-            "{text}"
-        );
-        assert!(text.contains("stoa_workers_busy_permille 1000\n"), "{text}");
+        assert_eq!(pace.readings(), (1000, 10_000));
     }
 
     #[test]

@@ -131,6 +131,19 @@ impl Router {
         self.queues.store().flush();
     }
 
+    /// How long the history store's and the queue store's commits take (`/metrics`).
+    pub fn commit_seconds(
+        &self,
+    ) -> (
+        Option<prometheus_client::metrics::histogram::Histogram>,
+        prometheus_client::metrics::histogram::Histogram,
+    ) {
+        (
+            self.store.commit_seconds(),
+            self.queues.store().commit_seconds(),
+        )
+    }
+
     /// Whether both stores reach the disk (`/readyz`).
     pub fn stores_healthy(&self) -> bool {
         self.store.is_healthy() && self.queues.store().is_healthy()

@@ -295,13 +295,7 @@ pub async fn join_cluster(
         }
     });
     let counting = broker.clone();
-    let connections = move || {
-        counting
-            .shared
-            .metrics
-            .connections_open
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let connections = move || counting.shared.metrics.connections_open();
     let heartbeat = tokio::spawn(cluster.clone().run(connections, last.clone()));
     vec![writes, sends, queue_writes, heartbeat]
 }

@@ -192,7 +192,7 @@ impl Session {
     /// [`Rejected`] when the frame breaks the protocol: send
     /// [`SessionError::to_error_frame`] and close.
     pub fn handle(&mut self, frame: Frame) -> Result<Outcome, Rejected> {
-        Metrics::add(&self.shared.metrics.frames_received, 1);
+        self.shared.metrics.frame_received(frame.command);
         // CONNECT may not ask for a receipt (1.2 "Header receipt"); any other frame may.
         let receipt = match frame.command {
             Command::Connect | Command::Stomp => None,
@@ -429,11 +429,15 @@ impl Session {
             message_id: router.ids.next(),
         })?;
         let metrics = &self.shared.metrics;
-        Metrics::add(&metrics.messages_published, 1);
-        Metrics::add(
-            &metrics.messages_delivered,
-            published.fanout.delivered as u64,
-        );
+        metrics.messages_published.inc();
+        metrics
+            .messages_delivered
+            .inc_by(published.fanout.delivered as u64);
+        if published.fanout.refused > 0 {
+            metrics
+                .deliveries_dropped
+                .inc_by(published.fanout.refused as u64);
+        }
         self.durable_published |= published.durable;
         let mut published = published;
         if let Some(pending) = published.pending.take() {

@@ -170,6 +170,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn is_healthy(&self) -> bool {
         true
     }
+    /// How long its commits take (none for a store that does not write).
+    fn commit_seconds(&self) -> Option<prometheus_client::metrics::histogram::Histogram> {
+        None
+    }
 }
 
 enum Op {
@@ -438,11 +442,12 @@ fn write_loop(
         let busy = batch.len() >= BUSY_BATCH;
         gather_until = busy.then(|| Instant::now() + LINGER);
         let mut acks = Vec::new();
+        let started = Instant::now();
         let written = write_batch(&mut conn, &mut index, batch, &mut acks);
         if let Err(e) = &written {
             error!(path = %path.display(), "store write failed: {e}");
         }
-        health.record(written.is_ok());
+        health.record_commit(written.is_ok(), started.elapsed());
         for ack in acks {
             let _ = ack.send(());
         }
@@ -634,6 +639,10 @@ impl Store for SqliteStore {
 
     fn is_healthy(&self) -> bool {
         self.writer.is_running() && self.health.is_ok()
+    }
+
+    fn commit_seconds(&self) -> Option<prometheus_client::metrics::histogram::Histogram> {
+        Some(self.health.commit_seconds())
     }
 }
 

@@ -10,18 +10,42 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::Notify;
 
-/// Whether a writer thread's last commit reached the disk (`/readyz`).
-#[derive(Debug, Default)]
+/// Whether a writer thread's last commit reached the disk (`/readyz`), and how long its
+/// commits take (`/metrics`).
+#[derive(Debug)]
 pub struct Health {
     failing: std::sync::atomic::AtomicBool,
+    commit_seconds: Histogram,
+}
+
+impl Default for Health {
+    fn default() -> Health {
+        Health {
+            failing: std::sync::atomic::AtomicBool::new(false),
+            // 50 µs to about 3 s.
+            commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+        }
+    }
 }
 
 impl Health {
     /// Notes how the last commit went.
     pub fn record(&self, written: bool) {
         self.failing.store(!written, Ordering::Relaxed);
+    }
+
+    /// Notes a commit that took `took`.
+    pub fn record_commit(&self, written: bool, took: std::time::Duration) {
+        self.record(written);
+        self.commit_seconds.observe(took.as_secs_f64());
+    }
+
+    /// How long commits took, for `/metrics` (the same histogram, shared).
+    pub fn commit_seconds(&self) -> Histogram {
+        self.commit_seconds.clone()
     }
 
     /// Whether the last commit (if any) was written.

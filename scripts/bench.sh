@@ -184,6 +184,10 @@ cat "$out/cluster.jsonl" >> "$results"
 echo "==> when WebSocket cannot get through"
 RUNS=$RUNS scripts/bench-fallbacks.sh
 
+# The soak (issue #18): twenty minutes of a chat-like mix, memory and descriptors sampled.
+echo "==> soak"
+scripts/bench-soak.sh
+
 echo "==> stoa: highest room rate with p99 under 50 ms"
 run rooms-step stoa "${stoa_ws[@]}" bench rooms --rooms 100 --members 10 --rate 200000 --seconds 3 --step --pid "$main_stoa"
 

@@ -207,3 +207,39 @@ fn rooms_over_every_fallback_technique_lose_nothing_and_report_their_costs() {
         assert_eq!(idle["probe_room_members"], 10, "{technique}: {idle}");
     }
 }
+
+#[test]
+fn a_short_soak_loses_nothing_and_samples_the_broker() {
+    let broker = Broker::start(&[]);
+    let pid = broker.pid().to_string();
+    let soak = bench(
+        &broker,
+        &broker.ws_url(),
+        &[
+            "soak",
+            "--seconds",
+            "6",
+            "--rooms",
+            "3",
+            "--members",
+            "3",
+            "--rate",
+            "60",
+            "--sample-every",
+            "1",
+            "--pid",
+            &pid,
+        ],
+    );
+    assert_eq!(soak["room_missed"], 0, "{soak}");
+    assert_eq!(soak["dm_lost"], 0, "{soak}");
+    assert_eq!(soak["errors"], 0, "{soak}");
+    assert!(soak["room_received"].as_u64().unwrap() > 0, "{soak}");
+    let samples = soak["samples"].as_array().unwrap();
+    assert!(samples.len() >= 3, "{soak}");
+    assert!(
+        samples
+            .iter()
+            .all(|s| s["rss_kib"].as_u64().is_some() && s["fds"].as_u64().is_some())
+    );
+}

@@ -5,6 +5,7 @@
 //! count of lost, duplicated and out-of-order messages, which are reported, never hidden.
 
 mod http;
+mod soak;
 mod wire;
 
 use http::{Poster, Record, Requests, SockJs, SockJsSender, Technique};
@@ -31,6 +32,9 @@ pub enum Scenario {
     Rooms(RoomsArgs),
     /// C connections, each subscribed to a room: connect rate and broker memory each.
     Conns(ConnsArgs),
+    /// A chat-like mix (rooms, typing, direct messages, leaving and rejoining, reconnects)
+    /// for a bounded time, sampling the broker's memory and descriptors.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(Debug, Args)]
@@ -186,6 +190,7 @@ pub async fn run(
         Scenario::Fanout(args) => fanout(urls, options, args).await,
         Scenario::Rooms(args) => rooms(urls, options, args).await,
         Scenario::Conns(args) => conns(url, options, args).await,
+        Scenario::Soak(args) => soak::soak(url, options, args).await,
     }
 }
 

@@ -78,7 +78,7 @@ impl Dice {
 
     /// `true` once in `n` throws.
     fn one_in(&mut self, n: u64) -> bool {
-        self.next() % n.max(1) == 0
+        self.next().is_multiple_of(n.max(1))
     }
 }
 

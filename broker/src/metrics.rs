@@ -37,27 +37,8 @@ struct ReasonLabel {
     reason: String,
 }
 
-/// Every command, in a fixed order (frames counted by index).
-const COMMANDS: [Command; 15] = [
-    Command::Connect,
-    Command::Stomp,
-    Command::Send,
-    Command::Subscribe,
-    Command::Unsubscribe,
-    Command::Ack,
-    Command::Nack,
-    Command::Begin,
-    Command::Commit,
-    Command::Abort,
-    Command::Disconnect,
-    Command::Connected,
-    Command::Message,
-    Command::Receipt,
-    Command::Error,
-];
-
 fn command_index(command: Command) -> usize {
-    COMMANDS.iter().position(|c| *c == command).unwrap_or(0)
+    Command::ALL.iter().position(|c| *c == command).unwrap_or(0)
 }
 
 /// Broker-wide counters and gauges.
@@ -114,7 +95,7 @@ impl Metrics {
         let by_command = |registry: &mut Registry, name: &str, help: &str| {
             let family = Family::<CommandLabel, Counter>::default();
             registry.register(name, help, family.clone());
-            COMMANDS
+            Command::ALL
                 .iter()
                 .map(|c| {
                     family

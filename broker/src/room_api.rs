@@ -341,6 +341,18 @@ fn asked_name(query: &[(String, String)], headers: &HeaderMap) -> Option<String>
         })
 }
 
+/// A request's query parameters, decoded.
+type Query = Vec<(String, String)>;
+
+/// A request's query and headers, owned (a future held across waits cannot borrow the
+/// request), once its origin is admitted; the 403 otherwise.
+fn admitted(state: &AppState, request: &Request) -> Result<(Query, HeaderMap), Box<Response>> {
+    match refuse_origin(&state.broker, request.headers()) {
+        Some(refused) => Err(Box::new(refused)),
+        None => Ok((query_of(request), request.headers().clone())),
+    }
+}
+
 fn checked_room(room: &str) -> Result<(), Refusal> {
     check_room_name(room).map_err(|e| Refusal::bad_request(e.to_string()))
 }
@@ -352,11 +364,10 @@ pub async fn get_messages(
     Path(room): Path<String>,
     request: Request,
 ) -> Response {
-    if let Some(refused) = refuse_origin(&state.broker, request.headers()) {
-        return refused;
-    }
-    let query = query_of(&request);
-    let headers = request.headers().clone();
+    let (query, headers) = match admitted(&state, &request) {
+        Ok(parts) => parts,
+        Err(refused) => return *refused,
+    };
     match poll(&state, &caller, &room, query, &headers).await {
         Ok(body) => (
             StatusCode::OK,
@@ -472,11 +483,10 @@ pub async fn events(
     Path(room): Path<String>,
     request: Request,
 ) -> Response {
-    if let Some(refused) = refuse_origin(&state.broker, request.headers()) {
-        return refused;
-    }
-    let query = query_of(&request);
-    let headers = request.headers().clone();
+    let (query, headers) = match admitted(&state, &request) {
+        Ok(parts) => parts,
+        Err(refused) => return *refused,
+    };
     match open_events(&state, &caller, &room, query, &headers).await {
         Ok(body) => {
             let mut response = Response::new(body);

@@ -532,6 +532,13 @@ impl Writer {
     }
 }
 
+/// Hands a delivered MESSAGE's `x-step` and `x-sent` to the tally.
+fn record_timing(message: &Frame, record: &Record) {
+    if let (Some(step), Some(sent)) = (message.header("x-step"), message.header("x-sent")) {
+        record(step, sent);
+    }
+}
+
 /// Bytes the generator's sockets carried so far (see [`wire::WIRE_BYTES`]).
 fn own_io_bytes() -> Option<u64> {
     Some(wire::WIRE_BYTES.load(Ordering::Relaxed))
@@ -597,11 +604,7 @@ async fn rooms(
                     .await?;
                     readers.push(tokio::spawn(async move {
                         while let Ok(m) = reader.next().await {
-                            if let (Some(step), Some(sent)) =
-                                (m.header("x-step"), m.header("x-sent"))
-                            {
-                                record(step, sent);
-                            }
+                            record_timing(&m, &record);
                         }
                     }));
                     Writer::Wire(writer)
@@ -615,11 +618,7 @@ async fn rooms(
                             .await?;
                     readers.push(tokio::spawn(async move {
                         while let Ok(m) = reader.next().await {
-                            if let (Some(step), Some(sent)) =
-                                (m.header("x-step"), m.header("x-sent"))
-                            {
-                                record(step, sent);
-                            }
+                            record_timing(&m, &record);
                         }
                     }));
                     Writer::SockJs(writer)

@@ -93,6 +93,12 @@ async fn member(
     counts: Arc<Counts>,
 ) -> Result<(), BenchError> {
     let mut dice = Dice(0x9e37_79b9_7f4a_7c15 ^ (n as u64 + 1));
+    // The last tenth (at most 10 s): nobody sends or hangs up, so that what was sent last
+    // (direct messages to members who had just left above all) arrives before the end.
+    let quiet = (end - tokio::time::Instant::now())
+        .div_f64(10.0)
+        .min(Duration::from_secs(10));
+    let send_until = end - quiet;
     let destination = format!("/topic/room.{room}");
     let mut last_seq = 0u64;
     while tokio::time::Instant::now() < end {
@@ -121,8 +127,12 @@ async fn member(
         );
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Connections last between about one and three minutes, or to the end.
-        let hang_up_at =
-            (tokio::time::Instant::now() + Duration::from_secs(60 + dice.next() % 120)).min(end);
+        let hang_up_at = tokio::time::Instant::now() + Duration::from_secs(60 + dice.next() % 120);
+        let hang_up_at = if hang_up_at < send_until {
+            hang_up_at
+        } else {
+            end
+        };
         let mut in_room = true;
         loop {
             tokio::select! {
@@ -159,6 +169,9 @@ async fn member(
                 at = ticks.tick() => {
                     if at >= hang_up_at {
                         break;
+                    }
+                    if at >= send_until {
+                        continue;
                     }
                     if !in_room {
                         writer.send(&join(last_seq)).await?;

@@ -423,6 +423,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
             "1 while Redis answers, 0 otherwise",
             gauge(u64::from(cluster.is_reachable())),
         );
+        if let Some(round_trip) = cluster.round_trip() {
+            let seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+            seconds.set(round_trip.as_secs_f64());
+            now.register_with_unit(
+                "cluster_redis_round_trip",
+                "How long this node's last heartbeat took to come back from Redis",
+                Unit::Seconds,
+                seconds,
+            );
+        }
         if let Ok(nodes) = cluster.nodes().await {
             now.register(
                 "cluster_nodes",

@@ -128,6 +128,19 @@ async fn healthz_reports_a_redis_outage_and_recovers_without_a_restart() {
     let port = redis.port;
     let a = node(&redis, "node-a");
     assert_eq!(a.http_get("/healthz").await, (200, "ok\n".to_owned()));
+    // /metrics shows the cluster: reachable, its nodes, Redis's round trip.
+    let (_, page) = a.http_get("/metrics").await;
+    assert!(
+        page.lines().any(|l| l == "stoa_cluster_reachable 1"),
+        "{page}"
+    );
+    assert!(page.lines().any(|l| l == "stoa_cluster_nodes 1"), "{page}");
+    let round_trip = page
+        .lines()
+        .find_map(|l| l.strip_prefix("stoa_cluster_redis_round_trip_seconds "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("the round trip on /metrics");
+    assert!(round_trip > 0.0 && round_trip < 5.0, "{round_trip}");
     redis.stop();
     let (status, body) = until(|| a.http_get("/healthz"), |(s, _)| *s == 503).await;
     assert_eq!(status, 503);

@@ -85,6 +85,9 @@ pub struct Cluster {
     settings: ClusterSettings,
     /// Whether the last exchange with Redis succeeded.
     reachable: AtomicBool,
+    /// How long the last heartbeat took to come back from Redis, in microseconds (0: none
+    /// yet).
+    round_trip_us: AtomicU64,
     /// Why Redis refused the last heartbeat, when it answered with an error.
     refusal: Mutex<Option<String>>,
     /// This node's life in the cluster: a number Redis gave it when it joined, held in
@@ -219,6 +222,7 @@ impl Cluster {
             client,
             settings,
             reachable: AtomicBool::new(false),
+            round_trip_us: AtomicU64::new(0),
             refusal: Mutex::new(None),
             incarnation: AtomicU64::new(0),
             fenced: watch::Sender::new(0),
@@ -286,6 +290,14 @@ impl Cluster {
         self.refusal.lock().ok().and_then(|r| r.clone())
     }
 
+    /// How long the last heartbeat Redis answered took (its script included), if any did.
+    pub fn round_trip(&self) -> Option<Duration> {
+        match self.round_trip_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
     /// Whether Redis answered the last heartbeat.
     pub fn is_reachable(&self) -> bool {
         self.reachable.load(Ordering::Acquire)
@@ -317,6 +329,7 @@ return 1
         let record = serde_json::to_string(&info).unwrap_or_default();
         let ttl = u64::try_from(self.settings.node_timeout.as_millis()).unwrap_or(u64::MAX);
         let mut redis = self.redis.clone();
+        let sent = std::time::Instant::now();
         let result: redis::RedisResult<bool> = redis::Script::new(BEAT)
             .key(self.member_key())
             .key(self.node_key(&self.settings.node))
@@ -328,6 +341,10 @@ return 1
             .invoke_async(&mut redis)
             .await;
         let ok = result.is_ok();
+        if ok {
+            let took = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.round_trip_us.store(took.max(1), Ordering::Relaxed);
+        }
         let refusal = match &result {
             Err(e) if e.code().is_some() => Some(e.to_string()),
             _ => None,

@@ -58,16 +58,23 @@ pub struct AppState {
 
 /// The HTTP routes.
 pub fn routes(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/api/rooms", get(api_rooms))
-        .route("/api/queues", get(api_queues))
-        .route("/api/rooms/{room}", get(api_room))
-        .route("/api/nodes", get(api_nodes))
+    // Rooms over HTTP are a transport like the WebSocket: pages of other origins are refused.
+    let room_transport = Router::new()
         .route(
             "/api/rooms/{room}/messages",
             get(room_api::get_messages).post(room_api::post_message),
         )
         .route("/api/rooms/{room}/events", get(room_api::events))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_other_origins,
+        ));
+    let api = Router::new()
+        .route("/api/rooms", get(api_rooms))
+        .route("/api/queues", get(api_queues))
+        .route("/api/rooms/{room}", get(api_room))
+        .route("/api/nodes", get(api_nodes))
+        .merge(room_transport)
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/", get(index))
@@ -626,6 +633,18 @@ async fn websocket(
         .await;
     });
     upgrade.response
+}
+
+/// [`refuse_origin`] as a layer.
+async fn refuse_other_origins(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match refuse_origin(&state.broker, request.headers()) {
+        Some(refused) => refused,
+        None => next.run(request).await,
+    }
 }
 
 /// 403 for a browser page of an origin `--allowed-origins` does not name (cross-site

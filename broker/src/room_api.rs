@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Extension, Path, Request, State};
+use axum::extract::{Extension, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::connection::compose;
 use crate::error::SessionError;
-use crate::http::{AppState, Caller, refuse_origin};
+use crate::http::{AppState, Caller};
 use crate::outbox::{Outbox, Outgoing};
 use crate::services::check_room_name;
 use crate::session::Session;
@@ -319,10 +319,8 @@ fn number(query: &[(String, String)], name: &str) -> Result<Option<u64>, Refusal
     }
 }
 
-fn query_of(request: &Request) -> Vec<(String, String)> {
-    request
-        .uri()
-        .query()
+fn query_of(query: Option<&str>) -> Vec<(String, String)> {
+    query
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default()
 }
@@ -341,18 +339,6 @@ fn asked_name(query: &[(String, String)], headers: &HeaderMap) -> Option<String>
         })
 }
 
-/// A request's query parameters, decoded.
-type Query = Vec<(String, String)>;
-
-/// A request's query and headers, owned (a future held across waits cannot borrow the
-/// request), once its origin is admitted; the 403 otherwise.
-fn admitted(state: &AppState, request: &Request) -> Result<(Query, HeaderMap), Box<Response>> {
-    match refuse_origin(&state.broker, request.headers()) {
-        Some(refused) => Err(Box::new(refused)),
-        None => Ok((query_of(request), request.headers().clone())),
-    }
-}
-
 fn checked_room(room: &str) -> Result<(), Refusal> {
     check_room_name(room).map_err(|e| Refusal::bad_request(e.to_string()))
 }
@@ -362,12 +348,10 @@ pub async fn get_messages(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(room): Path<String>,
-    request: Request,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Response {
-    let (query, headers) = match admitted(&state, &request) {
-        Ok(parts) => parts,
-        Err(refused) => return *refused,
-    };
+    let query = query_of(query.as_deref());
     match poll(&state, &caller, &room, query, &headers).await {
         Ok(body) => (
             StatusCode::OK,
@@ -481,12 +465,10 @@ pub async fn events(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(room): Path<String>,
-    request: Request,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Response {
-    let (query, headers) = match admitted(&state, &request) {
-        Ok(parts) => parts,
-        Err(refused) => return *refused,
-    };
+    let query = query_of(query.as_deref());
     match open_events(&state, &caller, &room, query, &headers).await {
         Ok(body) => {
             let mut response = Response::new(body);
@@ -618,9 +600,6 @@ pub async fn post_message(
     Path(room): Path<String>,
     request: Request,
 ) -> Response {
-    if let Some(refused) = refuse_origin(&state.broker, request.headers()) {
-        return refused;
-    }
     match send(&state, &caller, &room, request).await {
         Ok(body) => (
             StatusCode::CREATED,
@@ -639,7 +618,7 @@ async fn send(
     request: Request,
 ) -> Result<Value, Refusal> {
     checked_room(room)?;
-    let query = query_of(&request);
+    let query = query_of(request.uri().query());
     let name = asked_name(&query, request.headers());
     let content_type = request
         .headers()

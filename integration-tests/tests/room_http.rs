@@ -292,6 +292,17 @@ async fn bad_parameters_get_400_with_a_reason_and_no_effect() {
             post(&broker, "/api/rooms/x/messages", "application/json", body).await;
         assert_eq!(status, 400, "{reserved}: {answer}");
     }
+    // Rooms over HTTP are a transport: pages of other origins are refused, as on /ws.
+    for method in [reqwest::Method::GET, reqwest::Method::POST] {
+        let response = http()
+            .request(method.clone(), url(&broker, "/api/rooms/x/messages"))
+            .header("origin", "http://evil.example")
+            .body("from elsewhere")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 403, "{method}");
+    }
     // Nothing of that reached the room.
     let (_, answer) = get_json(&broker, "/api/rooms/x/messages?since=0").await;
     assert_eq!(answer["messages"], json!([]));

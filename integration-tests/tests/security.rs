@@ -70,7 +70,10 @@ async fn try_connect(conn: &mut Conn, login: Option<&str>, passcode: Option<&str
 
 /// A fresh data directory, removed when the broker that takes it over is dropped.
 fn data_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("stoa-security-{name}-{}", std::process::id()));
+    // Tests run at once: each its own directory, even for the same name.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("stoa-security-{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -651,4 +654,77 @@ async fn stoa_cli_sends_its_token_as_the_passcode() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("authentication failed"), "{stderr}");
     assert!(!stderr.contains(&expired), "the token is not printed");
+}
+
+#[tokio::test]
+async fn jwt_tokens_come_in_the_query_where_headers_cannot_be_set() {
+    let (broker, _dir) = jwt_broker(&[]);
+    let token = hs256(serde_json::json!({ "sub": "grace", "exp": now() + 600 }));
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", broker.http);
+    // EventSource sends no Authorization: the room API takes `access_token` instead.
+    let status = |r: reqwest::Response| r.status().as_u16();
+    let sent = http
+        .post(format!(
+            "{base}/api/rooms/jwtq/messages?access_token={token}"
+        ))
+        .body("by token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(sent), 201);
+    let refused = http
+        .get(format!("{base}/api/rooms/jwtq/messages"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(refused), 401);
+    let forged = http
+        .get(format!(
+            "{base}/api/rooms/jwtq/messages?access_token={token}x"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(forged), 401);
+    let read: serde_json::Value = http
+        .get(format!(
+            "{base}/api/rooms/jwtq/messages?since=0&access_token={token}"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(read["messages"][0]["sender"], "grace");
+    // SockJS keeps the URL's query on every request: CONNECT needs no passcode then.
+    let session = format!("{base}/ws/000/jwtq{}", std::process::id());
+    let open = http
+        .post(format!("{session}/xhr?access_token={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.text().await.unwrap(), "o\n");
+    let connect =
+        serde_json::to_string(&["CONNECT\naccept-version:1.2\nheart-beat:0,0\n\n\u{0}"]).unwrap();
+    let sent = http
+        .post(format!("{session}/xhr_send?access_token={token}"))
+        .body(connect)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(sent), 204);
+    let answer = http
+        .post(format!("{session}/xhr?access_token={token}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        answer.contains("CONNECTED") && answer.contains("user-name:grace"),
+        "{answer}"
+    );
 }

@@ -57,16 +57,24 @@ impl Transport for SockJsTransport {
     }
 
     async fn write(&mut self, batch: &[Outgoing]) -> io::Result<()> {
-        let mut texts = Vec::with_capacity(batch.len());
+        // Every frame into the one scratch buffer, then each read in place as text (a copy
+        // only for the rare frame that is not UTF-8).
+        let mut ends = Vec::with_capacity(batch.len());
         for item in batch {
             compose(item, &mut self.scratch);
-            let bytes = self.scratch.split();
-            texts.push(match String::from_utf8(bytes.to_vec()) {
-                Ok(text) => text,
-                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-            });
+            ends.push(self.scratch.len());
         }
-        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let bytes = self.scratch.split();
+        let mut start = 0;
+        let texts: Vec<std::borrow::Cow<'_, str>> = ends
+            .into_iter()
+            .map(|end| {
+                let text = String::from_utf8_lossy(&bytes[start..end]);
+                start = end;
+                text
+            })
+            .collect();
+        let texts: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
         self.channel.send(&texts).await.map_err(|_| closed())
     }
 

@@ -973,16 +973,38 @@ async fn conns(
             }
         }
     }
-    let per_connection_kib = match (before, after) {
-        (Some(b), Some(a)) => Some((a.saturating_sub(b)) as f64 / args.connections as f64),
-        _ => None,
-    };
     tokio::time::sleep(Duration::from_secs_f64(args.hold.max(0.0))).await;
     for (_, _, writer) in connected {
         hang_up(writer).await;
     }
-    Ok(serde_json::json!({
+    let mut result = conns_result(
+        url,
+        &args,
+        rooms,
+        elapsed,
+        (before, after),
+        (members, reached),
+    );
+    result["cpu_percent_while_connecting"] = cpu;
+    Ok(result)
+}
+
+/// The conns scenario's figures, whatever the connections are.
+fn conns_result(
+    url: &str,
+    args: &ConnsArgs,
+    rooms: usize,
+    elapsed: Duration,
+    (before, after): (Option<u64>, Option<u64>),
+    (members, reached): (usize, usize),
+) -> serde_json::Value {
+    let per_connection_kib = match (before, after) {
+        (Some(b), Some(a)) => Some((a.saturating_sub(b)) as f64 / args.connections as f64),
+        _ => None,
+    };
+    serde_json::json!({
         "scenario": "conns",
+        "transport": args.transport.name(),
         "broker": url,
         "connections": args.connections,
         "rooms": rooms,
@@ -993,8 +1015,7 @@ async fn conns(
         "broker_kib_per_connection": per_connection_kib,
         "probe_room_members": members,
         "probe_reached": reached,
-        "cpu_percent_while_connecting": cpu,
-    }))
+    })
 }
 
 /// The conns scenario with idle HTTP readers: C Server-Sent Events streams or long polls
@@ -1069,28 +1090,20 @@ async fn idle_readers(url: &str, args: ConnsArgs) -> Result<serde_json::Value, B
     while reached.load(Ordering::Relaxed) < members && Instant::now() < probe_deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let per_connection_kib = match (before, after) {
-        (Some(b), Some(a)) => Some((a.saturating_sub(b)) as f64 / args.connections as f64),
-        _ => None,
-    };
     tokio::time::sleep(Duration::from_secs_f64(args.hold.max(0.0))).await;
     for task in tasks {
         task.abort();
     }
-    Ok(serde_json::json!({
-        "scenario": "conns",
-        "transport": technique.name(),
-        "broker": url,
-        "connections": args.connections,
-        "rooms": rooms,
-        "connects_per_sec": per_second(args.connections, elapsed),
-        "seconds": elapsed.as_secs_f64(),
-        "broker_rss_kib_before": before,
-        "broker_rss_kib_after": after,
-        "broker_kib_per_connection": per_connection_kib,
-        "probe_room_members": members,
-        "probe_reached": reached.load(Ordering::Relaxed),
-    }))
+    let reached = usize::try_from(reached.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+    let members = usize::try_from(members).unwrap_or(usize::MAX);
+    Ok(conns_result(
+        url,
+        &args,
+        rooms,
+        elapsed,
+        (before, after),
+        (members, reached),
+    ))
 }
 
 #[cfg(test)]

@@ -4,25 +4,16 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
-import { join, dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { join } from 'node:path';
+import { launchChromium, screenshots, say, seeMessage, seeNotice } from './chat-page.mjs';
 import { startBroker, stopAll } from './broker.mjs';
 
-const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
-const screenshots = join(root, 'target', 'screenshots');
 const TIMEOUT = 15_000;
 
 let browser;
 
 before(async () => {
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-    args: [
-      '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    ],
-  });
+  browser = await launchChromium();
 });
 
 after(async () => {
@@ -60,21 +51,6 @@ async function openChat(broker, name, room, { transport, blockWebSocket = false,
 
 async function transportOf(page) {
   return page.getByTestId('transport').textContent();
-}
-
-async function say(page, text) {
-  await page.getByTestId('message-input').fill(text);
-  await page.getByTestId('message-input').press('Enter');
-}
-
-async function seeMessage(page, body, sender) {
-  await page.waitForFunction(([b, s]) => [...document.querySelectorAll('[data-testid=message]')].some((m) =>
-    m.querySelector('[data-testid=message-body]').textContent === b
-      && m.querySelector('[data-testid=message-sender]').textContent === s), [body, sender]);
-}
-
-async function seeNotice(page, text) {
-  await page.waitForFunction((t) => [...document.querySelectorAll('[data-testid=notice]')].some((n) => n.textContent === t), text);
 }
 
 test('with WebSocket blocked the page falls back to SockJS and chats with a page on WebSocket', async () => {

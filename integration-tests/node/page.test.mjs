@@ -5,25 +5,16 @@ import assert from 'node:assert/strict';
 import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
-import { join, dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { join } from 'node:path';
+import { launchChromium, screenshots, say, seeMessage, seeNotice } from './chat-page.mjs';
 import { startBroker, makeClient, connected, publishConfirmed, stopAll, stoaBin, hs256 } from './broker.mjs';
 
-const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
-const screenshots = join(root, 'target', 'screenshots');
 const TIMEOUT = 10_000;
 
 let browser;
 
 before(async () => {
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-    args: [
-      '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    ],
-  });
+  browser = await launchChromium();
 });
 
 after(async () => {
@@ -51,22 +42,6 @@ async function waitStatus(page, status) {
     (s) => document.querySelector('[data-testid=connection-status]')?.textContent === s,
     status,
   );
-}
-
-async function say(page, text) {
-  await page.getByTestId('message-input').fill(text);
-  await page.getByTestId('message-input').press('Enter');
-}
-
-/** Waits until a message with exactly this body (and sender) is on the page. */
-async function seeMessage(page, body, sender) {
-  await page.waitForFunction(([b, s]) => [...document.querySelectorAll('[data-testid=message]')].some((m) =>
-    m.querySelector('[data-testid=message-body]').textContent === b
-      && (!s || m.querySelector('[data-testid=message-sender]').textContent === s)), [body, sender]);
-}
-
-async function seeNotice(page, text) {
-  await page.waitForFunction((t) => [...document.querySelectorAll('[data-testid=notice]')].some((n) => n.textContent === t), text);
 }
 
 async function members(page) {

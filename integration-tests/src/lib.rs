@@ -327,6 +327,42 @@ impl Drop for Broker {
     }
 }
 
+/// Runs `stoa users ARGS --data-dir DIR`, with `stdin` as standard input.
+pub fn stoa_users(dir: &std::path::Path, args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = Command::new(stoa_bin())
+        .arg("users")
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start stoa users");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write to stoa users");
+    child.wait_with_output().expect("wait for stoa users")
+}
+
+/// Adds account `name` with `password` in `groups` to the data directory `dir`.
+pub fn add_account(dir: &std::path::Path, name: &str, password: &str, groups: &[&str]) {
+    let mut args = vec!["add", name, "--password-stdin"];
+    for group in groups {
+        args.extend(["--group", group]);
+    }
+    let out = stoa_users(dir, &args, &format!("{password}\n"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs `stoa` on free loopback ports in `data_dir` with `args`, to its end: for settings
 /// that must stop it from starting. Its standard input is closed.
 pub fn run_stoa_to_end(data_dir: &std::path::Path, args: &[&str]) -> std::process::Output {

@@ -5,48 +5,15 @@
 // Test code: a panic is the test failing, with its message.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use integration_tests::{Broker, Conn, Event, Transport, frame, run_stoa_to_end, stoa_bin};
+use integration_tests::{
+    Broker, Conn, Event, Transport, add_account as add_user, frame, run_stoa_to_end,
+    stoa_users as users,
+};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use stomp_codec::Frame;
-
-/// Runs `stoa users ARGS --data-dir DIR`, with `stdin` as standard input.
-fn users(dir: &Path, args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(stoa_bin())
-        .arg("users")
-        .args(args)
-        .arg("--data-dir")
-        .arg(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn add_user(dir: &Path, name: &str, password: &str, groups: &[&str]) {
-    let mut args = vec!["add", name, "--password-stdin"];
-    for group in groups {
-        args.extend(["--group", group]);
-    }
-    let out = users(dir, &args, &format!("{password}\n"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn connect_frame(login: Option<&str>, passcode: Option<&str>) -> Frame {
     let mut f = frame(

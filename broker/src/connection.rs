@@ -23,6 +23,7 @@ use crate::error::{Rejected, SessionError};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Outgoing};
 use crate::session::{Outcome, Session, write_ack_id};
+use crate::sessions::SessionInfo;
 use crate::state::Broker;
 
 /// Why a read failed.
@@ -219,7 +220,7 @@ pub fn serve<T: Transport>(
     );
     // Built here rather than inside the future: an async fn keeps its arguments for its whole
     // life, which held the transport twice more in every idle connection's task.
-    let mut conn = Connection::new(transport, broker, id);
+    let mut conn = Connection::new(transport, broker, id, SessionInfo::new(peer, kind));
     conn.ticket = ticket;
     if conn.broker.auth.mode() != Mode::None {
         conn.auth = Some(Box::new(AuthContext {
@@ -345,6 +346,8 @@ struct Connection<T> {
     /// What the read buffer held after the last frames were handled: a read added the rest.
     read_seen: usize,
     batch: Vec<Outgoing>,
+    /// When the oldest MESSAGE of `batch` was queued, for the delivery latency.
+    batch_since: Option<std::time::Instant>,
     last_read: Instant,
     last_write: Instant,
     started: Instant,
@@ -353,11 +356,18 @@ struct Connection<T> {
 }
 
 impl<T: Transport> Connection<T> {
-    fn new(transport: T, broker: Arc<Broker>, id: crate::message::SessionId) -> Connection<T> {
+    fn new(
+        transport: T,
+        broker: Arc<Broker>,
+        id: crate::message::SessionId,
+        info: SessionInfo,
+    ) -> Connection<T> {
         let config = &broker.shared.config;
         let outbox = Arc::new(Outbox::new(config.outbox_bytes));
-        let session = Session::new(id, broker.shared.clone(), outbox.clone());
-        broker.open_session(id, &outbox);
+        let mut session = Session::new(id, broker.shared.clone(), outbox.clone());
+        let info = Arc::new(info);
+        session.set_info(info.clone());
+        broker.open_session(id, &outbox, info);
         let now = Instant::now();
         let throttle = (config.max_send_rate > 0).then(|| {
             let burst = config.max_send_burst.unwrap_or(config.max_send_rate);
@@ -372,6 +382,7 @@ impl<T: Transport> Connection<T> {
             read_buf: BytesMut::new(),
             read_seen: 0,
             batch: Vec::new(),
+            batch_since: None,
             outbox,
             session,
             last_read: now,
@@ -765,7 +776,12 @@ impl<T: Transport> Connection<T> {
                 }
             }
             self.last_write = Instant::now();
-            count_sent(&self.broker.shared.metrics, &self.batch);
+            let metrics = &self.broker.shared.metrics;
+            count_sent(metrics, &self.batch);
+            if let Some(since) = self.batch_since {
+                let latency = self.last_write.into_std().saturating_duration_since(since);
+                metrics.delivery_latency.observe(latency);
+            }
             if self.batch.len() <= FEW {
                 // Most chat connections write a frame now and then and are idle between:
                 // they keep no buffers, which is most of an idle connection's memory. A busy
@@ -790,7 +806,9 @@ impl<T: Transport> Connection<T> {
             return Err(Flush::Slow);
         }
         self.batch.clear();
-        if self.outbox.take_all(&mut self.batch) == 0 {
+        let (taken, since) = self.outbox.take_timed(&mut self.batch);
+        self.batch_since = since;
+        if taken == 0 {
             return Ok(false);
         }
         for item in &self.batch {

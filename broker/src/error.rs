@@ -195,6 +195,9 @@ pub enum SessionError {
     /// This node was declared dead by the cluster (it froze) and closed its sessions.
     #[error("cluster membership lost")]
     MembershipLost,
+    /// An operator closed the session (`/admin`).
+    #[error("session closed by an operator")]
+    ClosedByOperator,
     /// The token the session was opened with has expired.
     #[error("token expired")]
     TokenExpired,

@@ -27,6 +27,7 @@ pub mod server;
 pub mod service;
 pub mod services;
 pub mod session;
+pub mod sessions;
 pub mod sockjs;
 pub mod state;
 pub mod store;

@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -141,6 +142,8 @@ pub enum End {
     UserQueueFull = 4,
     /// A durable queue was full (`--cluster`, the answer coming from Redis).
     QueueFull = 5,
+    /// An operator closed the session (`/admin`).
+    ClosedByOperator = 6,
 }
 
 /// About how many bytes the writer pulls from a backlog per batch.
@@ -165,6 +168,9 @@ struct Inner {
     filling: Option<u32>,
     /// Whether that backlog was cancelled meanwhile.
     filling_cancelled: bool,
+    /// When the oldest MESSAGE queued since the last write was offered (its publish), for
+    /// the delivery latency: one clock read per wake-up, not per frame.
+    since: Option<Instant>,
     /// No more offers (the connection is ending); what is queued may still be written.
     sealed: bool,
     closed: bool,
@@ -211,6 +217,7 @@ impl Outbox {
             3 => Some(End::MembershipLost),
             4 => Some(End::UserQueueFull),
             5 => Some(End::QueueFull),
+            6 => Some(End::ClosedByOperator),
             _ => None,
         }
     }
@@ -239,6 +246,9 @@ impl Outbox {
         }
         let was_empty = inner.queue.is_empty();
         let reply = matches!(frame, Outgoing::Frame(_));
+        if !reply && inner.since.is_none() {
+            inner.since = Some(Instant::now());
+        }
         inner.bytes += len;
         inner.replies += usize::from(reply);
         inner.queue.push_back(Entry::Frame(frame));
@@ -273,6 +283,13 @@ impl Outbox {
     /// every queued frame up to the first backlog, or, when a backlog is first, a batch
     /// pulled from it.
     pub fn take_all(&self, batch: &mut Vec<Outgoing>) -> usize {
+        self.take_timed(batch).0
+    }
+
+    /// [`Outbox::take_all`], and, when the batch empties the queue, when its oldest MESSAGE
+    /// was queued (`None` when it holds none, or when some stay queued: then the next batch
+    /// that empties it answers for them).
+    pub fn take_timed(&self, batch: &mut Vec<Outgoing>) -> (usize, Option<Instant>) {
         let start = batch.len();
         let mut finished: Vec<Box<dyn Backlog>> = Vec::new();
         let mut inner = self.lock();
@@ -309,9 +326,14 @@ impl Outbox {
                 }
             }
         }
+        let since = if inner.queue.is_empty() {
+            inner.since.take()
+        } else {
+            None
+        };
         drop(inner);
         drop(finished);
-        batch.len() - start
+        (batch.len() - start, since)
     }
 
     /// Drops the backlogs of subscription `key` that have not finished (after UNSUBSCRIBE).
@@ -401,6 +423,7 @@ impl Outbox {
     pub fn close(&self) {
         let mut inner = self.lock();
         inner.closed = true;
+        inner.since = None;
         let dropped = std::mem::take(&mut inner.queue);
         inner.bytes = 0;
         inner.replies = 0;
@@ -428,6 +451,7 @@ impl From<End> for SessionError {
             End::MembershipLost => SessionError::MembershipLost,
             End::UserQueueFull => SessionError::SharedUserQueueFull,
             End::QueueFull => SessionError::SharedQueueFull,
+            End::ClosedByOperator => SessionError::ClosedByOperator,
         }
     }
 }

@@ -10,11 +10,12 @@
 //! gap and no duplicate, and the cluster all work as they do for STOMP, because it is STOMP.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Extension, Path, RawQuery, Request, State};
+use axum::extract::{ConnectInfo, Extension, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -32,6 +33,7 @@ use crate::http::{AppState, Caller};
 use crate::outbox::{Outbox, Outgoing};
 use crate::services::check_room_name;
 use crate::session::Session;
+use crate::sessions::SessionInfo;
 use crate::state::Broker;
 
 /// Messages a poll answers with when it does not say (`limit`).
@@ -105,13 +107,16 @@ impl Reader {
         broker: &Arc<Broker>,
         caller: &Caller,
         name: Option<&str>,
+        info: SessionInfo,
     ) -> Result<Reader, Refusal> {
         let id = broker.next_session_id();
         let config = &broker.shared.config;
         let outbox = Arc::new(Outbox::new(config.outbox_bytes));
         let mut session = Session::new(id, broker.shared.clone(), outbox.clone());
         session.set_reader();
-        broker.open_session(id, &outbox);
+        let info = Arc::new(info);
+        session.set_info(info.clone());
+        broker.open_session(id, &outbox, info);
         let mut reader = Reader {
             broker: broker.clone(),
             session,
@@ -346,13 +351,15 @@ fn checked_room(room: &str) -> Result<(), Refusal> {
 /// `GET /api/rooms/<room>/messages?since=S&limit=N&wait=SECONDS`.
 pub async fn get_messages(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(caller): Extension<Caller>,
     Path(room): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
     let query = query_of(query.as_deref());
-    match poll(&state, &caller, &room, query, &headers).await {
+    let info = SessionInfo::new(peer, "http-poll");
+    match poll(&state, (&caller, info), &room, query, &headers).await {
         Ok(body) => (
             StatusCode::OK,
             [
@@ -368,7 +375,7 @@ pub async fn get_messages(
 
 async fn poll(
     state: &AppState,
-    caller: &Caller,
+    (caller, info): (&Caller, SessionInfo),
     room: &str,
     query: Vec<(String, String)>,
     headers: &HeaderMap,
@@ -382,7 +389,7 @@ async fn poll(
     };
     let wait = number(&query, "wait")?.map(|s| Duration::from_secs(s.min(MAX_WAIT_SECS)));
     let name = asked_name(&query, headers);
-    let mut reader = Reader::connect(&state.broker, caller, name.as_deref())?;
+    let mut reader = Reader::connect(&state.broker, caller, name.as_deref(), info)?;
     let replay = match since {
         Some(since) => ("x-since", since),
         None => ("x-history", limit as u64),
@@ -463,13 +470,15 @@ async fn newest_seq(state: &AppState, room: &str) -> u64 {
 /// else from the last `?limit=` (100) kept messages, then live.
 pub async fn events(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(caller): Extension<Caller>,
     Path(room): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
     let query = query_of(query.as_deref());
-    match open_events(&state, &caller, &room, query, &headers).await {
+    let info = SessionInfo::new(peer, "sse");
+    match open_events(&state, (&caller, info), &room, query, &headers).await {
         Ok(body) => {
             let mut response = Response::new(body);
             let headers = response.headers_mut();
@@ -488,7 +497,7 @@ pub async fn events(
 
 async fn open_events(
     state: &AppState,
-    caller: &Caller,
+    (caller, info): (&Caller, SessionInfo),
     room: &str,
     query: Vec<(String, String)>,
     headers: &HeaderMap,
@@ -509,7 +518,7 @@ async fn open_events(
         .unwrap_or(DEFAULT_LIMIT as u64)
         .min(MAX_LIMIT as u64);
     let name = asked_name(&query, headers);
-    let mut reader = Reader::connect(&state.broker, caller, name.as_deref())?;
+    let mut reader = Reader::connect(&state.broker, caller, name.as_deref(), info)?;
     let replay = match since {
         Some(since) => ("x-since", since),
         None => ("x-history", limit),
@@ -596,11 +605,13 @@ const SET_BY_THE_API: &[&str] = &["destination", "receipt", "transaction", "cont
 /// the message is kept and delivered.
 pub async fn post_message(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(caller): Extension<Caller>,
     Path(room): Path<String>,
     request: Request,
 ) -> Response {
-    match send(&state, &caller, &room, request).await {
+    let info = SessionInfo::new(peer, "http-post");
+    match send(&state, (&caller, info), &room, request).await {
         Ok(body) => (
             StatusCode::CREATED,
             [(header::CONTENT_TYPE, "application/json")],
@@ -613,7 +624,7 @@ pub async fn post_message(
 
 async fn send(
     state: &AppState,
-    caller: &Caller,
+    (caller, info): (&Caller, SessionInfo),
     room: &str,
     request: Request,
 ) -> Result<Value, Refusal> {
@@ -681,7 +692,7 @@ async fn send(
             format!("a body over {limit} bytes"),
         ));
     }
-    let mut reader = Reader::connect(&state.broker, caller, name.as_deref())?;
+    let mut reader = Reader::connect(&state.broker, caller, name.as_deref(), info)?;
     let receipt = reader.handle_until_receipt(frame, "sent").await?;
     let seq = receipt.header("x-seq").and_then(|s| s.parse::<u64>().ok());
     Ok(json!({ "seq": seq, "message_id": receipt.header("message-id") }))

@@ -23,6 +23,7 @@ use crate::message::{SessionId, check_user_name};
 use crate::metrics::Metrics;
 use crate::outbox::{AckTag, Outbox, Outgoing};
 use crate::receipts::{Pending, Receipts};
+use crate::sessions::SessionInfo;
 
 /// A SUBSCRIBE's `ack` mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +57,8 @@ pub enum Outcome {
 #[derive(Debug)]
 struct Subscription {
     id: String,
-    destination: String,
+    /// Shared with the registry's entry (`/admin`), which lists it.
+    destination: Arc<str>,
     /// The router's handle on it, for UNSUBSCRIBE and close.
     subscriber: Subscriber,
     ack: AckMode,
@@ -115,6 +117,8 @@ pub struct Session {
     receipts: Option<Arc<Receipts>>,
     /// A reader of the HTTP API: in rooms without being a member.
     reader: bool,
+    /// What the operator sees of it (`/admin`), kept current here.
+    info: Option<Arc<SessionInfo>>,
 }
 
 impl Session {
@@ -137,8 +141,15 @@ impl Session {
             waits: Vec::new(),
             receipts: None,
             reader: false,
+            info: None,
             outbox,
         }
+    }
+
+    /// Keeps `info` (the registry's entry) current with this session's user and
+    /// subscriptions.
+    pub fn set_info(&mut self, info: Arc<SessionInfo>) {
+        self.info = Some(info);
     }
 
     /// Makes this a reader's session (the HTTP API): its room subscriptions deliver
@@ -352,6 +363,9 @@ impl Session {
                 acl: acl.clone(),
             }));
         }
+        if let Some(info) = &self.info {
+            info.connected_as(&self.user);
+        }
         let config = &self.shared.config;
         let server_beat = config.heart_beat;
         self.state = State::Connected;
@@ -502,11 +516,15 @@ impl Session {
         self.waits.extend(pending);
         self.next_key = self.next_key.wrapping_add(1);
         self.subscription_ids.insert(id.to_owned(), sub_key);
+        let destination: Arc<str> = Arc::from(destination);
+        if let Some(info) = &self.info {
+            info.subscribed(sub_key, &destination);
+        }
         self.subscriptions.insert(
             sub_key,
             Box::new(Subscription {
                 id: id.to_owned(),
-                destination: destination.to_owned(),
+                destination,
                 subscriber,
                 ack,
                 unacked: VecDeque::new(),
@@ -534,6 +552,9 @@ impl Session {
             .subscription_ids
             .remove(id)
             .ok_or_else(|| SessionError::UnknownSubscription(id.to_owned()))?;
+        if let Some(info) = &self.info {
+            info.unsubscribed(key);
+        }
         if let Some(sub) = self.subscriptions.remove(&key) {
             self.leave(&sub);
             // A replay still on its way to it stops here.
@@ -709,6 +730,9 @@ impl Session {
             self.leave(sub);
         }
         self.subscription_ids.clear();
+        if let Some(info) = &self.info {
+            info.unsubscribed_all();
+        }
         self.transactions.clear();
         self.state = State::Disconnected;
     }

@@ -4,10 +4,8 @@
 //! In: the validated [`Config`] and a [`Store`]. Out: one [`Broker`] behind an `Arc`,
 //! handed to each connection.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
-
-use dashmap::DashMap;
 
 use crate::acl::{AclError, AclHandle};
 use crate::admission::{Admission, OriginError, Origins};
@@ -22,6 +20,7 @@ use crate::pace::Pace;
 use crate::router::{Router, RouterLimits};
 use crate::services::{HistoryLimits, QueueLimits};
 use crate::session::Shared;
+use crate::sessions::{SessionInfo, Sessions};
 
 use crate::store::{SqliteStore, Store, StoreError};
 use crate::tls::{Tls, TlsError};
@@ -63,9 +62,9 @@ pub struct Broker {
     pub cluster: Option<Arc<Cluster>>,
     /// How long connections coalesce writes under load.
     pub pace: Pace,
-    /// With `--cluster`, every open session's outbox, to close them all when the node finds
-    /// it was declared dead.
-    pub sessions: Option<DashMap<SessionId, Weak<Outbox>>>,
+    /// Every open session: for `/admin`, and to close them all when the node finds it was
+    /// declared dead (`--cluster`).
+    pub sessions: Sessions,
     next_session: AtomicU64,
 }
 
@@ -133,7 +132,7 @@ impl Broker {
             admission,
             cluster: None,
             pace: Pace::default(),
-            sessions: None,
+            sessions: Sessions::default(),
             next_session: AtomicU64::new(1),
         })
     }
@@ -142,33 +141,22 @@ impl Broker {
     #[must_use]
     pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Broker {
         self.cluster = Some(cluster);
-        self.sessions = Some(DashMap::new());
         self
     }
 
-    /// Notes an open session (with `--cluster`).
-    pub fn open_session(&self, id: SessionId, outbox: &Arc<Outbox>) {
-        if let Some(sessions) = &self.sessions {
-            sessions.insert(id, Arc::downgrade(outbox));
-        }
+    /// Notes an open session.
+    pub fn open_session(&self, id: SessionId, outbox: &Arc<Outbox>, info: Arc<SessionInfo>) {
+        self.sessions.open(id, outbox, info);
     }
 
     /// Forgets a closed session.
     pub fn close_session(&self, id: SessionId) {
-        if let Some(sessions) = &self.sessions {
-            sessions.remove(&id);
-        }
+        self.sessions.close(id);
     }
 
     /// Ends every open session with `reason` (their connections send the ERROR).
     pub fn end_sessions(&self, reason: End) {
-        if let Some(sessions) = &self.sessions {
-            for entry in sessions.iter() {
-                if let Some(outbox) = entry.value().upgrade() {
-                    outbox.end(reason);
-                }
-            }
-        }
+        self.sessions.end_all(reason);
     }
 
     /// The scheme of the HTTP listener (`https` with TLS), for same-origin checks.

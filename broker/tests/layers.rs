@@ -21,6 +21,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("writer", 1),
     ("acl", 1),
     ("receipts", 1),
+    ("sessions", 1),
     // 2. Storage.
     ("store", 2),
     ("durable", 2),

@@ -12,7 +12,7 @@ use axum::extract::{ConnectInfo, Extension, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use prometheus_client::metrics::family::Family;
@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::acl::Viewer;
+use crate::admin::{self, Dashboard};
 use crate::admission::Busy;
 use crate::auth::{Credentials, Identity, Mode, Refusal};
 use crate::cluster::NodeInfo;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub tracker: TaskTracker,
     /// SockJS under `/ws`.
     pub sockjs: Arc<Endpoint>,
+    /// The dashboard's last minutes (`/admin`).
+    pub dashboard: Arc<Dashboard>,
 }
 
 /// The HTTP routes.
@@ -75,6 +78,15 @@ pub fn routes(state: AppState) -> Router {
         .route("/api/rooms/{room}", get(api_room))
         .route("/api/nodes", get(api_nodes))
         .merge(room_transport)
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    // The operator's: authenticated as the API, then only for operators (admin.rs).
+    let operator = Router::new()
+        .route("/admin", get(admin::page))
+        .route("/admin/api/overview", get(admin::overview))
+        .route("/admin/api/sessions/{id}/close", post(admin::close_session))
+        .route("/admin/api/queues/{queue}/purge", post(admin::purge_queue))
+        .route("/admin/api/rooms/{room}/clear", post(admin::clear_room))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admin::gate))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/", get(index))
@@ -114,7 +126,28 @@ pub fn routes(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/config", get(api_config))
+        .route(
+            "/admin.js",
+            get(|| asset("text/javascript; charset=utf-8", admin::ADMIN_JS)),
+        )
+        .route(
+            "/admin.css",
+            get(|| asset("text/css; charset=utf-8", admin::ADMIN_CSS)),
+        )
+        .route(
+            "/vendor/uPlot.iife.min.js",
+            get(|| asset("text/javascript; charset=utf-8", admin::UPLOT_JS)),
+        )
+        .route(
+            "/vendor/uPlot.min.css",
+            get(|| asset("text/css; charset=utf-8", admin::UPLOT_CSS)),
+        )
+        .route(
+            "/vendor/uplot-LICENSE",
+            get(|| asset("text/plain; charset=utf-8", admin::UPLOT_LICENSE)),
+        )
         .merge(api)
+        .merge(operator)
         .layer(middleware::map_response_with_state(
             state.clone(),
             security_headers,
@@ -322,20 +355,28 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 /// The nodes of the cluster with their connections; without `--cluster`, this one.
-async fn api_nodes(State(state): State<AppState>) -> Response {
-    let nodes = match &state.broker.cluster {
-        Some(cluster) => match cluster.nodes().await {
-            Ok(nodes) => nodes,
-            Err(e) => {
-                let body = serde_json::json!({ "error": format!("cluster unavailable: {e}") });
-                return json_response(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
-            }
-        },
-        None => vec![NodeInfo {
+///
+/// # Errors
+/// Redis did not answer.
+pub async fn node_list(broker: &Broker) -> Result<Vec<NodeInfo>, redis::RedisError> {
+    match &broker.cluster {
+        Some(cluster) => cluster.nodes().await,
+        None => Ok(vec![NodeInfo {
             name: "local".to_owned(),
-            connections: state.broker.shared.metrics.connections_open(),
+            connections: broker.shared.metrics.connections_open(),
             last_seen_ms: now_millis(),
-        }],
+        }]),
+    }
+}
+
+/// [`node_list`] as JSON.
+async fn api_nodes(State(state): State<AppState>) -> Response {
+    let nodes = match node_list(&state.broker).await {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            let body = serde_json::json!({ "error": format!("cluster unavailable: {e}") });
+            return json_response(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
+        }
     };
     json_response(
         StatusCode::OK,

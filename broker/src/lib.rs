@@ -6,6 +6,7 @@
 //! [`server::run`] starts it all.
 
 pub mod acl;
+pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod cli;

@@ -1,6 +1,7 @@
 //! The `stoa` binary: command-line options, logging, and the server until SIGINT/SIGTERM;
 //! or a subcommand (`stoa users ...`).
 
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use broker::Config;
@@ -29,10 +30,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Quiet by default; RUST_LOG=debug shows every frame's command (never bodies).
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    // Quiet by default but for the operator's actions (`audit`); RUST_LOG=debug shows every
+    // frame's command (never bodies).
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,audit=info"));
+    // Colours only on a terminal: a file or the journal gets plain text.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Text => logs.init(),

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service as _;
 use tracing::{debug, info, warn};
 
+use crate::admin::Dashboard;
 use crate::admission::{Busy, Ticket};
 use crate::cluster::queues::QueueBus;
 use crate::cluster::rooms::{RoomBus, RoomLimits};
@@ -125,11 +126,14 @@ pub async fn run(
             tracker: tracker.clone(),
         }),
     );
+    let dashboard = Arc::new(Dashboard::default());
+    tokio::spawn(dashboard.clone().run(broker.clone(), stop_rx.clone()));
     let app = routes(AppState {
         broker: broker.clone(),
         shutdown: stop_rx.clone(),
         tracker: tracker.clone(),
         sockjs,
+        dashboard,
     });
     let http_task = tokio::spawn(serve_http(
         http,

@@ -41,6 +41,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("transport", 6),
     ("sockjs", 6),
     ("http", 6),
+    ("admin", 6),
     ("room_api", 6),
     ("server", 6),
     ("cli", 6),

@@ -2,7 +2,9 @@
 // (never a downloaded browser), and the hooks read the same way by every test.
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { after, before } from 'node:test';
 import { chromium } from 'playwright-core';
+import { stopAll } from './broker.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const screenshots = join(root, 'target', 'screenshots');
@@ -16,6 +18,20 @@ export function launchChromium() {
       '--disable-background-networking', '--disable-component-update', '--disable-sync',
     ],
   });
+}
+
+/** One Chromium for a test file's tests: `.browser` once they run; closed after them, with
+ * every broker and client the file started. Call at the top of the file. */
+export function withChromium() {
+  const shared = { browser: null };
+  before(async () => {
+    shared.browser = await launchChromium();
+  });
+  after(async () => {
+    await shared.browser?.close();
+    await stopAll();
+  });
+  return shared;
 }
 
 export async function say(page, text) {

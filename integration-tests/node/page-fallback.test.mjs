@@ -1,30 +1,21 @@
 // The chat page when WebSocket cannot get through: in headless Chromium (Debian's, driven by
 // playwright-core) with WebSocket blocked it falls back to SockJS by itself; `?transport=`
 // forces SockJS or Server-Sent Events. Each chats with a page on plain WebSocket.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { launchChromium, screenshots, say, seeMessage, seeNotice } from './chat-page.mjs';
-import { startBroker, stopAll } from './broker.mjs';
+import { withChromium, screenshots, say, seeMessage, seeNotice } from './chat-page.mjs';
+import { startBroker } from './broker.mjs';
 
 const TIMEOUT = 15_000;
 
-let browser;
-
-before(async () => {
-  browser = await launchChromium();
-});
-
-after(async () => {
-  await browser?.close();
-  await stopAll();
-});
+const chromium = withChromium();
 
 /** A page that joins `room` as `name`; `blockWebSocket` makes every WebSocket to the
  * broker fail as a proxy that strips `Upgrade` would. */
 async function openChat(broker, name, room, { transport, blockWebSocket = false, silentWebSocket = false } = {}) {
-  const context = await browser.newContext({ viewport: { width: 1200, height: 800 } });
+  const context = await chromium.browser.newContext({ viewport: { width: 1200, height: 800 } });
   const blocked = [];
   if (blockWebSocket) {
     await context.routeWebSocket(() => true, (ws) => {
@@ -115,7 +106,7 @@ test('?transport=sse reads through EventSource and sends through POST', async ()
 
 test('in Chromium, stomp.js over each SockJS transport (eventsource, htmlfile, xhr and the iframe ones) talks to WebSocket clients', async () => {
   const broker = await startBroker();
-  const context = await browser.newContext();
+  const context = await chromium.browser.newContext();
   const page = await context.newPage();
   page.setDefaultTimeout(TIMEOUT);
   const errors = [];

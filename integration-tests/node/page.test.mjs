@@ -1,30 +1,21 @@
 // The chat page in headless Chromium (Debian's, driven by playwright-core) against the
 // real stoa binary.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { launchChromium, screenshots, say, seeMessage, seeNotice } from './chat-page.mjs';
-import { startBroker, makeClient, connected, publishConfirmed, stopAll, stoaBin, hs256 } from './broker.mjs';
+import { withChromium, screenshots, say, seeMessage, seeNotice } from './chat-page.mjs';
+import { startBroker, makeClient, connected, publishConfirmed, stoaBin, hs256 } from './broker.mjs';
 
 const TIMEOUT = 10_000;
 
-let browser;
-
-before(async () => {
-  browser = await launchChromium();
-});
-
-after(async () => {
-  await browser?.close();
-  await stopAll();
-});
+const chromium = withChromium();
 
 /** A page that joins `room` as `name` through the /?room=&name= link. */
 async function openChat(broker, name, room, viewport = { width: 1200, height: 800 }) {
-  const context = await browser.newContext({ viewport });
+  const context = await chromium.browser.newContext({ viewport });
   const page = await context.newPage();
   page.setDefaultTimeout(TIMEOUT);
   const dialogs = [];
@@ -189,7 +180,7 @@ test('after the broker restarts, both pages reconnect and show what was sent mea
 test('after a long time away, the page catches up through a replay larger than the outbox', async () => {
   // Room for everything below (the default keeps the newest 10,000 messages of a room).
   const broker = await startBroker(['--room-history', '20000']);
-  const context = await browser.newContext({ viewport: { width: 1200, height: 800 } });
+  const context = await chromium.browser.newContext({ viewport: { width: 1200, height: 800 } });
   const page = await context.newPage();
   page.setDefaultTimeout(TIMEOUT);
   // The page's WebSocket goes through this route: while offline, every attempt is closed
@@ -265,7 +256,7 @@ test('users mode: the page asks for a password, refuses a wrong one, honours the
     '[[deny]]', 'users = ["*"]', 'subscribe = ["/topic/room.staff"]', 'publish = ["/topic/room.staff"]', '',
   ].join('\n'));
   const broker = await startBroker(['--auth', 'users', '--acl', acl, '--auth-failure-delay-ms', '50'], { dataDir: dir });
-  const context = await browser.newContext({ viewport: { width: 1200, height: 800 } });
+  const context = await chromium.browser.newContext({ viewport: { width: 1200, height: 800 } });
   const page = await context.newPage();
   page.setDefaultTimeout(TIMEOUT);
 
@@ -320,7 +311,7 @@ test('jwt mode: the token comes from the fragment, leaves the address bar, and a
     ['--auth', 'jwt', '--jwt-secret-file', join(dir, 'jwt.secret'), '--auth-failure-delay-ms', '50'],
     { dataDir: dir },
   );
-  const context = await browser.newContext({ viewport: { width: 1200, height: 800 } });
+  const context = await chromium.browser.newContext({ viewport: { width: 1200, height: 800 } });
   const page = await context.newPage();
   page.setDefaultTimeout(TIMEOUT);
   const requested = [];

@@ -131,6 +131,7 @@ async fn metrics_count_known_traffic() {
         "stoa_rooms",
         "stoa_sent_bytes_total",
         "stoa_received_bytes_total",
+        "stoa_delivery_latency_seconds_count",
     ];
     let mut before = Vec::new();
     for name in names {
@@ -179,6 +180,13 @@ async fn metrics_count_known_traffic() {
     assert_eq!(after[9], 1.0, "one job waits in its queue");
     assert_eq!(after[10], 1.0, "one room");
     assert!(delta(11) > 0.0 && delta(12) > 0.0, "bytes both ways");
+    // Each reader's writes carried MESSAGEs: one latency at least per reader, at most one
+    // per MESSAGE (the oldest of each write).
+    assert!(
+        (2.0..=6.0).contains(&delta(13)),
+        "delivery latencies: {}",
+        delta(13)
+    );
     // An ERROR counts by its kind; the connection goes.
     publisher
         .send(&frame("SEND", &[("destination", "/nowhere")]).with_body("x"))
@@ -333,4 +341,200 @@ fn the_systemd_unit_is_hardened_and_starts_stoa_with_flags_it_knows() {
     for flag in exec.split_whitespace().filter(|w| w.starts_with("--")) {
         assert!(help.contains(flag), "stoa does not know {flag}");
     }
+}
+
+/// `GET path` of the admin API as JSON, asserting a 200.
+async fn admin_json(broker: &Broker, path: &str, headers: &[(&str, &str)]) -> serde_json::Value {
+    let (status, body) = broker.http_get_with(path, headers).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The overview's session of `user`.
+async fn admin_session(broker: &Broker, user: &str) -> serde_json::Value {
+    let view = admin_json(broker, "/admin/api/overview", &[]).await;
+    view["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["user"] == user)
+        .cloned()
+        .unwrap_or_else(|| panic!("no session of {user}: {view}"))
+}
+
+#[tokio::test]
+async fn an_operator_sees_sessions_and_closes_one_and_the_log_says_who() {
+    let broker = Broker::start_capturing_stderr(&[], &[]);
+    let mut ada = Conn::open(&broker, Transport::Ws).await;
+    ada.login("ada").await;
+    let sub = frame(
+        "SUBSCRIBE",
+        &[("id", "0"), ("destination", "/topic/room.ops")],
+    );
+    ada.send(&sub).await;
+    let join = ada.expect_frame().await;
+    assert_eq!(join.header("x-event"), Some("join"), "{join:?}");
+    let mut bystander = Conn::open_as(&broker, "bea").await;
+    let session = admin_session(&broker, "ada").await;
+    assert_eq!(session["transport"], "ws");
+    assert!(
+        session["address"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{session}"
+    );
+    assert_eq!(
+        session["subscriptions"],
+        serde_json::json!(["/topic/room.ops"])
+    );
+    let view = admin_json(&broker, "/admin/api/overview", &[]).await;
+    assert!(
+        view["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["room"] == "ops" && r["members"] == 1),
+        "{view}"
+    );
+    assert_eq!(view["nodes"][0]["name"], "local");
+    let id = session["id"].as_u64().unwrap();
+    let close = format!("/admin/api/sessions/{id}/close");
+    // A page of another origin cannot act, whatever the chat's allowed origins.
+    let (status, _, _) = broker
+        .http_request("POST", &close, &[("Origin", "http://evil.example")])
+        .await;
+    assert_eq!(status, 403);
+    let (status, _, body) = broker
+        .http_request("POST", &close, &[("Origin", "http://stoa")])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    ada.expect_error_then_close("session closed by an operator")
+        .await;
+    let (status, _, _) = broker
+        .http_request("POST", "/admin/api/sessions/999999/close", &[])
+        .await;
+    assert_eq!(status, 404, "no such session");
+    // The other client goes on.
+    bystander
+        .send_with_receipt(&frame("SEND", &[("destination", "/topic/x")]), "still")
+        .await;
+    // With the default RUST_LOG, one line each: the action refused and the one done.
+    let log = stderr_until(&broker, |t| t.contains("close-session")).await;
+    assert!(
+        log.contains("admin action from another origin refused"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("session={id}")) && log.contains("done=true"),
+        "{log}"
+    );
+    let (status, page) = broker.http_get("/admin").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("Stoa admin"));
+}
+
+#[tokio::test]
+async fn an_operator_purges_a_queue_and_clears_a_rooms_history_for_good() {
+    let mut broker = Broker::start(&[]);
+    let mut publisher = Conn::open_as(&broker, "pub").await;
+    for n in 0..3 {
+        let send = frame("SEND", &[("destination", "/queue/admin-jobs")]).with_body("old");
+        publisher.send_with_receipt(&send, &format!("q{n}")).await;
+    }
+    for n in 0..2 {
+        let send = frame("SEND", &[("destination", "/topic/room.kept")]).with_body("old");
+        publisher.send_with_receipt(&send, &format!("r{n}")).await;
+    }
+    let (status, _, body) = broker
+        .http_request("POST", "/admin/api/queues/admin-jobs/purge", &[])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["purged"],
+        3
+    );
+    let (status, _, body) = broker
+        .http_request("POST", "/admin/api/rooms/kept/clear", &[])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["cleared"],
+        2
+    );
+    for missing in [
+        "/admin/api/queues/nothing/purge",
+        "/admin/api/rooms/nothing/clear",
+    ] {
+        let (status, _, _) = broker.http_request("POST", missing, &[]).await;
+        assert_eq!(status, 404, "{missing}");
+    }
+    // What comes after is all there is: the consumer's first message is the new one.
+    let send = frame("SEND", &[("destination", "/queue/admin-jobs")]).with_body("new");
+    publisher.send_with_receipt(&send, "q-new").await;
+    let take = frame(
+        "SUBSCRIBE",
+        &[("id", "0"), ("destination", "/queue/admin-jobs")],
+    );
+    let mut consumer = Conn::open_as(&broker, "worker").await;
+    consumer.send(&take).await;
+    assert_eq!(&consumer.expect_frame().await.body[..], b"new");
+    // And gone from the disk too: the room has nothing after a restart.
+    drop(publisher);
+    drop(consumer);
+    broker.terminate();
+    let broker = Broker::restart_of(&mut broker, &[]);
+    let view = admin_json(&broker, "/api/rooms/kept/messages", &[]).await;
+    assert_eq!(view["messages"], serde_json::json!([]), "{view}");
+    let mut publisher = Conn::open_as(&broker, "pub").await;
+    let send = frame("SEND", &[("destination", "/queue/admin-jobs")]).with_body("newer");
+    publisher.send_with_receipt(&send, "q-newer").await;
+    let mut consumer = Conn::open_as(&broker, "worker").await;
+    consumer.send(&take).await;
+    assert_eq!(&consumer.expect_frame().await.body[..], b"newer");
+}
+
+#[tokio::test]
+async fn with_accounts_only_group_admin_reaches_the_dashboard() {
+    let dir = tempfile::tempdir().unwrap();
+    integration_tests::add_account(dir.path(), "boss", "pw-boss", &["admin"]);
+    integration_tests::add_account(dir.path(), "pleb", "pw-pleb", &["staff"]);
+    let broker = Broker::start_in(
+        dir.path(),
+        &["--auth", "users", "--auth-failure-delay-ms", "0"],
+    );
+    let basic = |user: &str, pw: &str| {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"));
+        format!("Basic {token}")
+    };
+    let (status, head, _) = broker.http_request("GET", "/admin", &[]).await;
+    assert_eq!(status, 401);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("www-authenticate: basic"),
+        "{head}"
+    );
+    let pleb = basic("pleb", "pw-pleb");
+    for path in ["/admin", "/admin/api/overview"] {
+        let (status, _) = broker
+            .http_get_with(path, &[("Authorization", &pleb)])
+            .await;
+        assert_eq!(status, 403, "{path}");
+    }
+    let (status, _, _) = broker
+        .http_request(
+            "POST",
+            "/admin/api/sessions/1/close",
+            &[("Authorization", &pleb)],
+        )
+        .await;
+    assert_eq!(status, 403);
+    let boss = basic("boss", "pw-boss");
+    let (status, _) = broker
+        .http_get_with("/admin", &[("Authorization", &boss)])
+        .await;
+    assert_eq!(status, 200);
+    let view = admin_json(&broker, "/admin/api/overview", &[("Authorization", &boss)]).await;
+    assert_eq!(view["auth"], "users");
 }

@@ -244,3 +244,39 @@ async fn nack_transactions_and_a_full_queue_work_across_nodes() {
         "{error:?}"
     );
 }
+
+#[tokio::test]
+async fn an_operator_purges_a_shared_queue_from_any_node_and_a_room_is_not_cleared() {
+    let redis = Redis::start();
+    let a = node(&redis, "a", &[]);
+    let b = node(&redis, "b", &[]);
+    let mut producer = Conn::open_as(&a, "producer").await;
+    for n in 0..3 {
+        producer
+            .send_with_receipt(&job("old"), &format!("j{n}"))
+            .await;
+    }
+    // Node b purges what node a put: Redis keeps it.
+    let (status, _, answer) = b
+        .http_request("POST", "/admin/api/queues/jobs/purge", &[])
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&answer).unwrap()["purged"],
+        3
+    );
+    assert_eq!(jobs_stats(&a).await, (0, 0, 0));
+    let (status, _, _) = b
+        .http_request("POST", "/admin/api/queues/nothing/purge", &[])
+        .await;
+    assert_eq!(status, 404);
+    producer.send_with_receipt(&job("new"), "j-new").await;
+    let mut worker = consumer(&b, "worker", "client-individual", "10").await;
+    let first = next_message(&mut worker, WAIT).await.unwrap();
+    assert_eq!(body(&first), "new");
+    // A room's history lives in Redis and in every node's copy: not cleared from one node.
+    let (status, _, answer) = a
+        .http_request("POST", "/admin/api/rooms/lobby/clear", &[])
+        .await;
+    assert_eq!(status, 409, "{answer}");
+}

@@ -88,6 +88,19 @@ if op == 'ack' or op == 'release' then
   if op == 'release' then redis.call('PUBLISH', ARGV[4], '') end
   return 0
 end
+if op == 'purge' then
+  -- ARGV: op, queue. The waiting messages go (not the leased ones); -1 for no such queue.
+  if redis.call('SISMEMBER', KEYS[6], ARGV[2]) == 0 then return -1 end
+  local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+  for _, id in ipairs(ids) do
+    local v = redis.call('HGET', KEYS[2], id)
+    if v then redis.call('DECRBY', KEYS[5], tonumber(string.match(v, '^%d+'))) end
+    redis.call('HDEL', KEYS[2], id)
+    redis.call('SREM', KEYS[4], id)
+  end
+  redis.call('DEL', KEYS[1])
+  return #ids
+end
 if op == 'join' then
   -- ARGV: op, queue, field
   if redis.call('HSETNX', KEYS[9], ARGV[3], 1) == 1 then redis.call('HINCRBY', KEYS[8], ARGV[2], 1) end
@@ -410,6 +423,25 @@ impl QueueBus {
             }
         }
         Ok(leased)
+    }
+
+    /// Deletes the messages waiting in `queue`, cluster-wide (those leased stay): how many,
+    /// or `None` for a queue Redis does not know.
+    ///
+    /// # Errors
+    /// Redis did not answer.
+    pub async fn purge(&self, queue: &str) -> redis::RedisResult<Option<usize>> {
+        let mut redis = self.cluster.redis.clone();
+        let mut invocation = self.script.prepare_invoke();
+        for key in self.keys(queue) {
+            invocation.key(key);
+        }
+        let purged: i64 = invocation
+            .arg("purge")
+            .arg(queue)
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(usize::try_from(purged).ok())
     }
 
     /// Every queue's figures, cluster-wide, by name.

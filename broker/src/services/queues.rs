@@ -190,6 +190,28 @@ impl Queues {
         list
     }
 
+    /// Drops the messages waiting in queue `name`, in memory and on disk, or in Redis with
+    /// `--cluster` (`/admin`); those delivered and not yet acknowledged stay. How many went,
+    /// or `None` for no such queue.
+    ///
+    /// # Errors
+    /// Redis did not answer.
+    pub async fn purge(&self, name: &str) -> redis::RedisResult<Option<usize>> {
+        if let Some(bus) = self.bus.get() {
+            return bus.purge(name).await;
+        }
+        let Some(queue) = self.queues.get(name).map(|q| q.clone()) else {
+            return Ok(None);
+        };
+        let mut q = lock(&queue);
+        let purged = std::mem::take(&mut q.ready);
+        for message in &purged {
+            q.bytes -= message.size();
+            self.store.remove(message.id());
+        }
+        Ok(Some(purged.len()))
+    }
+
     /// Hands ready messages to consumers with room, round robin.
     fn dispatch(&self, q: &mut Queue) {
         while !q.ready.is_empty() && !q.consumers.is_empty() {

@@ -406,6 +406,31 @@ impl Rooms {
         list
     }
 
+    /// Drops every message room `name` keeps, in memory and on disk (`/admin`): how many
+    /// went, or `None` for a room this node does not have. Its numbering goes on (members
+    /// recovering from before get a gap), unless the room is left idle and forgotten.
+    ///
+    /// # Errors
+    /// With `--cluster`, where Redis keeps the rooms.
+    pub fn clear_history(&self, name: &str) -> Result<Option<usize>, super::Clustered> {
+        if self.bus.get().is_some() {
+            return Err(super::Clustered);
+        }
+        if !self.rooms.contains_key(name) {
+            return Ok(None);
+        }
+        Ok(Some(self.with_room(name, |name, room| {
+            let cleared = room.history.len();
+            let mut freed = 0;
+            while !room.history.is_empty() {
+                freed += room.evict_oldest();
+            }
+            self.total_bytes.fetch_sub(freed, Ordering::Relaxed);
+            self.store.trim_room(name, room.first_kept());
+            cleared
+        })))
+    }
+
     /// A room's members, or `None` for a room that never existed (or was forgotten).
     pub fn detail(&self, name: &str) -> Option<RoomDetail> {
         let room = self.rooms.get(name)?.clone();

@@ -3,10 +3,13 @@
 // closed (the client gets the ERROR), after a confirmation that can also be declined.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { withChromium, screenshots } from './chat-page.mjs';
-import { startBroker, makeClient, connected, subscribeConfirmed, publishConfirmed, withTimeout } from './broker.mjs';
+import {
+  startBroker, makeClient, connected, subscribeConfirmed, publishConfirmed, withTimeout, stoaUsers,
+} from './broker.mjs';
 
 const TIMEOUT = 15_000;
 
@@ -94,5 +97,28 @@ test('the dashboard follows the traffic and closes a session after asking', asyn
   await publishConfirmed(talker, { destination: '/topic/room.lobby', body: 'after' });
   victim.deactivate();
   assert.deepEqual(errors, [], 'no script errors on the page');
+  await broker.stop();
+});
+
+test('with accounts the browser logs in, and only group admin gets the dashboard', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'stoa-admin-users-'));
+  stoaUsers(dir, ['add', '--password-stdin', '--group', 'admin', 'boss'], 'boss pw');
+  stoaUsers(dir, ['add', '--password-stdin', 'pleb'], 'pleb pw');
+  const broker = await startBroker(['--auth', 'users', '--auth-failure-delay-ms', '0'], { dataDir: dir });
+  const nobody = await chromium.browser.newContext();
+  // A navigation would open the browser's login prompt, which headless Chromium cancels.
+  assert.equal((await nobody.request.get(`http://${broker.http}/admin`)).status(), 401, 'asked to log in');
+  const pleb = await chromium.browser.newContext({ httpCredentials: { username: 'pleb', password: 'pleb pw' } });
+  assert.equal((await (await pleb.newPage()).goto(`http://${broker.http}/admin`)).status(), 403, 'not an operator');
+  const boss = await chromium.browser.newContext({ httpCredentials: { username: 'boss', password: 'boss pw' } });
+  const page = await boss.newPage();
+  assert.equal((await page.goto(`http://${broker.http}/admin`)).status(), 200);
+  // The page's own requests carry the login the browser was given.
+  await page.waitForSelector('[data-testid=admin-status][data-state=live]', { timeout: TIMEOUT });
+  const client = makeClient(broker.url, { connectHeaders: { login: 'pleb', passcode: 'pleb pw' } });
+  await connected(client);
+  await page.locator('[data-testid=admin-sessions] tr[data-user=pleb]').waitFor({ timeout: TIMEOUT });
+  assert.match(await page.locator('#node').textContent(), /auth users/);
+  await Promise.all([nobody.close(), pleb.close(), boss.close()]);
   await broker.stop();
 });

@@ -1,5 +1,6 @@
 // Starts the real stoa binary on free loopback ports, and stomp.js clients against it.
-import { spawn } from 'node:child_process';
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { mkdtempSync, rmSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -56,6 +57,15 @@ export async function startBroker(args = [], { dataDir, http = '127.0.0.1:0', st
   };
   live.brokers.add(broker);
   return broker;
+}
+
+/** `stoa users <args>` on `dataDir`, the password (if any) on standard input. */
+export function stoaUsers(dataDir, args, password) {
+  const run = spawnSync(stoaBin(), ['users', '--data-dir', dataDir, ...args], {
+    input: password === undefined ? '' : `${password}\n`,
+    encoding: 'utf8',
+  });
+  assert.equal(run.status, 0, `stoa users ${args.join(' ')}: ${run.stderr}`);
 }
 
 /** An HS256 token for `sub` whose `exp` is `expiresIn` seconds from now (negative: past). */

@@ -3,11 +3,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
-import { spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { withChromium, screenshots, say, seeMessage, seeNotice } from './chat-page.mjs';
-import { startBroker, makeClient, connected, publishConfirmed, stoaBin, hs256 } from './broker.mjs';
+import { startBroker, makeClient, connected, publishConfirmed, stoaUsers, hs256 } from './broker.mjs';
 
 const TIMEOUT = 10_000;
 
@@ -232,15 +231,6 @@ test('after a long time away, the page catches up through a replay larger than t
   await context.close();
   await broker.stop();
 });
-
-/** `stoa users <args>` on `dataDir`, the password (if any) on standard input. */
-function stoaUsers(dataDir, args, password) {
-  const run = spawnSync(stoaBin(), ['users', '--data-dir', dataDir, ...args], {
-    input: password === undefined ? '' : `${password}\n`,
-    encoding: 'utf8',
-  });
-  assert.equal(run.status, 0, `stoa users ${args.join(' ')}: ${run.stderr}`);
-}
 
 async function loginError(page, text) {
   await page.waitForFunction((t) => document.querySelector('[data-testid=login-error]')?.textContent === t, text);

@@ -188,6 +188,14 @@ fn same_origin(broker: &Broker, headers: &HeaderMap) -> bool {
     }
 }
 
+/// 503 for an action Redis did not answer (`--cluster`).
+fn cluster_unavailable(e: &redis::RedisError) -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("cluster unavailable: {e}"),
+    )
+}
+
 fn error(status: StatusCode, reason: &str) -> Response {
     answer(status, &json!({ "error": reason }))
 }
@@ -291,10 +299,7 @@ pub async fn purge_queue(
     match purged {
         Ok(Some(n)) => answer(StatusCode::OK, &json!({ "queue": queue, "purged": n })),
         Ok(None) => error(StatusCode::NOT_FOUND, "no such queue"),
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("cluster unavailable: {e}"),
-        ),
+        Err(e) => cluster_unavailable(&e),
     }
 }
 
@@ -308,12 +313,12 @@ pub async fn clear_room(
     if let Err(e) = check_room_name(&room) {
         return error(StatusCode::BAD_REQUEST, &e.to_string());
     }
-    let cleared = state.broker.shared.router.rooms.clear_history(&room);
+    let cleared = state.broker.shared.router.rooms.clear_history(&room).await;
     info!(target: "audit", %peer, user = operator(&caller), action = "clear-room", %room, ?cleared, "admin action");
     match cleared {
         Ok(Some(n)) => answer(StatusCode::OK, &json!({ "room": room, "cleared": n })),
-        Ok(None) => error(StatusCode::NOT_FOUND, "no such room on this node"),
-        Err(e) => error(StatusCode::CONFLICT, &e.to_string()),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no such room"),
+        Err(e) => cluster_unavailable(&e),
     }
 }
 

@@ -222,7 +222,8 @@ impl PackedHeaders {
 }
 
 /// Headers only the broker may set on a MESSAGE; a SEND's copies are dropped.
-pub const BROKER_OWNED: [&str; 14] = [
+/// (`x-stoa-cleared` is the word a cluster sends its nodes when a room's history is cleared.)
+pub const BROKER_OWNED: [&str; 15] = [
     "destination",
     "message-id",
     "subscription",
@@ -237,6 +238,7 @@ pub const BROKER_OWNED: [&str; 14] = [
     "x-event",
     "x-replay",
     "x-first-seq",
+    "x-stoa-cleared",
 ];
 
 /// The shared headers of a MESSAGE made from a SEND: `destination` and `message-id`

@@ -586,3 +586,61 @@ async fn redis_refusing_writes_is_an_outage_for_those_frames_and_nothing_is_half
     assert_in_order("watcher", &heard);
     assert!(!heard.iter().any(|h| h.body == "during"));
 }
+
+/// The bodies of the room messages `broker` serves over HTTP from the start, and whether it
+/// says some are no longer kept.
+async fn kept_bodies(broker: &Broker, room: &str) -> (Vec<String>, bool) {
+    let (status, text) = broker
+        .http_get(&format!("/api/rooms/{room}/messages?since=0"))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let view: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let bodies = view["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["event"] == "message")
+        .map(|m| m["body"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    (bodies, view.get("gap").is_some())
+}
+
+#[tokio::test]
+async fn an_operator_clears_a_rooms_history_in_redis_and_in_every_nodes_copy() {
+    let redis = Redis::start();
+    let a = node(&redis, "a");
+    let b = node(&redis, "b");
+    // Node b holds a copy of the room for its member; a pattern watcher on a hears the room.
+    let (mut bea, _) = member(&b, "bea", "kept", &[]).await;
+    let mut watcher = Conn::open_as(&a, "watcher").await;
+    watcher.subscribe("w", "/topic/room.*").await;
+    let mut ann = Conn::open_as(&a, "ann").await;
+    send_numbered(&mut ann, "kept", "old 1").await;
+    send_numbered(&mut ann, "kept", "old 2").await;
+    until_body(&mut bea, "old 2").await;
+    until_body(&mut watcher, "old 2").await;
+    let (status, _, answer) = a
+        .http_request("POST", "/admin/api/rooms/kept/clear", &[])
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["cleared"], 3, "bea's join notice and two messages");
+    let (seq, _) = send_numbered(&mut ann, "kept", "after").await;
+    // Nobody is told anything but the next message, numbered on from before.
+    let heard = until_body(&mut bea, "after").await;
+    assert_eq!(heard.len(), 1, "{heard:?}");
+    assert_eq!(heard[0].seq, 4);
+    assert_eq!(seq, 4);
+    let heard = until_body(&mut watcher, "after").await;
+    assert_eq!(heard.len(), 1, "{heard:?}");
+    // Node b replays from its copy, node a from Redis: neither keeps the old messages.
+    for broker in [&a, &b] {
+        let (bodies, gap) = kept_bodies(broker, "kept").await;
+        assert_eq!(bodies, vec!["after".to_owned()]);
+        assert!(gap, "recovering from before the clear is told what is gone");
+    }
+    let (status, _, _) = b
+        .http_request("POST", "/admin/api/rooms/never/clear", &[])
+        .await;
+    assert_eq!(status, 404);
+}

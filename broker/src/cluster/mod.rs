@@ -747,6 +747,8 @@ impl Cluster {
                         // node delivers them in `x-seq` order as Redis numbered them.
                         match (key.strip_prefix("room."), glob.as_deref()) {
                             (Some(room), None) => (handlers.room)(room, publish),
+                            // A room's cleared word is for the rooms' copies only.
+                            (Some(_), Some(_)) if rooms::cleared_of(&publish).is_some() => {}
                             (Some(_), Some(glob)) => (handlers.topic)(key, Some(glob), &publish),
                             (None, glob) if node != self.settings.node => (handlers.topic)(key, glob, &publish),
                             (None, _) => {}

@@ -77,6 +77,18 @@ local op = ARGV[1]
 if op == 'append' then
   return append(ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7])
 end
+if op == 'clear' then
+  -- An operator clears the kept messages (KEYS 1 and 2 only). Numbering goes on; every node
+  -- hears, in order with the room's messages, up to which x-seq its copy drops: -1 for a
+  -- room Redis does not know, else how many messages went.
+  local seq = redis.call('HGET', KEYS[1], 'seq')
+  if not seq then return -1 end
+  local cleared = redis.call('XLEN', KEYS[2])
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'bytes', 0)
+  redis.call('PUBLISH', ARGV[6], ARGV[7] .. '\nMESSAGE\nx-stoa-cleared:' .. seq .. '\n' .. ARGV[3])
+  return cleared
+end
 if op == 'reap' then
   if ARGV[10] ~= 'force' and redis.call('EXISTS', KEYS[6]) == 1 then return 0 end
   return leave()
@@ -188,6 +200,17 @@ fn number(seq: u64, rest: &[u8]) -> Option<Numbered> {
     payload.extend_from_slice(rest);
     let (_, publish) = decode_bus_message(&payload)?;
     Some(Numbered { seq, publish })
+}
+
+/// The header of the word, on a room's channel, that an operator cleared the room's kept
+/// messages up to the `x-seq` it gives. Never delivered to anyone.
+pub const CLEARED: &str = "x-stoa-cleared";
+
+/// Up to which `x-seq` the room's history was cleared, if this is that word rather than a
+/// message.
+pub fn cleared_of(publish: &Publish) -> Option<u64> {
+    let (name, value) = publish.headers().next()?;
+    (name == CLEARED).then(|| value.parse().ok()).flatten()
 }
 
 /// The `x-seq` a room message on the bus carries (its first header), if any: transient
@@ -362,6 +385,32 @@ impl RoomBus {
             .query_async(&mut redis)
             .await?;
         Ok(entries(&value))
+    }
+
+    /// Deletes the messages `room` keeps (`/admin`), and tells every node's copy to drop
+    /// them too, in order with the room's messages: how many went, or `None` for a room
+    /// Redis does not know.
+    ///
+    /// # Errors
+    /// Redis did not answer.
+    pub async fn clear(&self, room: &str) -> redis::RedisResult<Option<usize>> {
+        let prefix = &self.cluster.settings.prefix;
+        let mut redis = self.cluster.redis.clone();
+        let cleared: i64 = self
+            .script
+            .key(self.key(room, ""))
+            .key(self.key(room, ":log"))
+            .arg("clear")
+            .arg(room)
+            // The rest of the word's frame: decodable as a message, delivered to no one.
+            .arg(&b"message-id:0\n\n\0"[..])
+            .arg(0)
+            .arg(0)
+            .arg(format!("{prefix}topic:room.{room}"))
+            .arg(self.cluster.node())
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(usize::try_from(cleared).ok())
     }
 
     /// Every room with members or messages, cluster-wide, by name.

@@ -13,11 +13,6 @@ pub use rooms::{RoomDetail, RoomSummary, Rooms, check_room_name};
 pub use topics::Topics;
 pub use users::{Users, is_user_queue};
 
-/// An operator's change this node cannot make alone: with `--cluster`, Redis keeps it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("not available with --cluster: the cluster keeps it in Redis")]
-pub struct Clustered;
-
 /// The shared state kept under `name`, made empty on first use. The common case, an
 /// existing entry, takes only a read lock on the map's shard.
 fn shared_entry<T: Default>(

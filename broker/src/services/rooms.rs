@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use stomp_codec::Headers;
 
-use crate::cluster::rooms::{RoomBus, RoomState, Synced, log_entry, seq_of};
+use crate::cluster::rooms::{RoomBus, RoomState, Synced, cleared_of, log_entry, seq_of};
 use crate::error::SessionError;
 use crate::message::{KeptMessage, MessageIds, Publish, message_headers, now_millis};
 use crate::outbox::{Backlog, End, Outgoing, fill_from};
@@ -87,6 +87,9 @@ struct Room {
     retired: bool,
     /// With `--cluster`, where this node's copy of the room stands.
     mirror: Mirror,
+    /// With `--cluster`: an operator cleared the room's history up to this `x-seq`; the
+    /// copy keeps nothing at or before it (what was still on its way is delivered, not kept).
+    cleared_upto: u64,
 }
 
 /// Where this node's copy of a room stands. One node owns its rooms; with `--cluster`,
@@ -406,15 +409,16 @@ impl Rooms {
         list
     }
 
-    /// Drops every message room `name` keeps, in memory and on disk (`/admin`): how many
-    /// went, or `None` for a room this node does not have. Its numbering goes on (members
-    /// recovering from before get a gap), unless the room is left idle and forgotten.
+    /// Drops every message room `name` keeps, in memory and on disk, or in Redis and every
+    /// node's copy with `--cluster` (`/admin`): how many went, or `None` for a room that
+    /// does not exist. Its numbering goes on (members recovering from before get a gap),
+    /// unless, on one node, the room is left idle and forgotten.
     ///
     /// # Errors
-    /// With `--cluster`, where Redis keeps the rooms.
-    pub fn clear_history(&self, name: &str) -> Result<Option<usize>, super::Clustered> {
-        if self.bus.get().is_some() {
-            return Err(super::Clustered);
+    /// Redis did not answer.
+    pub async fn clear_history(&self, name: &str) -> redis::RedisResult<Option<usize>> {
+        if let Some(bus) = self.bus.get() {
+            return bus.clear(name).await;
         }
         if !self.rooms.contains_key(name) {
             return Ok(None);
@@ -692,8 +696,11 @@ impl Rooms {
         };
     }
 
-    /// Keeps a numbered message in the copy's history.
+    /// Keeps a numbered message in the copy's history (unless an operator cleared it).
     fn keep(&self, room: &mut Room, seq: u64, publish: Publish) {
+        if seq <= room.cleared_upto {
+            return;
+        }
         let kept = Arc::new(publish.into_kept());
         let size = kept.size();
         room.bytes += size;
@@ -704,6 +711,17 @@ impl Rooms {
     /// A message heard on room `name`'s channel (`x-seq` first; none when transient).
     pub fn from_cluster(&self, name: &str, publish: Publish) {
         if !self.rooms.contains_key(name) {
+            return;
+        }
+        if let Some(upto) = cleared_of(&publish) {
+            self.with_room(name, |_, room| {
+                room.cleared_upto = room.cleared_upto.max(upto);
+                let mut freed = 0;
+                while room.history.front().is_some_and(|k| k.seq <= upto) {
+                    freed += room.evict_oldest();
+                }
+                self.total_bytes.fetch_sub(freed, Ordering::Relaxed);
+            });
             return;
         }
         let Some(seq) = seq_of(&publish) else {

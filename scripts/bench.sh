@@ -19,26 +19,46 @@ if ! command -v rabbitmq-server >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
 fi
-# A fresh RabbitMQ: RabbitMQ 3.10 here has come out of the connection and rooms scenarios
-# with failing queue declarations (rabbit_memory_monitor gone), so those runs each get one.
+# The reference RabbitMQ is a node of its own (stoa-bench@localhost: STOMP on 61633,
+# Web-STOMP on 15694, data in /tmp/stoa-bench-rabbitmq), so that neither Stoa's default
+# ports nor any other RabbitMQ on the machine are touched; it is stopped when the script
+# ends. A fresh one per scenario group: RabbitMQ 3.10 here has come out of the connection
+# and rooms scenarios with failing queue declarations (rabbit_memory_monitor gone).
+rabbit_dir=/tmp/stoa-bench-rabbitmq
+rabbit_node=stoa-bench@localhost
+rabbit_env=(env RABBITMQ_NODENAME=$rabbit_node RABBITMQ_NODE_PORT=5692 RABBITMQ_DIST_PORT=25692
+  RABBITMQ_CONFIG_FILE="$rabbit_dir/rabbitmq.conf" RABBITMQ_ENABLED_PLUGINS_FILE="$rabbit_dir/enabled_plugins"
+  RABBITMQ_MNESIA_BASE="$rabbit_dir/mnesia" RABBITMQ_LOG_BASE="$rabbit_dir/log" HOME=/var/lib/rabbitmq)
+rabbit_pid=""
+stop_rabbit() {
+  [ -n "$rabbit_pid" ] || return 0
+  "${rabbit_env[@]}" rabbitmqctl -n "$rabbit_node" stop >/dev/null 2>&1 || kill "$rabbit_pid" 2>/dev/null || true
+  # rabbitmqctl returns before the VM has exited: wait for this node's process alone.
+  for _ in $(seq 1 120); do kill -0 "$rabbit_pid" 2>/dev/null || break; sleep 0.5; done
+  rabbit_pid=""
+}
 fresh_rabbit() {
-  rabbitmqctl stop >/dev/null 2>&1 || true
-  pkill -f beam.smp 2>/dev/null || true
-  pkill epmd 2>/dev/null || true
-  sleep 2
-  rabbitmq-plugins enable --offline rabbitmq_stomp rabbitmq_web_stomp >/dev/null
+  stop_rabbit
+  rm -rf "$rabbit_dir"
+  mkdir -p "$rabbit_dir"
+  printf '%s\n' 'listeners.tcp.default = 127.0.0.1:5692' 'stomp.listeners.tcp.1 = 127.0.0.1:61633' \
+    'web_stomp.tcp.ip = 127.0.0.1' 'web_stomp.tcp.port = 15694' > "$rabbit_dir/rabbitmq.conf"
+  echo '[rabbitmq_stomp,rabbitmq_web_stomp].' > "$rabbit_dir/enabled_plugins"
+  chown -R rabbitmq:rabbitmq "$rabbit_dir"
   # As the rabbitmq user directly rather than through Debian's wrapper, whose `su` puts the
   # open-files soft limit back to 1,024 (PAM): past about a thousand connections the conns
   # scenario then stalled (16 connects/s, the probe reaching nobody) and failed every run.
   ( cd /var/lib/rabbitmq && ulimit -n "$(ulimit -Hn)" &&
     taskset -c 0 setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups \
-      env HOME=/var/lib/rabbitmq /usr/lib/rabbitmq/bin/rabbitmq-server -detached ) >/dev/null 2>&1 || true
+      "${rabbit_env[@]}" /usr/lib/rabbitmq/bin/rabbitmq-server -detached ) >/dev/null 2>&1 || true
   # Wait for the STOMP ports themselves: right after -detached the node may not even be
   # registered yet, and rabbitmqctl await_startup fails outright then.
-  for _ in $(seq 1 360); do port_open 15674 && port_open 61613 && break; sleep 0.5; done
-  rabbit_pid=$(pgrep -f beam.smp | head -1)
+  for _ in $(seq 1 360); do port_open 15694 && port_open 61633 && break; sleep 0.5; done
+  port_open 15694 && port_open 61633 || { echo "RabbitMQ did not start (log: $rabbit_dir/log)" >&2; exit 1; }
+  rabbit_pid=$("${rabbit_env[@]}" rabbitmqctl -n "$rabbit_node" eval 'os:getpid().' | tr -dc 0-9)
   taskset -a -pc 0 "$rabbit_pid" >/dev/null
 }
+trap stop_rabbit EXIT
 fresh_rabbit
 
 echo "==> release build"
@@ -69,7 +89,7 @@ main_stoa=$stoa_pid
 # stop_stoa PID: stops one of the stoas this script started and waits for it to exit.
 stop_stoa() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 # The brokers' data directories go with the script, however it ends.
-trap 'stop_stoa $main_stoa; rm -rf "${data_dirs[@]}"' EXIT
+trap 'stop_stoa $main_stoa; rm -rf "${data_dirs[@]}"; stop_rabbit' EXIT
 
 # One core each: the broker on CPU 0, the generator on CPU 1.
 gen() { taskset -c 1 timeout 600 "$cli" --connect-timeout 120 "$@"; }
@@ -131,8 +151,8 @@ PY
 
 stoa_ws=(--url "ws://$stoa_http/ws")
 stoa_tcp=(--url "tcp://$stoa_stomp")
-rabbit_ws=(--url ws://127.0.0.1:15674/ws --login guest --passcode guest)
-rabbit_tcp=(--url tcp://127.0.0.1:61613 --login guest --passcode guest)
+rabbit_ws=(--url ws://127.0.0.1:15694/ws --login guest --passcode guest)
+rabbit_tcp=(--url tcp://127.0.0.1:61633 --login guest --passcode guest)
 
 for run_no in $(seq 1 "$RUNS"); do
   echo "==> run $run_no of $RUNS"

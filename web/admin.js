@@ -49,9 +49,12 @@
         { label: 'slow consumers', stroke: '#b26a00', width: 2 },
         { label: 'errors', stroke: '#c62828', width: 2 },
       ], data['chart-trouble']);
+      for (const id of Object.keys(data)) $(id).setAttribute('data-samples', String(series.length));
       return;
     }
     for (const [id, d] of Object.entries(data)) charts[id].setData(d);
+    // For tests and scripts: how many samples each chart holds.
+    for (const id of Object.keys(data)) $(id).setAttribute('data-samples', String(series.length));
   }
 
   window.addEventListener('resize', () => {
@@ -95,8 +98,13 @@
     $('node').textContent = `node ${view.node} · auth ${view.auth}`;
     const last = view.series[view.series.length - 1];
     const recent = view.series;
-    $('connections').textContent = fmt(last ? last.connections : view.nodes.reduce((n, x) => n + x.connections, 0));
-    $('rate').textContent = last ? `${fmt(last.messages_in, 1)} / ${fmt(last.messages_out, 1)}` : '–';
+    // Plain numbers (no thousands separators): the hooks are read by tests and scripts.
+    const plain = (n) => String(Math.round(n * 10) / 10);
+    const connections = last ? last.connections : view.nodes.reduce((n, x) => n + x.connections, 0);
+    $('connections').textContent = String(connections);
+    $('rate').textContent = last ? `${plain(last.messages_in)} / ${plain(last.messages_out)}` : '–';
+    $('rate').setAttribute('data-in', last ? plain(last.messages_in) : '');
+    $('rate').setAttribute('data-out', last ? plain(last.messages_out) : '');
     $('latency').textContent = last ? `${ms(last.p50_ms)} / ${ms(last.p99_ms)}` : '–';
     const slow = recent.reduce((n, s) => n + s.slow_consumers, 0);
     const errors = recent.reduce((n, s) => n + s.errors, 0);

@@ -67,6 +67,10 @@ test('the dashboard follows the traffic and closes a session after asking', asyn
   for (const chart of ['connections', 'rate', 'latency', 'trouble']) {
     assert.equal(await page.locator(`[data-testid=admin-chart-${chart}] canvas`).count(), 1, `${chart} chart drawn`);
   }
+  // And they move: a new sample a second.
+  const samples = Number(await page.getByTestId('admin-chart-rate').getAttribute('data-samples'));
+  await page.waitForFunction((n) => Number(document.querySelector('[data-testid=admin-chart-rate]').dataset.samples) > n,
+    samples, { timeout: TIMEOUT });
 
   // The sessions table: who, over what, in which room.
   const row = page.locator('[data-testid=admin-sessions] tr[data-user=victim]');

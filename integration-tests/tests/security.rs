@@ -695,3 +695,26 @@ async fn jwt_tokens_come_in_the_query_where_headers_cannot_be_set() {
         "{answer}"
     );
 }
+
+#[tokio::test]
+async fn with_tokens_the_dashboard_opens_to_group_admin_by_query_or_header() {
+    let (broker, _dir) = jwt_broker(&[]);
+    let ops = hs256(serde_json::json!({ "sub": "ops", "exp": now() + 600, "groups": ["admin"] }));
+    let staff =
+        hs256(serde_json::json!({ "sub": "dana", "exp": now() + 600, "groups": ["staff"] }));
+    // The page is opened with its token in the query; its requests send it as a header.
+    let (status, page) = broker.http_get(&format!("/admin?access_token={ops}")).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("Stoa admin"));
+    let bearer = format!("Bearer {ops}");
+    let (status, body) = broker
+        .http_get_with("/admin/api/overview", &[("Authorization", &bearer)])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = broker
+        .http_get(&format!("/admin?access_token={staff}"))
+        .await;
+    assert_eq!(status, 403, "a token outside group admin");
+    let (status, _) = broker.http_get("/admin/api/overview").await;
+    assert_eq!(status, 401, "no token");
+}

@@ -162,6 +162,9 @@ struct Sub {
     messages: mpsc::UnboundedSender<Message>,
     /// The newest `x-seq` delivered, for resuming a chat room.
     last_seq: u64,
+    /// Its place among the subscriptions made: after a reconnect they are made again in
+    /// that order, as the application made them.
+    made: u64,
 }
 
 impl Sub {
@@ -197,6 +200,7 @@ struct Driver {
     subs: HashMap<String, Sub>,
     pending: HashMap<String, Done>,
     next_receipt: u64,
+    subs_made: u64,
 }
 
 /// Connects to the first of `endpoints` that answers (there is at least one), then runs
@@ -232,6 +236,7 @@ pub(crate) async fn start(
         subs: HashMap::new(),
         pending: HashMap::new(),
         next_receipt: 0,
+        subs_made: 0,
     };
     tokio::spawn(driver.run(conn));
     Ok((tx, info))
@@ -286,11 +291,10 @@ impl Driver {
                 Ok(mut conn) => {
                     info!(attempt, url = %endpoint, "reconnected");
                     self.current = index;
-                    let resubscribe: Vec<Frame> = self
-                        .subs
-                        .iter()
-                        .map(|(id, sub)| sub.frame(id, true))
-                        .collect();
+                    let mut subs: Vec<(&String, &Sub)> = self.subs.iter().collect();
+                    subs.sort_by_key(|(_, sub)| sub.made);
+                    let resubscribe: Vec<Frame> =
+                        subs.iter().map(|(id, sub)| sub.frame(id, true)).collect();
                     let mut ok = true;
                     for frame in &resubscribe {
                         if conn.write(frame).await.is_err() {
@@ -380,11 +384,13 @@ impl Driver {
                 messages,
                 done,
             } => {
+                self.subs_made += 1;
                 let sub = Sub {
                     destination,
                     options,
                     messages,
                     last_seq: 0,
+                    made: self.subs_made,
                 };
                 let receipt = self.receipt_id();
                 let frame = sub.frame(&id, false).with_header("receipt", &receipt);

@@ -25,15 +25,17 @@ async fn room_and_topic(
     client: &Client,
     room: &str,
 ) -> (client::Subscription, client::Subscription) {
+    // The topic first: the client makes its subscriptions again in the order they were
+    // made, so once the room's join notice comes after a reconnect, the topic is live too.
+    let topic = client
+        .subscribe("/topic/plain", SubscribeOptions::new())
+        .await
+        .unwrap();
     let mut joined = client
         .subscribe(
             &format!("/topic/room.{room}"),
             SubscribeOptions::new().header("x-history", "0"),
         )
-        .await
-        .unwrap();
-    let topic = client
-        .subscribe("/topic/plain", SubscribeOptions::new())
         .await
         .unwrap();
     assert_eq!(joined.next().await.unwrap().header("x-event"), Some("join"));

@@ -127,11 +127,24 @@ impl Dashboard {
     }
 }
 
+/// Headers a reverse proxy adds: a request that has one came from somewhere else, whatever
+/// its loopback address says.
+const PROXY_HEADERS: [&str; 3] = ["forwarded", "x-forwarded-for", "x-real-ip"];
+
 /// Why `/admin` is refused to a caller.
-fn refusal(mode: Mode, peer: SocketAddr, caller: &Caller) -> Option<&'static str> {
+fn refusal(
+    mode: Mode,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    caller: &Caller,
+) -> Option<&'static str> {
     match (mode, &caller.0) {
         (Mode::None, _) if !peer.ip().to_canonical().is_loopback() => {
             Some("with --auth none the admin page is open to loopback clients only")
+        }
+        // A proxy on this machine would make every visitor a loopback client.
+        (Mode::None, _) if PROXY_HEADERS.iter().any(|h| headers.contains_key(*h)) => {
+            Some("with --auth none the admin page is not served through a proxy")
         }
         (Mode::None, _) => None,
         (_, Some(identity)) if identity.groups.iter().any(|g| g == "admin") => None,
@@ -157,7 +170,7 @@ pub async fn gate(
     next: Next,
 ) -> Response {
     let broker = &state.broker;
-    if let Some(reason) = refusal(broker.auth.mode(), peer, &caller) {
+    if let Some(reason) = refusal(broker.auth.mode(), peer, request.headers(), &caller) {
         warn!(target: "audit", %peer, user = operator(&caller), path = request.uri().path(), "admin access refused");
         return error(StatusCode::FORBIDDEN, reason);
     }
@@ -346,22 +359,37 @@ mod tests {
             9,
         );
         let lan = SocketAddr::from(([192, 168, 1, 20], 9));
-        assert_eq!(refusal(Mode::None, loopback, &Caller(None)), None);
-        assert_eq!(refusal(Mode::None, mapped, &Caller(None)), None);
-        assert!(refusal(Mode::None, lan, &Caller(None)).is_some());
+        let direct = HeaderMap::new();
+        assert_eq!(refusal(Mode::None, loopback, &direct, &Caller(None)), None);
+        assert_eq!(refusal(Mode::None, mapped, &direct, &Caller(None)), None);
+        assert!(refusal(Mode::None, lan, &direct, &Caller(None)).is_some());
+        for header in PROXY_HEADERS {
+            let mut proxied = HeaderMap::new();
+            proxied.insert(header, axum::http::HeaderValue::from_static("203.0.113.9"));
+            assert!(
+                refusal(Mode::None, loopback, &proxied, &Caller(None)).is_some(),
+                "{header}"
+            );
+        }
     }
 
     #[test]
     fn with_authentication_only_group_admin_may_enter_from_anywhere() {
         let lan = SocketAddr::from(([10, 0, 0, 7], 9));
-        assert_eq!(
-            refusal(Mode::Users, lan, &caller(&["staff", "admin"])),
-            None
+        let mut proxied = HeaderMap::new();
+        proxied.insert(
+            "x-forwarded-for",
+            axum::http::HeaderValue::from_static("203.0.113.9"),
         );
-        assert_eq!(refusal(Mode::Jwt, lan, &caller(&["admin"])), None);
-        assert!(refusal(Mode::Users, lan, &caller(&["staff"])).is_some());
+        for headers in [HeaderMap::new(), proxied] {
+            let admin = caller(&["staff", "admin"]);
+            assert_eq!(refusal(Mode::Users, lan, &headers, &admin), None);
+            assert_eq!(refusal(Mode::Jwt, lan, &headers, &caller(&["admin"])), None);
+            assert!(refusal(Mode::Users, lan, &headers, &caller(&["staff"])).is_some());
+        }
         let loopback = SocketAddr::from(([127, 0, 0, 1], 9));
-        assert!(refusal(Mode::Users, loopback, &caller(&[])).is_some());
+        let direct = HeaderMap::new();
+        assert!(refusal(Mode::Users, loopback, &direct, &caller(&[])).is_some());
     }
 
     #[test]

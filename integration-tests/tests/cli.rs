@@ -432,6 +432,11 @@ async fn an_operator_sees_sessions_and_closes_one_and_the_log_says_who() {
     let (status, page) = broker.http_get("/admin").await;
     assert_eq!(status, 200);
     assert!(page.contains("Stoa admin"));
+    // Through a proxy on this machine every visitor would be a loopback client: refused.
+    let (status, _) = broker
+        .http_get_with("/admin", &[("X-Forwarded-For", "203.0.113.9")])
+        .await;
+    assert_eq!(status, 403);
 }
 
 #[tokio::test]

@@ -13,15 +13,7 @@ out=target/bench
 mkdir -p "$out"
 results="$out/cluster.jsonl"
 : > "$results"
-cargo build --release -p broker -p client >/dev/null 2>&1 || cargo build --release -p broker -p client
-cli=target/release/stoa-cli
-
-pids=() dirs=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-  rm -rf "${dirs[@]}"
-}
-trap cleanup EXIT
+. scripts/bench-lib.sh
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 redis_port=$(free_port)
@@ -29,15 +21,6 @@ taskset -c 0 redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appe
 pids+=($!)
 for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
 
-# start LOG [ARGS...]: a stoa on free ports, pinned to CPU 0; sets pid and http.
-start() {
-  local log=$1 data; shift
-  data=$(mktemp -d); dirs+=("$data")
-  taskset -c 0 target/release/stoa --http-listen 127.0.0.1:0 --stomp-listen 127.0.0.1:0 --data-dir "$data" "$@" > "$log" 2>&1 &
-  pid=$!; pids+=("$pid")
-  for _ in $(seq 1 100); do grep -q listening "$log" && break; sleep 0.1; done
-  http=$(grep -o 'http=[0-9.:]*' "$log" | cut -d= -f2)
-}
 start "$out/stoa-one-node.log"; one=$pid one_url="ws://$http/ws"
 start "$out/stoa-node-a.log" --cluster "redis://127.0.0.1:$redis_port" --node-name bench-a; node_a=$pid a_url="ws://$http/ws"
 start "$out/stoa-node-b.log" --cluster "redis://127.0.0.1:$redis_port" --node-name bench-b; b_url="ws://$http/ws"

@@ -17,27 +17,7 @@ out=target/bench
 mkdir -p "$out"
 results="$out/fallbacks.jsonl"
 : > "$results"
-cargo build --release -p broker -p client >/dev/null 2>&1 || cargo build --release -p broker -p client
-cli=target/release/stoa-cli
-
-pids=() dirs=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-  rm -rf "${dirs[@]}"
-}
-trap cleanup EXIT
-
-# start LOG [ARGS...]: a fresh stoa on free ports, pinned to CPU 0; sets pid and http.
-start() {
-  local log=$1 data; shift
-  data=$(mktemp -d); dirs+=("$data")
-  taskset -c 0 target/release/stoa --http-listen 127.0.0.1:0 --stomp-listen 127.0.0.1:0 --data-dir "$data" "$@" > "$log" 2>&1 &
-  pid=$!; pids+=("$pid")
-  for _ in $(seq 1 100); do grep -q listening "$log" && break; sleep 0.1; done
-  http=$(grep -o 'http=[0-9.:]*' "$log" | cut -d= -f2)
-  taskset -a -pc 0 "$pid" >/dev/null
-}
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+. scripts/bench-lib.sh
 
 # run LABEL ARGS...: one scenario; its JSON line, tagged.
 run() {

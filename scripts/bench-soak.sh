@@ -10,14 +10,8 @@ cd "$(dirname "$0")/.."
 seconds=${1:-${SOAK_SECONDS:-1200}}
 out=target/bench
 mkdir -p "$out"
-cargo build --release -p broker -p client >/dev/null 2>&1 || cargo build --release -p broker -p client
-data=$(mktemp -d)
-taskset -c 0 target/release/stoa --http-listen 127.0.0.1:0 --stomp-listen 127.0.0.1:0 --data-dir "$data" > "$out/stoa-soak.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$data"' EXIT
-for _ in $(seq 1 100); do grep -q listening "$out/stoa-soak.log" && break; sleep 0.1; done
-http=$(grep -o 'http=[0-9.:]*' "$out/stoa-soak.log" | cut -d= -f2)
-taskset -a -pc 0 "$pid" >/dev/null
-taskset -c 1 timeout $((seconds + 300)) target/release/stoa-cli --connect-timeout 120 --url "ws://$http/ws" \
+. scripts/bench-lib.sh
+start "$out/stoa-soak.log"
+taskset -c 1 timeout $((seconds + 300)) "$cli" --connect-timeout 120 --url "ws://$http/ws" \
   bench soak --seconds "$seconds" --rooms 100 --members 10 --rate 5000 --pid "$pid" 2> "$out/soak.log" | tail -1 > "$out/soak.json"
 python3 scripts/soak_report.py "$out/soak.json" docs/soak.svg docs/PERFORMANCE.md

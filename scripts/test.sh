@@ -6,13 +6,15 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "system packages: Debian's chromium (never a downloaded browser), fonts, RabbitMQ, Redis"
+step "system packages: Debian's chromium (never a downloaded browser), fonts, RabbitMQ, Redis, python3-venv"
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium fonts-noto-cjk fonts-noto-color-emoji)
 command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
 # The cluster tests start their own redis-server on a free port; the package's own service
 # is not used.
 command -v redis-server >/dev/null || missing+=(redis-server)
+# Debian's python3 makes a venv only with python3-venv (ensurepip).
+python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing packages and not root: apt-get install ${missing[*]}" >&2

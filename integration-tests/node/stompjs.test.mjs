@@ -2,11 +2,10 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, writeFileSync } from 'node:fs';
-import { spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
-  startBroker, makeClient, connected, collect, publishConfirmed, subscribeConfirmed, withTimeout, Inbox, stopAll, stoaBin, hs256,
+  startBroker, makeClient, connected, collect, publishConfirmed, subscribeConfirmed, withTimeout, Inbox, stopAll, stoaUsers, hs256,
 } from './broker.mjs';
 
 after(stopAll);
@@ -182,10 +181,7 @@ test('jwt: a session whose token expires gets "token expired", and beforeConnect
 
 test('users: stomp.js logs in with login and passcode; a wrong passcode gets the one refusal', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'stoa-node-users-'));
-  const add = spawnSync(stoaBin(), ['users', '--data-dir', dir, 'add', 'frank', '--password-stdin'], {
-    input: 'open sesame\n', encoding: 'utf8',
-  });
-  assert.equal(add.status, 0, add.stderr);
+  stoaUsers(dir, ['add', 'frank', '--password-stdin'], 'open sesame');
   const broker = await startBroker(['--auth', 'users', '--auth-failure-delay-ms', '200'], { dataDir: dir });
   const good = makeClient(broker.url, { connectHeaders: { login: 'frank', passcode: 'open sesame' } });
   const frame = await connected(good);

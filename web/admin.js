@@ -197,8 +197,10 @@
         const body = await response.json().catch(() => ({}));
         throw new Error(body.error || `HTTP ${response.status}`);
       }
-      render(await response.json());
-      status.textContent = `live · ${new Date().toLocaleTimeString()}`;
+      const view = await response.json();
+      render(view);
+      const cluster = view.cluster === 'unreachable' ? ' · cluster unreachable: rooms, queues and nodes unknown' : '';
+      status.textContent = `live · ${new Date().toLocaleTimeString()}${cluster}`;
       status.dataset.state = 'live';
     } catch (e) {
       status.textContent = `not updating: ${e.message}`;

@@ -227,7 +227,16 @@ impl Reader {
     }
 
     /// SUBSCRIBEs to `room` as a reader, with `replay` headers.
-    async fn subscribe(&mut self, room: &str, replay: (&str, u64)) -> Result<(), Refusal> {
+    async fn subscribe(
+        &mut self,
+        room: &str,
+        since: Option<u64>,
+        history: u64,
+    ) -> Result<(), Refusal> {
+        let replay = match since {
+            Some(since) => ("x-since", since),
+            None => ("x-history", history),
+        };
         let subscribe = Frame::new(Command::Subscribe)
             .with_header("id", "0")
             .with_header("destination", &format!("/topic/room.{room}"))
@@ -359,7 +368,7 @@ pub async fn get_messages(
 ) -> Response {
     let query = query_of(query.as_deref());
     let info = SessionInfo::new(peer, "http-poll");
-    match poll(&state, (&caller, info), &room, query, &headers).await {
+    match poll(&state, &caller, info, &room, query, &headers).await {
         Ok(body) => (
             StatusCode::OK,
             [
@@ -375,7 +384,8 @@ pub async fn get_messages(
 
 async fn poll(
     state: &AppState,
-    (caller, info): (&Caller, SessionInfo),
+    caller: &Caller,
+    info: SessionInfo,
     room: &str,
     query: Vec<(String, String)>,
     headers: &HeaderMap,
@@ -390,11 +400,7 @@ async fn poll(
     let wait = number(&query, "wait")?.map(|s| Duration::from_secs(s.min(MAX_WAIT_SECS)));
     let name = asked_name(&query, headers);
     let mut reader = Reader::connect(&state.broker, caller, name.as_deref(), info)?;
-    let replay = match since {
-        Some(since) => ("x-since", since),
-        None => ("x-history", limit as u64),
-    };
-    reader.subscribe(room, replay).await?;
+    reader.subscribe(room, since, limit as u64).await?;
     let mut gap = None;
     let mut messages = Vec::new();
     let wanted = Wanted { room, since, limit };
@@ -478,7 +484,7 @@ pub async fn events(
 ) -> Response {
     let query = query_of(query.as_deref());
     let info = SessionInfo::new(peer, "sse");
-    match open_events(&state, (&caller, info), &room, query, &headers).await {
+    match open_events(&state, &caller, info, &room, query, &headers).await {
         Ok(body) => {
             let mut response = Response::new(body);
             let headers = response.headers_mut();
@@ -497,7 +503,8 @@ pub async fn events(
 
 async fn open_events(
     state: &AppState,
-    (caller, info): (&Caller, SessionInfo),
+    caller: &Caller,
+    info: SessionInfo,
     room: &str,
     query: Vec<(String, String)>,
     headers: &HeaderMap,
@@ -519,11 +526,7 @@ async fn open_events(
         .min(MAX_LIMIT as u64);
     let name = asked_name(&query, headers);
     let mut reader = Reader::connect(&state.broker, caller, name.as_deref(), info)?;
-    let replay = match since {
-        Some(since) => ("x-since", since),
-        None => ("x-history", limit),
-    };
-    reader.subscribe(room, replay).await?;
+    reader.subscribe(room, since, limit).await?;
     let keep_alive = Duration::from_millis(state.broker.shared.config.sse_keepalive_ms);
     let stream_state = Streaming {
         reader,
@@ -611,7 +614,7 @@ pub async fn post_message(
     request: Request,
 ) -> Response {
     let info = SessionInfo::new(peer, "http-post");
-    match send(&state, (&caller, info), &room, request).await {
+    match send(&state, &caller, info, &room, request).await {
         Ok(body) => (
             StatusCode::CREATED,
             [(header::CONTENT_TYPE, "application/json")],
@@ -624,7 +627,8 @@ pub async fn post_message(
 
 async fn send(
     state: &AppState,
-    (caller, info): (&Caller, SessionInfo),
+    caller: &Caller,
+    info: SessionInfo,
     room: &str,
     request: Request,
 ) -> Result<Value, Refusal> {

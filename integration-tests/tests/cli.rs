@@ -398,6 +398,7 @@ async fn an_operator_sees_sessions_and_closes_one_and_the_log_says_who() {
         "{view}"
     );
     assert_eq!(view["nodes"][0]["name"], "local");
+    assert_eq!(view["cluster"], "ok");
     let id = session["id"].as_u64().unwrap();
     let close = format!("/admin/api/sessions/{id}/close");
     // A page of another origin cannot act, whatever the chat's allowed origins.

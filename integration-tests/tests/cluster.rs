@@ -157,9 +157,21 @@ async fn healthz_reports_a_redis_outage_and_recovers_without_a_restart() {
         json,
         serde_json::json!({ "status": "unready", "cluster": "unreachable" })
     );
-    // Clients are still served meanwhile.
+    // Clients are still served meanwhile, and the dashboard still shows them.
     let mut client = Conn::open(&a, Transport::Tcp).await;
     client.login("during-the-outage").await;
+    let (status, body) = a.http_get("/admin/api/overview").await;
+    assert_eq!(status, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(view["cluster"], "unreachable", "{view}");
+    assert!(
+        view["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["user"] == "during-the-outage"),
+        "{view}"
+    );
     let _redis = Redis::start_on(port);
     until(|| a.http_get("/healthz"), |(s, _)| *s == 200).await;
     until(|| a.http_get("/readyz"), |(s, _)| *s == 200).await;

@@ -89,10 +89,19 @@ impl App {
     /// # Errors
     /// Redis did not answer.
     pub async fn rooms_answer(&self, viewer: Option<&Viewer>) -> Result<String, Unavailable> {
+        Ok(rooms_body(self.room_list().await?, viewer))
+    }
+
+    /// Every room with members or kept messages, by name: this node's, or cluster-wide with
+    /// `--cluster` (read from Redis).
+    ///
+    /// # Errors
+    /// Redis did not answer.
+    pub async fn room_list(&self) -> Result<Vec<RoomSummary>, Unavailable> {
         let Some(shared) = self.rooms.cluster_rooms().await else {
-            return Ok(self.rooms_json(viewer));
+            return Ok(self.rooms.summaries());
         };
-        let rooms = shared
+        Ok(shared
             .map_err(|e| {
                 tracing::warn!("listing the rooms from Redis: {e}");
                 Unavailable
@@ -103,8 +112,7 @@ impl App {
                 members: r.members.len(),
                 last_seq: r.last_seq,
             })
-            .collect();
-        Ok(rooms_body(rooms, viewer))
+            .collect())
     }
 
     /// [`App::detail`], cluster-wide with `--cluster` (read from Redis).

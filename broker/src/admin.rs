@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::auth::Mode;
+use crate::auth::{Identity, Mode};
 use crate::http::{AppState, Caller, node_list};
 use crate::message::{SessionId, now_millis};
 use crate::metrics::Reading;
@@ -110,7 +110,10 @@ impl Dashboard {
 
     /// Reads the broker's counters once a second until `stop` changes.
     pub async fn run(self: Arc<Self>, broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // The first tick a second from now (an interval's first is at once: a sample over
+        // no time at all).
+        let every = Duration::from_secs(1);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut before = broker.shared.metrics.reading();
         let mut at = tokio::time::Instant::now();
@@ -147,8 +150,34 @@ fn refusal(
             Some("with --auth none the admin page is not served through a proxy")
         }
         (Mode::None, _) => None,
-        (_, Some(identity)) if identity.groups.iter().any(|g| g == "admin") => None,
+        (_, Some(identity)) if is_operator(identity) => None,
         _ => Some("the admin page is open to group admin only"),
+    }
+}
+
+/// Whether `identity` is in group `admin`, which may use the operations endpoints.
+fn is_operator(identity: &Identity) -> bool {
+    identity.groups.iter().any(|g| g == "admin")
+}
+
+/// `/metrics`: open in `--auth none` (where it always was, for Prometheus), otherwise to
+/// group `admin` only, with the API's credentials (Prometheus's `basic_auth` or
+/// `authorization`).
+pub async fn metrics_gate(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(caller): Extension<Caller>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match &caller.0 {
+        Some(identity) if !is_operator(identity) => {
+            warn!(target: "audit", %peer, user = %identity.name, path = "/metrics", "admin access refused");
+            error(
+                StatusCode::FORBIDDEN,
+                "/metrics is open to group admin only",
+            )
+        }
+        _ => next.run(request).await,
     }
 }
 
@@ -336,7 +365,6 @@ mod tests {
     use std::net::{IpAddr, Ipv6Addr};
 
     use super::*;
-    use crate::auth::Identity;
 
     fn caller(groups: &[&str]) -> Caller {
         Caller(Some(Identity {

@@ -362,12 +362,8 @@ impl<T: Transport> Connection<T> {
         id: crate::message::SessionId,
         info: SessionInfo,
     ) -> Connection<T> {
+        let (session, outbox) = broker.open_session(id, info);
         let config = &broker.shared.config;
-        let outbox = Arc::new(Outbox::new(config.outbox_bytes));
-        let mut session = Session::new(id, broker.shared.clone(), outbox.clone());
-        let info = Arc::new(info);
-        session.set_info(info.clone());
-        broker.open_session(id, &outbox, info);
         let now = Instant::now();
         let throttle = (config.max_send_rate > 0).then(|| {
             let burst = config.max_send_burst.unwrap_or(config.max_send_rate);

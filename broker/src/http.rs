@@ -88,6 +88,11 @@ pub fn routes(state: AppState) -> Router {
         .route("/admin/api/rooms/{room}/clear", post(admin::clear_room))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin::gate))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    // Open in `--auth none`; with accounts or tokens, group admin's (admin.rs).
+    let scraped = Router::new()
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn(admin::metrics_gate))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/", get(index))
         .route(
@@ -124,7 +129,6 @@ pub fn routes(state: AppState) -> Router {
         .route("/ws/{*rest}", any(sockjs))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route("/api/config", get(api_config))
         .route(
             "/admin.js",
@@ -148,6 +152,7 @@ pub fn routes(state: AppState) -> Router {
         )
         .merge(api)
         .merge(operator)
+        .merge(scraped)
         .layer(middleware::map_response_with_state(
             state.clone(),
             security_headers,

@@ -109,14 +109,9 @@ impl Reader {
         name: Option<&str>,
         info: SessionInfo,
     ) -> Result<Reader, Refusal> {
-        let id = broker.next_session_id();
-        let config = &broker.shared.config;
-        let outbox = Arc::new(Outbox::new(config.outbox_bytes));
-        let mut session = Session::new(id, broker.shared.clone(), outbox.clone());
+        let (mut session, outbox) = broker.open_session(broker.next_session_id(), info);
         session.set_reader();
-        let info = Arc::new(info);
-        session.set_info(info.clone());
-        broker.open_session(id, &outbox, info);
+        let config = &broker.shared.config;
         let mut reader = Reader {
             broker: broker.clone(),
             session,

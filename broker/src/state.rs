@@ -19,7 +19,7 @@ use crate::outbox::{End, Outbox};
 use crate::pace::Pace;
 use crate::router::{Router, RouterLimits};
 use crate::services::{HistoryLimits, QueueLimits};
-use crate::session::Shared;
+use crate::session::{Session, Shared};
 use crate::sessions::{SessionInfo, Sessions};
 
 use crate::store::{SqliteStore, Store, StoreError};
@@ -144,9 +144,15 @@ impl Broker {
         self
     }
 
-    /// Notes an open session.
-    pub fn open_session(&self, id: SessionId, outbox: &Arc<Outbox>, info: Arc<SessionInfo>) {
-        self.sessions.open(id, outbox, info);
+    /// A new session `id` with its outbox, noted in the registry with `info` (which the
+    /// session keeps current); [`Broker::close_session`] forgets it.
+    pub fn open_session(&self, id: SessionId, info: SessionInfo) -> (Session, Arc<Outbox>) {
+        let outbox = Arc::new(Outbox::new(self.shared.config.outbox_bytes));
+        let mut session = Session::new(id, self.shared.clone(), outbox.clone());
+        let info = Arc::new(info);
+        session.set_info(info.clone());
+        self.sessions.open(id, &outbox, info);
+        (session, outbox)
     }
 
     /// Forgets a closed session.

@@ -543,4 +543,16 @@ async fn with_accounts_only_group_admin_reaches_the_dashboard() {
     assert_eq!(status, 200);
     let view = admin_json(&broker, "/admin/api/overview", &[("Authorization", &boss)]).await;
     assert_eq!(view["auth"], "users");
+    // /metrics too is an operations endpoint once there are accounts.
+    let (status, _) = broker.http_get("/metrics").await;
+    assert_eq!(status, 401);
+    let (status, _) = broker
+        .http_get_with("/metrics", &[("Authorization", &pleb)])
+        .await;
+    assert_eq!(status, 403);
+    let (status, page) = broker
+        .http_get_with("/metrics", &[("Authorization", &boss)])
+        .await;
+    assert_eq!(status, 200);
+    assert!(page.ends_with("# EOF\n"), "{page}");
 }

@@ -563,3 +563,52 @@ async fn a_lost_connection_fails_over_to_the_next_url_and_subscribes_again() {
         .unwrap();
     assert_eq!(echoed.text(), "still talking");
 }
+
+#[tokio::test]
+async fn after_a_reconnect_subscriptions_are_made_again_in_the_order_they_were_made() {
+    let mut first = Broker::start(&[]);
+    let second = Broker::start(&[]);
+    let urls = [first.ws_url(), format!("tcp://{}", second.stomp)];
+    let client = Client::connect_any(
+        &urls.iter().map(String::as_str).collect::<Vec<_>>(),
+        reconnecting("orderly"),
+    )
+    .await
+    .unwrap();
+    let topics: Vec<String> = (0..8).map(|n| format!("/topic/order.{n}")).collect();
+    let mut subscriptions = Vec::new();
+    for topic in &topics {
+        subscriptions.push(
+            client
+                .subscribe(topic, SubscribeOptions::new())
+                .await
+                .unwrap(),
+        );
+    }
+    first.kill();
+    // The second broker's dashboard lists the session's subscriptions in the order its
+    // SUBSCRIBE frames came.
+    let deadline = std::time::Instant::now() + WAIT;
+    let made = loop {
+        let (status, body) = second.http_get("/admin/api/overview").await;
+        assert_eq!(status, 200, "{body}");
+        let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let made: Vec<String> = view["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["user"] == "orderly")
+            .flat_map(|s| s["subscriptions"].as_array().cloned().unwrap_or_default())
+            .map(|d| d.as_str().unwrap_or_default().to_owned())
+            .collect();
+        if made.len() == topics.len() {
+            break made;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not resubscribed in time: {made:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(made, topics);
+}

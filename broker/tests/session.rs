@@ -246,6 +246,7 @@ fn a_published_message_reaches_subscribers_with_broker_owned_headers() {
             ("x-timestamp", "1"),
             ("x-seq", "99"),
             ("message-id", "forged"),
+            ("x-stoa-cleared", "99"),
             ("receipt", "r-1"),
             ("x-custom", "kept"),
         ],
@@ -262,6 +263,7 @@ fn a_published_message_reaches_subscribers_with_broker_owned_headers() {
     assert_ne!(m.header("x-timestamp"), Some("1"));
     assert_ne!(m.header("message-id"), Some("forged"));
     assert_eq!(m.header("x-seq"), None);
+    assert_eq!(m.header("x-stoa-cleared"), None, "the cluster's clear word");
     assert_eq!(m.header("receipt"), None);
     assert_eq!(m.header("x-custom"), Some("kept"));
     assert_eq!(m.header("content-type"), Some("text/plain"));

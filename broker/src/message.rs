@@ -221,8 +221,12 @@ impl PackedHeaders {
     }
 }
 
+/// The header of the word a cluster's nodes hear on a room's channel when an operator
+/// cleared the room's history up to the `x-seq` it gives (`cluster::rooms`); never a
+/// client's.
+pub const CLEARED_HEADER: &str = "x-stoa-cleared";
+
 /// Headers only the broker may set on a MESSAGE; a SEND's copies are dropped.
-/// (`x-stoa-cleared` is the word a cluster sends its nodes when a room's history is cleared.)
 pub const BROKER_OWNED: [&str; 15] = [
     "destination",
     "message-id",
@@ -238,7 +242,7 @@ pub const BROKER_OWNED: [&str; 15] = [
     "x-event",
     "x-replay",
     "x-first-seq",
-    "x-stoa-cleared",
+    CLEARED_HEADER,
 ];
 
 /// The shared headers of a MESSAGE made from a SEND: `destination` and `message-id`

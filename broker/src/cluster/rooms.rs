@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
 use super::{Cluster, decode_bus_message, encode_bus_frame};
-use crate::message::Publish;
+use crate::message::{CLEARED_HEADER, Publish};
 use crate::outbox::End;
 use crate::receipts::Answer;
 
@@ -79,8 +79,9 @@ if op == 'append' then
 end
 if op == 'clear' then
   -- An operator clears the kept messages (KEYS 1 and 2 only). Numbering goes on; every node
-  -- hears, in order with the room's messages, up to which x-seq its copy drops: -1 for a
-  -- room Redis does not know, else how many messages went.
+  -- hears, in order with the room's messages, up to which x-seq its copy drops (header
+  -- x-stoa-cleared, message.rs's CLEARED_HEADER). -1 for a room Redis does not know, else
+  -- how many messages went.
   local seq = redis.call('HGET', KEYS[1], 'seq')
   if not seq then return -1 end
   local cleared = redis.call('XLEN', KEYS[2])
@@ -202,15 +203,13 @@ fn number(seq: u64, rest: &[u8]) -> Option<Numbered> {
     Some(Numbered { seq, publish })
 }
 
-/// The header of the word, on a room's channel, that an operator cleared the room's kept
-/// messages up to the `x-seq` it gives. Never delivered to anyone.
-pub const CLEARED: &str = "x-stoa-cleared";
-
 /// Up to which `x-seq` the room's history was cleared, if this is that word rather than a
 /// message.
 pub fn cleared_of(publish: &Publish) -> Option<u64> {
     let (name, value) = publish.headers().next()?;
-    (name == CLEARED).then(|| value.parse().ok()).flatten()
+    (name == CLEARED_HEADER)
+        .then(|| value.parse().ok())
+        .flatten()
 }
 
 /// The `x-seq` a room message on the bus carries (its first header), if any: transient
